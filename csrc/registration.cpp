@@ -1,0 +1,23 @@
+// Every rlhf_kernels C++ op schema, in one place. Kernels attach to these per
+// device with TORCH_LIBRARY_IMPL in csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu;
+// fake (meta) kernels and autograd live in rlhf_kernels/ops/<family>.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import rlhf_kernels._C` only has to run the static registrations below, so
+// the module itself is empty (the extension-cpp pattern: no pybind11 functions).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(rlhf_kernels, m) {
+  // gae: advantages and returns of one reverse scan per row; rewards/values [B, T]
+  // float32 or float64, mask [B, T] of the same dtype or None; mask_mode is
+  // "ignore" | "multiply" | "carry" (see rlhf_kernels/reference/gae.py).
+  m.def(
+      "gae(Tensor rewards, Tensor values, Tensor? mask, float gamma, float lam, str mask_mode)"
+      " -> (Tensor advantages, Tensor returns)");
+}

@@ -1,0 +1,43 @@
+"""rlhf-kernels: fused, differentiable PyTorch kernels for the hot spots of RLHF.
+
+Every public function lives in rlhf_kernels.functional and is re-exported here;
+each takes ``backend=None`` last (see rlhf_kernels.backend).
+"""
+
+from .functional import (
+    bradley_terry_loss,
+    discounted_returns,
+    dpo_loss,
+    gae,
+    kl_penalty,
+    kl_shaped_rewards,
+    linear_dpo_loss,
+    linear_logprobs,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    ranking_loss,
+    sequence_logprobs,
+    token_logprobs,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "bradley_terry_loss",
+    "discounted_returns",
+    "dpo_loss",
+    "gae",
+    "kl_penalty",
+    "kl_shaped_rewards",
+    "linear_dpo_loss",
+    "linear_logprobs",
+    "masked_mean",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "ranking_loss",
+    "sequence_logprobs",
+    "token_logprobs",
+]

@@ -1,0 +1,127 @@
+"""Input checks shared by every backend, run before dispatch.
+
+Each error names the argument and what was expected: TypeError for a wrong
+type or dtype, ValueError for a wrong shape, value, device or option.
+Data-dependent checks (label ranges) read tensor values, so they are skipped
+while torch.compile traces; the kernels themselves must stay memory-safe then.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64) + FLOAT_DTYPES
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(
+    name: str,
+    x: object,
+    *,
+    dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+    ndim: Optional[int] = None,
+    min_ndim: int = 0,
+    shape_doc: str = "",
+) -> torch.Tensor:
+    """Checks that `x` is a tensor of one of `dtypes` with `ndim` (or >= min_ndim) dims."""
+    doc = f" {shape_doc}" if shape_doc else ""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{doc}, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in ({_dtype_names(dtypes)}), got {x.dtype}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims{doc}, got shape {tuple(x.shape)}")
+    if x.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims{doc}, got shape {tuple(x.shape)}")
+    return x
+
+
+def optional_tensor(name: str, x: object, **kwargs) -> Optional[torch.Tensor]:
+    return None if x is None else tensor(name, x, **kwargs)
+
+
+def same_shape(reference_name: str, reference: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    """Every tensor in `others` has the shape of `reference`."""
+    for name, x in others.items():
+        if x is not None and x.shape != reference.shape:
+            raise ValueError(
+                f"{name} must have the shape of {reference_name} {tuple(reference.shape)}, "
+                f"got {tuple(x.shape)}"
+            )
+
+
+def shape(name: str, x: torch.Tensor, expected: Sequence[int], shape_doc: str) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {shape_doc} = {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
+    """All given tensors live on one device; returns it."""
+    present = {name: x for name, x in tensors.items() if x is not None}
+    first_name, first = next(iter(present.items()))
+    for name, x in present.items():
+        if x.device != first.device:
+            raise ValueError(f"{name} must be on {first_name}'s device {first.device}, got {x.device}")
+    return first.device
+
+
+def choice(name: str, value: object, choices: Sequence[object]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+def optional_positive(name: str, value: Optional[float]) -> None:
+    if value is not None:
+        positive(name, value)
+
+
+def number(name: str, value: object) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def in_unit_interval(name: str, value: float) -> None:
+    number(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Every label is in [0, vocab_size) or equals ignore_index."""
+    if torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        first = labels[bad].flatten()[0].item()
+        raise ValueError(
+            f"labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"found {int(bad.sum())} out of range, e.g. {first}"
+        )
+
+
+def indices_in_range(name: str, index: torch.Tensor, size: int) -> None:
+    """Every entry of `index` is in [0, size)."""
+    if torch.compiler.is_compiling() or index.numel() == 0:
+        return
+    bad = (index < 0) | (index >= size)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be in [0, {size}), got e.g. {index[bad].flatten()[0].item()}")
+
+
+def result_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """float64 when any input is float64 (gradcheck, exact tests), else float32."""
+    if any(x is not None and x.dtype == torch.float64 for x in tensors):
+        return torch.float64
+    return torch.float32

@@ -1,0 +1,521 @@
+"""The public API: typed functions that validate, pick a backend and run it.
+
+Every function takes ``backend=None`` last (see rlhf_kernels.backend for how
+None resolves). Outputs are float32, or float64 when an input is float64;
+internal accumulation is float32 (float64 for float64 inputs) whatever the
+input dtype. Shapes: B sequences, T positions, V vocabulary, H hidden size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import _validation as check
+from . import backend as _backend
+from . import reference
+from .ops import gae as _gae_ops
+from .reference.dpo import LOSS_TYPES
+from .reference.gae import MASK_MODES
+from .reference.kl import ESTIMATORS
+from .reference.ppo import AGG_MODES
+
+Tensor = torch.Tensor
+
+
+def _logit_options(temperature, ignore_index, return_entropy, softcap, logit_scale) -> None:
+    check.positive("temperature", temperature)
+    check.optional_positive("softcap", softcap)
+    check.number("logit_scale", logit_scale)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}")
+
+
+# ----------------------------------------------------------------- logprobs --
+
+
+def token_logprobs(
+    logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+    return_entropy: bool = False, softcap: Optional[float] = None, logit_scale: float = 1.0,
+    backend: Optional[str] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Per-token log p(label) (and entropy) under softmax(z), never a [..., V] fp32 copy at once.
+
+    z = softcap * tanh(logit_scale * logits / softcap) / temperature (softcap set),
+    else logit_scale * logits / temperature.
+    logprobs = z[label] - logsumexp(z); entropy = logsumexp(z) - sum softmax(z) * z.
+
+    Args:
+        logits: [..., V] float16/bfloat16/float32/float64.
+        labels: [...] int32/int64 in [0, V) or == ignore_index (those positions give 0
+            and zero gradient, for entropy too).
+    Returns:
+        logprobs [...] float32 (float64 for float64 logits), and entropy [...] when
+        return_entropy. Differentiable w.r.t. logits (gradient in the logits dtype).
+    Precision: fp32 accumulation; the label logit is read exactly.
+    """
+    check.tensor("logits", logits, min_ndim=1, shape_doc="[..., V]")
+    check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, shape_doc="[...]")
+    check.shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
+    check.same_device(logits=logits, labels=labels)
+    _logit_options(temperature, ignore_index, return_entropy, softcap, logit_scale)
+    check.labels_in_range(labels, logits.shape[-1], ignore_index)
+    _backend.resolve("token_logprobs", logits.device, backend)
+    return reference.token_logprobs(
+        logits, labels, temperature=temperature, ignore_index=ignore_index,
+        return_entropy=return_entropy, softcap=softcap, logit_scale=logit_scale,
+    )
+
+
+def _check_linear(hidden, weight, bias) -> None:
+    check.tensor("hidden", hidden, min_ndim=1, shape_doc="[..., H]")
+    check.tensor("weight", weight, ndim=2, shape_doc="[V, H]")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if bias is not None:
+        check.tensor("bias", bias, dtypes=(hidden.dtype,), ndim=1, shape_doc="[V]")
+        check.shape("bias", bias, weight.shape[:1], "[V]")
+
+
+def linear_logprobs(
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
+    temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+    softcap: Optional[float] = None, logit_scale: float = 1.0, backend: Optional[str] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """token_logprobs(hidden @ weight.T + bias, labels, ...) without materializing the logits.
+
+    Args:
+        hidden: [..., H] float16/bfloat16/float32/float64.
+        weight: [V, H] (lm_head.weight), hidden's dtype.  bias: [V] or None.
+        labels: [...] = hidden.shape[:-1], int32/int64.
+    Returns:
+        logprobs [...] (and entropy [...]) as token_logprobs. Differentiable w.r.t.
+        hidden, weight and bias for any upstream gradient: the backward recomputes
+        the logits tile by tile; d weight and d bias accumulate in fp32.
+    Precision: logits computed in the input dtype (as the unfused model does), then
+    everything in fp32.
+    """
+    _check_linear(hidden, weight, bias)
+    check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, shape_doc="[...]")
+    check.shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
+    check.same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    _logit_options(temperature, ignore_index, return_entropy, softcap, logit_scale)
+    check.labels_in_range(labels, weight.shape[0], ignore_index)
+    _backend.resolve("linear_logprobs", hidden.device, backend)
+    return reference.linear_logprobs(
+        hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
+        return_entropy=return_entropy, softcap=softcap, logit_scale=logit_scale,
+    )
+
+
+def _check_sequences(hidden, weight, labels, mask) -> None:
+    check.tensor("hidden", hidden, ndim=3, shape_doc="[B, T, H]")
+    _check_linear(hidden, weight, None)
+    check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, ndim=2, shape_doc="[B, T]")
+    check.shape("labels", labels, hidden.shape[:2], "[B, T]")
+    check.tensor("mask", mask, dtypes=check.MASK_DTYPES, shape_doc="[B, T]")
+    check.same_shape("labels", labels, mask=mask)
+    check.same_device(hidden=hidden, weight=weight, labels=labels, mask=mask)
+
+
+def sequence_logprobs(
+    hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor, *, average: bool = False,
+    temperature: float = 1.0, backend: Optional[str] = None,
+) -> Tensor:
+    """Per-sequence sum (average=True: mean) of log p(label) over positions with mask != 0.
+
+    Args: hidden [B, T, H], weight [V, H], labels [B, T] int, mask [B, T] (bool/int/float).
+    Labels at mask-0 positions are not read (any value is fine there).
+    Returns: [B] float32. A sequence with no valid position gives 0.
+    Never materializes the [B, T, V] logits (it runs on linear_logprobs).
+    """
+    _check_sequences(hidden, weight, labels, mask)
+    check.positive("temperature", temperature)
+    check.labels_in_range(labels[mask != 0], weight.shape[0], ignore_index=-100)
+    _backend.resolve("sequence_logprobs", hidden.device, backend)
+    return reference.sequence_logprobs(hidden, weight, labels, mask, average=average, temperature=temperature)
+
+
+# ----------------------------------------------------------------------- kl --
+
+
+def kl_penalty(
+    logprobs: Tensor, ref_logprobs: Tensor, *, estimator: str = "k1", clamp: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Per-token KL estimate from the policy and reference log-probs of the sampled tokens.
+
+    With d = logprobs - ref_logprobs: k1 = d; k2 = d^2 / 2; k3 = exp(-d) + d - 1;
+    abs = |d|; low_var_kl (verl) = clamp(exp(c) - c - 1, -10, 10) with c = clamp(-d, -20, 20).
+    clamp=c then clamps the estimate to [-c, c].
+
+    Args: logprobs and ref_logprobs of one shape [...], float dtypes.
+    Returns: [...] float32 (float64 for float64 input), differentiable w.r.t. both inputs.
+    """
+    check.tensor("logprobs", logprobs)
+    check.tensor("ref_logprobs", ref_logprobs)
+    check.same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs)
+    check.same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    check.choice("estimator", estimator, ESTIMATORS)
+    check.optional_positive("clamp", clamp)
+    _backend.resolve("kl_penalty", logprobs.device, backend)
+    return reference.kl_penalty(
+        logprobs, ref_logprobs, estimator=estimator, clamp=clamp,
+        dtype=check.result_dtype(logprobs, ref_logprobs),
+    )
+
+
+def kl_shaped_rewards(
+    scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, *, kl_coef: float,
+    estimator: str = "k1", clamp: Optional[float] = None, score_index: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-token rewards of RLHF-PPO: the KL penalty everywhere, the score at one position.
+
+    kl = kl_penalty(logprobs, ref_logprobs, estimator, clamp) * mask
+    rewards = -kl_coef * kl, plus scores[b] added at score_index[b] (default: the
+    last position with mask != 0; a row with none gets no score).
+
+    Args: scores [B]; logprobs, ref_logprobs, mask [B, T]; score_index [B] int in [0, T).
+    Returns: (rewards [B, T], kl [B, T]), float32; not differentiable (rollout data).
+    """
+    check.tensor("logprobs", logprobs, ndim=2, shape_doc="[B, T]")
+    check.tensor("ref_logprobs", ref_logprobs, ndim=2, shape_doc="[B, T]")
+    check.tensor("mask", mask, dtypes=check.MASK_DTYPES, ndim=2, shape_doc="[B, T]")
+    check.same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    check.tensor("scores", scores, ndim=1, shape_doc="[B]")
+    check.shape("scores", scores, logprobs.shape[:1], "[B]")
+    check.optional_tensor("score_index", score_index, dtypes=check.INDEX_DTYPES, ndim=1, shape_doc="[B]")
+    if score_index is not None:
+        check.shape("score_index", score_index, logprobs.shape[:1], "[B]")
+        check.indices_in_range("score_index", score_index, logprobs.shape[1])
+    check.same_device(
+        logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask, scores=scores, score_index=score_index
+    )
+    check.number("kl_coef", kl_coef)
+    check.choice("estimator", estimator, ESTIMATORS)
+    check.optional_positive("clamp", clamp)
+    _backend.resolve("kl_shaped_rewards", logprobs.device, backend)
+    with torch.no_grad():
+        return reference.kl_shaped_rewards(
+            scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator, clamp=clamp,
+            score_index=score_index, dtype=check.result_dtype(scores, logprobs, ref_logprobs),
+        )
+
+
+# ---------------------------------------------------------------------- gae --
+
+
+def _check_rollout(rewards, mask, **others) -> None:
+    check.tensor("rewards", rewards, ndim=2, shape_doc="[B, T]")
+    for name, x in others.items():
+        check.tensor(name, x, ndim=2, shape_doc="[B, T]")
+    check.optional_tensor("mask", mask, dtypes=check.MASK_DTYPES, shape_doc="[B, T]")
+    check.same_shape("rewards", rewards, mask=mask, **others)
+    check.same_device(rewards=rewards, mask=mask, **others)
+
+
+def gae(
+    rewards: Tensor, values: Tensor, mask: Optional[Tensor] = None, *, gamma: float = 1.0,
+    lam: float = 0.95, mask_mode: str = "carry", backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation as one reverse scan per row.
+
+    delta_t = r_t + gamma V_{t+1} - V_t (V_T = 0); A_t = delta_t + gamma lam A_{t+1};
+    returns = A + V. mask_mode: "ignore" mask unused (TRL); "multiply" r and V
+    multiplied by mask first (OpenRLHF; returns use the masked V); "carry" mask-0
+    positions pass V_{t+1} and A_{t+1} through unchanged and report the carried A
+    (verl, before its whitening). mask=None means all ones.
+
+    Args: rewards, values, mask [B, T] (mask bool/int/float).
+    Returns: (advantages [B, T], returns [B, T]) float32 (float64 for float64 input).
+        Not differentiable: inputs are treated as constants.
+    Precision: the cpu kernel and the reference run the recursion in float64.
+    """
+    _check_rollout(rewards, mask, values=values)
+    check.in_unit_interval("gamma", gamma)
+    check.in_unit_interval("lam", lam)
+    check.choice("mask_mode", mask_mode, MASK_MODES)
+    dtype = check.result_dtype(rewards, values)
+    if _backend.resolve("gae", rewards.device, backend) == "reference":
+        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam, mask_mode=mask_mode, dtype=dtype)
+    return _gae_ops.gae(rewards, values, mask, gamma=gamma, lam=lam, mask_mode=mask_mode, dtype=dtype)
+
+
+def discounted_returns(
+    rewards: Tensor, mask: Optional[Tensor] = None, *, gamma: float = 1.0, backend: Optional[str] = None
+) -> Tensor:
+    """G_t = r_t + gamma G_{t+1} (G_T = 0); mask-0 positions are skipped and carry G_{t+1}.
+
+    Computed as gae(rewards, 0, mask, gamma=gamma, lam=1, mask_mode="carry").
+    Args: rewards, mask [B, T]. Returns: [B, T] float32 (float64 for float64 input).
+    """
+    _check_rollout(rewards, mask)
+    check.in_unit_interval("gamma", gamma)
+    advantages, _ = gae(
+        rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0, mask_mode="carry", backend=backend
+    )
+    return advantages
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: Optional[Union[int, tuple[int, ...]]] = None,
+                *, backend: Optional[str] = None) -> Tensor:
+    """sum(x * mask) / sum(mask), over all elements (dim=None) or along dim.
+
+    Args: x float [...], mask of x's shape (bool/int/float weights).
+    Returns: x's dtype; 0 where no element is valid (never NaN). Differentiable w.r.t. x.
+    """
+    check.tensor("x", x)
+    check.tensor("mask", mask, dtypes=check.MASK_DTYPES)
+    check.same_shape("x", x, mask=mask)
+    check.same_device(x=x, mask=mask)
+    _backend.resolve("masked_mean", x.device, backend)
+    return reference.masked_mean(x, mask, dim)
+
+
+def masked_whiten(
+    x: Tensor, mask: Tensor, *, shift_mean: bool = True, unbiased: bool = True, eps: float = 1e-8,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over the positions with mask != 0 (one global mean and var).
+
+    var = sum(mask (x - mean)^2) / (count - 1) (unbiased) or / count; a denominator
+    <= 0 is replaced by 1, so a single valid element whitens to 0 and an all-masked
+    input gives all zeros (never NaN). shift_mean=False adds the mean back.
+    Positions with mask 0 are set to 0.
+    Args: x float [...], mask of x's shape. Returns: x's dtype, differentiable w.r.t. x.
+    """
+    check.tensor("x", x)
+    check.tensor("mask", mask, dtypes=check.MASK_DTYPES)
+    check.same_shape("x", x, mask=mask)
+    check.same_device(x=x, mask=mask)
+    check.positive("eps", eps)
+    _backend.resolve("masked_whiten", x.device, backend)
+    return reference.masked_whiten(x, mask, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
+
+
+# ---------------------------------------------------------------------- ppo --
+
+
+def _check_agg(agg: str) -> None:
+    check.choice("agg", agg, AGG_MODES)
+
+
+def ppo_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
+    clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
+    log_ratio_clamp: Optional[float] = None, agg: str = "token-mean", backend: Optional[str] = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate loss, aggregated over valid tokens, with its statistics.
+
+    ratio = exp(logprobs - old_logprobs) (log-ratio clamped to +-log_ratio_clamp if set);
+    l = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high)), clip_high None = clip_low;
+    dual_clip c > 1: l = min(l, -A c) where A < 0.
+    agg: "token-mean" sum(l m)/sum(m); "seq-mean-token-sum" mean_b sum_t l m;
+    "seq-mean-token-mean" mean over sequences with a valid token of their token mean;
+    "seq-mean-token-sum-norm" sum_b sum_t l m / T.
+
+    Args: logprobs, old_logprobs, advantages, mask [B, T].
+    Returns: (loss [] float32, stats) with 0-dim detached stats clipfrac (share of valid
+    tokens where the clipped term is the larger), dual_clipfrac (share bounded by the dual
+    clip) and approx_kl (masked mean of (ratio - 1) - log ratio). Differentiable w.r.t.
+    logprobs only (old_logprobs and advantages are constants).
+    """
+    check.tensor("logprobs", logprobs, ndim=2, shape_doc="[B, T]")
+    check.tensor("old_logprobs", old_logprobs, ndim=2, shape_doc="[B, T]")
+    check.tensor("advantages", advantages, ndim=2, shape_doc="[B, T]")
+    check.tensor("mask", mask, dtypes=check.MASK_DTYPES, ndim=2, shape_doc="[B, T]")
+    check.same_shape("logprobs", logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    check.same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    check.positive("clip_low", clip_low)
+    check.optional_positive("clip_high", clip_high)
+    check.optional_positive("log_ratio_clamp", log_ratio_clamp)
+    if dual_clip is not None:
+        check.number("dual_clip", dual_clip)
+        if not dual_clip > 1:
+            raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip!r}")
+    _check_agg(agg)
+    _backend.resolve("ppo_policy_loss", logprobs.device, backend)
+    return reference.ppo_policy_loss(
+        logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, agg=agg,
+        dtype=check.result_dtype(logprobs, old_logprobs, advantages),
+    )
+
+
+def ppo_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: Optional[float] = 0.2,
+    agg: str = "token-mean", backend: Optional[str] = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss 0.5 max((v - R)^2, (old + clip(v - old, -clip, clip) - R)^2).
+
+    clip=None: the unclipped 0.5 (v - R)^2. agg as ppo_policy_loss.
+    Args: values, old_values, returns, mask [B, T].
+    Returns: (loss [] float32, {"vf_clipfrac": share of valid tokens where the clipped
+    term is the larger}). Differentiable w.r.t. values only.
+    """
+    check.tensor("values", values, ndim=2, shape_doc="[B, T]")
+    check.tensor("old_values", old_values, ndim=2, shape_doc="[B, T]")
+    check.tensor("returns", returns, ndim=2, shape_doc="[B, T]")
+    check.tensor("mask", mask, dtypes=check.MASK_DTYPES, ndim=2, shape_doc="[B, T]")
+    check.same_shape("values", values, old_values=old_values, returns=returns, mask=mask)
+    check.same_device(values=values, old_values=old_values, returns=returns, mask=mask)
+    check.optional_positive("clip", clip)
+    _check_agg(agg)
+    _backend.resolve("ppo_value_loss", values.device, backend)
+    return reference.ppo_value_loss(
+        values, old_values, returns, mask, clip=clip, agg=agg,
+        dtype=check.result_dtype(values, old_values, returns),
+    )
+
+
+# ---------------------------------------------------------------------- dpo --
+
+
+def _check_dpo_options(beta, loss_type, label_smoothing, reference_free) -> None:
+    check.positive("beta", beta)
+    check.choice("loss_type", loss_type, LOSS_TYPES)
+    check.number("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    if not isinstance(reference_free, bool):
+        raise TypeError(f"reference_free must be a bool, got {reference_free!r}")
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0, reference_free: bool = False, backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The DPO loss family on sequence log-probs, with TRL's formulas per loss_type.
+
+    h = (pi_c - ref_c) - (pi_r - ref_r) (ref terms dropped when reference_free);
+    sigmoid: -logsigmoid(beta h)(1 - ls) - logsigmoid(-beta h) ls (cDPO); robust; hinge:
+    relu(1 - beta h); ipo: (h - 1/(2 beta))^2 on the scores given (pass length-normalised
+    log-probs for TRL's IPO); exo_pair; nca_pair; sppo_hard; apo_zero; apo_down (the full
+    formulas are in rlhf_kernels/reference/dpo.py).
+
+    Args: four [B] float tensors of summed (or averaged) sequence log-probs.
+    Returns: (losses [B], chosen_rewards [B], rejected_rewards [B]) float32; rewards are
+    beta (pi - ref), detached. Differentiable w.r.t. the policy log-probs.
+    """
+    names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+    tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    for name, x in zip(names, tensors):
+        check.tensor(name, x, ndim=1, shape_doc="[B]")
+    check.same_shape(names[0], tensors[0], **dict(zip(names[1:], tensors[1:])))
+    check.same_device(**dict(zip(names, tensors)))
+    _check_dpo_options(beta, loss_type, label_smoothing, reference_free)
+    _backend.resolve("dpo_loss", policy_chosen_logps.device, backend)
+    return reference.dpo_loss(
+        *tensors, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        reference_free=reference_free, dtype=check.result_dtype(*tensors),
+    )
+
+
+def linear_dpo_loss(
+    hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor, *,
+    ref_chosen_logps: Optional[Tensor] = None, ref_rejected_logps: Optional[Tensor] = None,
+    ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None, beta: float = 0.1,
+    loss_type: str = "sigmoid", label_smoothing: float = 0.0, reference_free: bool = False,
+    average: Optional[bool] = None, temperature: float = 1.0, backend: Optional[str] = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DPO from final hidden states, never materializing the [2B, T, V] logits.
+
+    Rows [:B] of hidden/labels/mask are the chosen responses, rows [B:] the rejected
+    ones (TRL's and Liger's layout). Sequence log-probs come from sequence_logprobs;
+    average=None uses TRL's choice (mean over tokens for ipo, sum otherwise). The
+    reference log-probs are given (ref_chosen_logps, ref_rejected_logps [B]) or
+    computed without grad from ref_hidden [2B, T, H] and ref_weight (default: weight),
+    or omitted with reference_free=True.
+
+    Returns: (mean loss [] float32, metrics) with detached 0-dim chosen_rewards,
+    rejected_rewards, reward_margin, reward_accuracy, chosen_logps, rejected_logps
+    (batch means). Differentiable w.r.t. hidden and weight.
+    """
+    _check_sequences(hidden, weight, labels, mask)
+    if hidden.shape[0] % 2:
+        raise ValueError(
+            f"hidden must be [2B, T, H] with chosen rows first, then rejected; got an odd "
+            f"number of rows {hidden.shape[0]}"
+        )
+    n_pairs = hidden.shape[0] // 2
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("ref_chosen_logps and ref_rejected_logps must be given together")
+    if ref_chosen_logps is not None:
+        for name, x in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+            check.tensor(name, x, ndim=1, shape_doc="[B]")
+            check.shape(name, x, (n_pairs,), "[B] (half of hidden's rows)")
+    elif ref_hidden is not None:
+        check.tensor("ref_hidden", ref_hidden, dtypes=(hidden.dtype,), ndim=3, shape_doc="[2B, T, H]")
+        check.shape("ref_hidden", ref_hidden, hidden.shape[:2] + (ref_hidden.shape[-1],), "[2B, T, H]")
+        _check_linear(ref_hidden, weight if ref_weight is None else ref_weight, None)
+    elif not reference_free:
+        raise ValueError(
+            "linear_dpo_loss needs the reference: ref_chosen_logps and ref_rejected_logps, "
+            "or ref_hidden, or reference_free=True"
+        )
+    _check_dpo_options(beta, loss_type, label_smoothing, reference_free)
+    check.positive("temperature", temperature)
+    check.labels_in_range(labels[mask != 0], weight.shape[0], ignore_index=-100)
+    _backend.resolve("linear_dpo_loss", hidden.device, backend)
+    return reference.linear_dpo_loss(
+        hidden, weight, labels, mask, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, beta=beta,
+        loss_type=loss_type, label_smoothing=label_smoothing, reference_free=reference_free,
+        average=(loss_type == "ipo") if average is None else average, temperature=temperature,
+    )
+
+
+# ----------------------------------------------------------------------- rm --
+
+
+def bradley_terry_loss(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, *, margin: Optional[Union[Tensor, float]] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Pairwise reward-model loss: mean of -logsigmoid(r_chosen - r_rejected - margin).
+
+    Args: chosen_rewards, rejected_rewards [...] float of one shape; margin a float or a
+    tensor of that shape (Llama-2's preference-strength margin), None for 0.
+    Returns: [] float32, differentiable w.r.t. both rewards.
+    """
+    check.tensor("chosen_rewards", chosen_rewards)
+    check.tensor("rejected_rewards", rejected_rewards)
+    check.same_shape("chosen_rewards", chosen_rewards, rejected_rewards=rejected_rewards)
+    if isinstance(margin, torch.Tensor):
+        check.same_shape("chosen_rewards", chosen_rewards, margin=margin)
+        check.same_device(chosen_rewards=chosen_rewards, margin=margin)
+    elif margin is not None:
+        check.number("margin", margin)
+    check.same_device(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    _backend.resolve("bradley_terry_loss", chosen_rewards.device, backend)
+    return reference.bradley_terry_loss(
+        chosen_rewards, rejected_rewards, margin=margin,
+        dtype=check.result_dtype(chosen_rewards, rejected_rewards),
+    )
+
+
+def ranking_loss(rewards: Tensor, ranks: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """InstructGPT's K-way loss: -logsigmoid(r_i - r_j) over every pair with rank_i < rank_j.
+
+    Rank 0 is the best; equal ranks are ties and skipped. Each prompt's pairs are averaged,
+    then prompts with at least one pair are averaged (a batch with none gives 0).
+    Args: rewards [B, K] float, ranks [B, K] int or float, K >= 2.
+    Returns: [] float32, differentiable w.r.t. rewards.
+    """
+    check.tensor("rewards", rewards, ndim=2, shape_doc="[B, K]")
+    if rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be [B, K] with K >= 2 responses, got {tuple(rewards.shape)}")
+    check.tensor("ranks", ranks, dtypes=check.MASK_DTYPES, ndim=2, shape_doc="[B, K]")
+    check.same_shape("rewards", rewards, ranks=ranks)
+    check.same_device(rewards=rewards, ranks=ranks)
+    _backend.resolve("ranking_loss", rewards.device, backend)
+    return reference.ranking_loss(rewards, ranks, dtype=check.result_dtype(rewards))

@@ -1,0 +1,208 @@
+"""Reference token log-probs and entropy, from logits or from hidden states x lm_head.
+
+Both work in row chunks of at most CHUNK_ELEMENTS logits, with a backward that
+recomputes each chunk, so the extra memory is one chunk, never [N, V] in fp32.
+Math per row, with x the raw logits and z the transformed ones:
+    z = softcap * tanh(logit_scale * x / softcap) / T     (softcap set)
+    z = logit_scale * x / T                               (otherwise)
+    logprob = z[label] - logsumexp(z)
+    entropy = logsumexp(z) - sum_v softmax(z)_v z_v
+Rows whose label == ignore_index get 0 and zero gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+# 16M fp32 logits = 64 MiB per [chunk, V] buffer; a chunk's forward holds about
+# three such buffers (z, softmax, product), so ~200 MiB at any V.
+CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    temperature: float = 1.0
+    softcap: Optional[float] = None
+    logit_scale: float = 1.0
+    ignore_index: int = -100
+    return_entropy: bool = False
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.logit_scale != 1.0:
+            x = x * self.logit_scale
+        if self.softcap is not None:
+            x = self.softcap * torch.tanh(x / self.softcap)
+        if self.temperature != 1.0:
+            x = x / self.temperature
+        return x
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (gradcheck); everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(n_rows: int, vocab: int) -> int:
+    return max(1, min(n_rows, CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+def _chunk_logprobs(x: torch.Tensor, labels: torch.Tensor, opts: LogitTransform):
+    """x [C, V] raw logits in the compute dtype -> (logprobs [C], entropy [C] or None)."""
+    z = opts.apply(x)
+    valid = labels != opts.ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    lse = torch.logsumexp(z, dim=-1)
+    label_z = z.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    logprobs = torch.where(valid, label_z - lse, zero)
+    if not opts.return_entropy:
+        return logprobs, None
+    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    return logprobs, torch.where(valid, entropy, zero)
+
+
+def _chunk_grad(x, labels, grad_logprobs, grad_entropy, opts: LogitTransform) -> torch.Tensor:
+    """d(loss)/d x for one chunk, by autograd through _chunk_logprobs (recompute)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logprobs, entropy = _chunk_logprobs(x, labels, opts)
+        outputs, grads = [logprobs], [grad_logprobs]
+        if entropy is not None and grad_entropy is not None:
+            outputs.append(entropy)
+            grads.append(grad_entropy)
+        (grad_x,) = torch.autograd.grad(outputs, [x], grads)
+    return grad_x
+
+
+def _forward_chunks(n_rows: int, vocab: int, logits_of: Callable, labels, opts, dtype, device):
+    logprobs = torch.empty(n_rows, dtype=dtype, device=device)
+    entropy = torch.zeros(n_rows, dtype=dtype, device=device)
+    step = _chunk_rows(n_rows, vocab)
+    for start in range(0, n_rows, step):
+        rows = slice(start, start + step)
+        lp, ent = _chunk_logprobs(logits_of(rows), labels[rows], opts)
+        logprobs[rows] = lp
+        if ent is not None:
+            entropy[rows] = ent
+    return logprobs, entropy
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, opts: LogitTransform):
+        dtype = compute_dtype(logits.dtype)
+        n_rows, vocab = logits.shape
+        ctx.save_for_backward(logits, labels)
+        ctx.opts = opts
+        ctx.mark_non_differentiable(labels)
+        return _forward_chunks(
+            n_rows, vocab, lambda rows: logits[rows].to(dtype), labels, opts, dtype, logits.device
+        )
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits, labels = ctx.saved_tensors
+        dtype = compute_dtype(logits.dtype)
+        grad_logits = torch.empty_like(logits)
+        step = _chunk_rows(*logits.shape)
+        for start in range(0, logits.shape[0], step):
+            rows = slice(start, start + step)
+            grad_logits[rows] = _chunk_grad(
+                logits[rows].to(dtype), labels[rows], grad_logprobs[rows],
+                None if grad_entropy is None else grad_entropy[rows], ctx.opts,
+            )
+        return grad_logits, None, None
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, opts: LogitTransform):
+        dtype = compute_dtype(hidden.dtype)
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.opts = opts
+        ctx.mark_non_differentiable(labels)
+        return _forward_chunks(
+            hidden.shape[0], weight.shape[0], lambda rows: _linear(hidden[rows], weight, bias).to(dtype),
+            labels, opts, dtype, hidden.device,
+        )
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dtype = compute_dtype(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # d weight and d bias accumulate over chunks in fp32 (fp64 for fp64 inputs).
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_bias else None
+        step = _chunk_rows(hidden.shape[0], weight.shape[0])
+        for start in range(0, hidden.shape[0], step):
+            rows = slice(start, start + step)
+            grad_z = _chunk_grad(
+                _linear(hidden[rows], weight, bias).to(dtype), labels[rows], grad_logprobs[rows],
+                None if grad_entropy is None else grad_entropy[rows], ctx.opts,
+            )
+            if need_hidden:
+                grad_hidden[rows] = grad_z.to(weight.dtype) @ weight
+            if need_weight:
+                grad_weight.addmm_(grad_z.t(), hidden[rows].to(dtype))
+            if need_bias:
+                grad_bias += grad_z.sum(0)
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+        )
+
+
+def _linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # In the input dtype, as the unfused model computes its logits.
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def _finish(logprobs, entropy, batch_shape, return_entropy):
+    logprobs = logprobs.reshape(batch_shape)
+    return (logprobs, entropy.reshape(batch_shape)) if return_entropy else logprobs
+
+
+def token_logprobs(
+    logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+    softcap=None, logit_scale=1.0,
+):
+    opts = LogitTransform(temperature, softcap, logit_scale, ignore_index, return_entropy)
+    batch_shape = labels.shape
+    logprobs, entropy = _TokenLogprobs.apply(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), opts
+    )
+    return _finish(logprobs, entropy, batch_shape, return_entropy)
+
+
+def linear_logprobs(
+    hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+    return_entropy=False, softcap=None, logit_scale=1.0,
+):
+    opts = LogitTransform(temperature, softcap, logit_scale, ignore_index, return_entropy)
+    batch_shape = labels.shape
+    logprobs, entropy = _LinearLogprobs.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), opts
+    )
+    return _finish(logprobs, entropy, batch_shape, return_entropy)
+
+
+def sequence_logprobs(hidden, weight, labels, mask, *, average=False, temperature=1.0, ignore_index=-100):
+    """Per-sequence sum (average=True: mean) of token log-probs over mask != 0 positions."""
+    keep = mask != 0
+    masked_labels = torch.where(keep, labels, torch.full_like(labels, ignore_index))
+    logprobs = linear_logprobs(
+        hidden, weight, masked_labels, temperature=temperature, ignore_index=ignore_index
+    )
+    total = logprobs.sum(-1)
+    if not average:
+        return total
+    counts = keep.sum(-1).to(total.dtype)
+    return total / counts.clamp(min=1)

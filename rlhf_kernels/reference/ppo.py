@@ -1,0 +1,92 @@
+"""Reference PPO clipped policy loss and clipped value loss, with their aggregations.
+
+Policy, per token (old_logprobs and advantages are constants):
+    log_ratio = lp - old   (clamped to +-log_ratio_clamp when set), ratio = exp(log_ratio)
+    l = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))
+    dual clip c (A < 0 only): l = min(l, -A c)
+Value, per token: 0.5 max((v - R)^2, (old + clip(v - old, -clip, clip) - R)^2).
+Aggregations over [B, T] with mask (verl's agg_loss; a sequence with no valid
+token is left out of seq-mean-token-mean):
+    token-mean               sum(l m) / sum(m)
+    seq-mean-token-sum       mean_b sum_t l m
+    seq-mean-token-mean      mean_b [sum_t l m / sum_t m]
+    seq-mean-token-sum-norm  sum_b sum_t l m / T     (Dr. GRPO)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .masked import masked_mean
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """Reduces a per-token loss [B, T] to a scalar by `agg`."""
+    weights = mask.to(loss.dtype)
+    if agg == "token-mean":
+        return masked_mean(loss, weights)
+    sequence_sums = (loss * weights).sum(-1)
+    if agg == "seq-mean-token-sum":
+        return sequence_sums.mean()
+    if agg == "seq-mean-token-mean":
+        sequence_means = masked_mean(loss, weights, dim=-1)
+        return masked_mean(sequence_means, weights.sum(-1) > 0)
+    if agg == "seq-mean-token-sum-norm":
+        return sequence_sums.sum() / loss.shape[-1]
+    raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    *, clip_low: float = 0.2, clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
+    log_ratio_clamp: Optional[float] = None, agg: str = "token-mean", dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    clip_high = clip_low if clip_high is None else clip_high
+    lp = logprobs.to(dtype)
+    old = old_logprobs.detach().to(dtype)
+    adv = advantages.detach().to(dtype)
+    log_ratio = lp - old
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    dual_clipped = torch.zeros_like(loss, dtype=torch.bool)
+    if dual_clip is not None:
+        lower_bound = -adv * dual_clip
+        dual_clipped = (adv < 0) & (loss > lower_bound)
+        loss = torch.where(adv < 0, torch.minimum(loss, lower_bound), loss)
+    with torch.no_grad():
+        weights = mask.to(dtype)
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(dtype), weights),
+            "dual_clipfrac": masked_mean(dual_clipped.to(dtype), weights),
+            # Schulman's k3 estimate of KL(old || new): (ratio - 1) - log ratio.
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, weights),
+        }
+    return aggregate(loss, mask, agg), stats
+
+
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
+    clip: Optional[float] = 0.2, agg: str = "token-mean", dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    v = values.to(dtype)
+    old = old_values.detach().to(dtype)
+    target = returns.detach().to(dtype)
+    unclipped = (v - target).square()
+    if clip is None:
+        loss = 0.5 * unclipped
+        clipped_more = torch.zeros_like(unclipped, dtype=torch.bool)
+    else:
+        clipped = (old + (v - old).clamp(-clip, clip) - target).square()
+        loss = 0.5 * torch.maximum(unclipped, clipped)
+        clipped_more = clipped > unclipped
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean(clipped_more.to(dtype), mask.to(dtype))}
+    return aggregate(loss, mask, agg), stats

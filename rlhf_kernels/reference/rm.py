@@ -1,0 +1,36 @@
+"""Reference reward-model losses: Bradley-Terry pairs and InstructGPT's K-way rankings.
+
+    bradley_terry_loss = mean_b -logsigmoid(r_chosen - r_rejected - margin)
+    ranking_loss: for each prompt b, the mean of -logsigmoid(r_i - r_j) over every
+        pair with ranks[b, i] < ranks[b, j] (rank 0 is the best; equal ranks are
+        ties and skipped); then the mean over prompts that have at least one pair
+        (so each prompt weighs the same, as InstructGPT's 1 / C(K, 2) normalisation).
+        A batch with no ranked pair gives 0.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .masked import masked_mean
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, *,
+    margin: Optional[torch.Tensor | float] = None, dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    diff = chosen_rewards.to(dtype) - rejected_rewards.to(dtype)
+    if margin is not None:
+        diff = diff - (margin.to(dtype) if isinstance(margin, torch.Tensor) else margin)
+    return -F.logsigmoid(diff).mean()
+
+
+def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    r = rewards.to(dtype)
+    diff = r.unsqueeze(-1) - r.unsqueeze(-2)  # [B, K, K]: r_i - r_j
+    better = ranks.unsqueeze(-1) < ranks.unsqueeze(-2)  # i ranked above j
+    per_prompt = masked_mean(-F.logsigmoid(diff), better, dim=(-2, -1))
+    return masked_mean(per_prompt, better.flatten(-2).any(-1))
