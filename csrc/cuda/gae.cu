@@ -5,9 +5,10 @@
 // the RL-math kernels issue is meant to replace this launch, not the scan's math.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../gae_scan.h"
@@ -47,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(
   if (rewards.numel() == 0) return {advantages, returns};
 
   const unsigned blocks = static_cast<unsigned>((B + kThreadsPerBlock - 1) / kThreadsPerBlock);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(rewards.scalar_type(), "rlhf_kernels::gae (CUDA)", [&] {
     gae_rows_kernel<scalar_t><<<blocks, kThreadsPerBlock, 0, stream>>>(
         rewards.const_data_ptr<scalar_t>(), values.const_data_ptr<scalar_t>(),
