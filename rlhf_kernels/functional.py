@@ -471,6 +471,7 @@ def linear_dpo_loss(
         ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, beta=beta,
         loss_type=loss_type, label_smoothing=label_smoothing, reference_free=reference_free,
         average=(loss_type == "ipo") if average is None else average, temperature=temperature,
+        dtype=check.result_dtype(hidden),
     )
 
 

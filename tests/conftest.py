@@ -1,0 +1,41 @@
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/oracle.py
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request, monkeypatch):
+    """Fresh random inputs per test, reproducible from the test's id and independent of
+    test order; no test sees another's backend setting."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    monkeypatch.delenv("RLHF_KERNELS_BACKEND", raising=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def tolist(x: torch.Tensor):
+    return x.detach().double().tolist()
+
+
+def random_mask(B: int, T: int, *, holes: bool = True, all_masked_row: bool = True) -> torch.Tensor:
+    """0/1 float mask: right padding of random length, interior holes (multi-turn
+    observation tokens) and, optionally, row 0 all masked."""
+    lengths = torch.randint(1, T + 1, (B,))
+    mask = (torch.arange(T) < lengths[:, None]).float()
+    if holes and T > 2:
+        mask = mask * (torch.rand(B, T) > 0.2).float()
+    if all_masked_row and B > 1:
+        mask[0] = 0
+    return mask

@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+import oracle
+import rlhf_kernels as rk
+from conftest import random_mask, tolist
+from rlhf_kernels import backend, reference
+from rlhf_kernels.reference.gae import MASK_MODES
+
+needs_cpu_kernel = pytest.mark.skipif("gae" not in backend.HAS_CPU, reason="rlhf_kernels._C not built")
+
+
+def _rollout(B, T, dtype=torch.float32):
+    return torch.randn(B, T, dtype=dtype), torch.randn(B, T, dtype=dtype), random_mask(B, T).to(dtype)
+
+
+def _oracle(rewards, values, mask, gamma, lam, mode):
+    rows = [
+        oracle.gae_row(r, v, m, gamma, lam, mode)
+        for r, v, m in zip(tolist(rewards), tolist(values), tolist(mask))
+    ]
+    return (torch.tensor([a for a, _ in rows], dtype=torch.float64),
+            torch.tensor([r for _, r in rows], dtype=torch.float64))
+
+
+def test_hand_computed_case():
+    # gamma = 0.5, lam = 1: A_1 = r_1 - V_1 = 1 - 2 = -1; A_0 = r_0 + 0.5 V_1 - V_0 + 0.5 A_1 = 1.
+    adv, ret = rk.gae(torch.tensor([[1.0, 1.0]]), torch.tensor([[0.5, 2.0]]), gamma=0.5, lam=1.0,
+                      mask_mode="ignore", backend="reference")
+    torch.testing.assert_close(adv, torch.tensor([[1.0, -1.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[1.5, 1.0]]))
+
+
+@pytest.mark.parametrize("backend_name", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+@pytest.mark.parametrize("mode", MASK_MODES)
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (5, 13)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gae_matches_oracle(backend_name, mode, shape, dtype):
+    rewards, values, mask = _rollout(*shape, dtype)
+    gamma, lam = 0.99, 0.9
+    adv, ret = rk.gae(rewards, values, mask, gamma=gamma, lam=lam, mask_mode=mode, backend=backend_name)
+    assert adv.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want_adv, want_ret = _oracle(rewards, values, mask, gamma, lam, mode)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(adv.double(), want_adv, atol=tol, rtol=tol)
+    torch.testing.assert_close(ret.double(), want_ret, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("mode", ["ignore", "multiply"])
+def test_no_mask_means_all_ones(mode):
+    rewards, values, _ = _rollout(3, 6)
+    a = rk.gae(rewards, values, None, mask_mode=mode)
+    b = rk.gae(rewards, values, torch.ones(3, 6), mask_mode=mode)
+    torch.testing.assert_close(a, b)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("mode", MASK_MODES)
+def test_cpu_kernel_matches_reference_on_a_large_batch(mode):
+    rewards, values, mask = _rollout(67, 129)  # more rows than one parallel_for grain
+    got = rk.gae(rewards, values, mask, gamma=0.97, lam=0.93, mask_mode=mode, backend="cpu")
+    want = rk.gae(rewards, values, mask, gamma=0.97, lam=0.93, mask_mode=mode, backend="reference")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@needs_cpu_kernel
+def test_long_row_keeps_fp32_precision():
+    # T = 32768 with gamma = lam = 1: A_0 sums 32k terms; the float64 scan inside the
+    # kernel keeps it within float32 rounding of the exact float64 recursion.
+    T = 32768
+    rewards, values = torch.randn(2, T), torch.randn(2, T)
+    adv, _ = rk.gae(rewards, values, gamma=1.0, lam=1.0, mask_mode="ignore", backend="cpu")
+    exact = torch.flip(torch.cumsum(torch.flip(rewards.double(), [1]), 1), [1]) - values.double()
+    torch.testing.assert_close(adv.double(), exact, atol=0, rtol=1e-6)
+
+
+def test_auto_uses_the_cpu_kernel_when_built():
+    assert backend.resolve("gae", "cpu") == ("cpu" if "gae" in backend.HAS_CPU else "reference")
+
+
+@pytest.mark.parametrize("backend_name", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+def test_discounted_returns(backend_name):
+    rewards, _, mask = _rollout(4, 7)
+    got = rk.discounted_returns(rewards, mask, gamma=0.9, backend=backend_name)
+    want, _ = _oracle(rewards, torch.zeros_like(rewards), mask, 0.9, 1.0, "carry")
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+    # without a mask: the plain discounted sum
+    got = rk.discounted_returns(rewards[:1], gamma=0.5, backend=backend_name)
+    r = tolist(rewards[0])
+    want = [sum(0.5 ** (k - t) * r[k] for k in range(t, len(r))) for t in range(len(r))]
+    torch.testing.assert_close(got[0].double(), torch.tensor(want, dtype=torch.float64), atol=1e-6, rtol=1e-6)
+
+
+def test_inputs_requiring_grad_are_constants():
+    rewards, values, mask = _rollout(2, 5)
+    values.requires_grad_(True)
+    adv, ret = rk.gae(rewards, values, mask)
+    assert not adv.requires_grad and not ret.requires_grad
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("mode", MASK_MODES)
+def test_opcheck(mode):
+    rewards, values, mask = _rollout(3, 8)
+    torch.library.opcheck(torch.ops.rlhf_kernels.gae.default, (rewards, values, mask, 0.99, 0.95, mode))
+    torch.library.opcheck(torch.ops.rlhf_kernels.gae.default, (rewards.double(), values.double(), None, 1.0, 0.9, mode))
+
+
+@needs_cpu_kernel
+def test_torch_compile_fullgraph():
+    def step(rewards, values, mask):
+        adv, ret = rk.gae(rewards, values, mask, gamma=0.99, lam=0.95)
+        return rk.masked_whiten(adv, mask), ret
+
+    rewards, values, mask = _rollout(4, 10)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(rewards, values, mask), step(rewards, values, mask))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MASK_MODES)
+def test_cuda_kernel_matches_reference(mode):
+    rewards, values, mask = (x.cuda() for x in _rollout(300, 257))
+    got = rk.gae(rewards, values, mask, gamma=0.99, lam=0.95, mask_mode=mode, backend="cuda")
+    want = reference.gae(rewards, values, mask, gamma=0.99, lam=0.95, mask_mode=mode)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,157 @@
+import pytest
+import torch
+
+import oracle
+import rlhf_kernels as rk
+from conftest import tolist
+from rlhf_kernels.reference import logprobs as ref_logprobs
+
+# bf16 logits carry 8 mantissa bits; fp32 accumulation of the reference then
+# agrees with the float64 oracle (fed the same rounded logits) to ~1e-5.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5, torch.float64: 1e-10}
+OPTIONS = [
+    {},
+    {"temperature": 0.7},
+    {"softcap": 5.0},
+    {"logit_scale": 0.5, "temperature": 1.3, "softcap": 3.0},
+]
+
+
+def _labels(shape, V, ignore_fraction=0.25, ignore_index=-100):
+    labels = torch.randint(0, V, shape)
+    return torch.where(torch.rand(shape) < ignore_fraction, torch.full_like(labels, ignore_index), labels)
+
+
+def _oracle(logits, labels, ignore_index=-100, **opts):
+    rows = tolist(logits.reshape(-1, logits.shape[-1]))
+    lp, h = oracle.token_logprobs(rows, labels.reshape(-1).tolist(), ignore_index=ignore_index, **opts)
+    shape = labels.shape
+    return torch.tensor(lp, dtype=torch.float64).reshape(shape), torch.tensor(h, dtype=torch.float64).reshape(shape)
+
+
+def test_hand_computed_case():
+    # softmax([0, ln 2, ln 5]) = [1/8, 2/8, 5/8]
+    logits = torch.tensor([[0.0, 0.6931471805599453, 1.6094379124341003]], dtype=torch.float64)
+    lp, h = rk.token_logprobs(logits, torch.tensor([1]), return_entropy=True)
+    p = torch.tensor([1, 2, 5], dtype=torch.float64) / 8
+    torch.testing.assert_close(lp, torch.log(torch.tensor([0.25], dtype=torch.float64)))
+    torch.testing.assert_close(h, -(p * p.log()).sum().reshape(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 1, 4)])
+def test_token_logprobs_matches_oracle(dtype, opts, shape):
+    V = 37  # not a power of two, not a multiple of any block
+    logits = (3 * torch.randn(*shape, V)).to(dtype)
+    labels = _labels(shape, V)
+    lp, h = rk.token_logprobs(logits, labels, return_entropy=True, **opts)
+    assert lp.shape == shape and h.shape == shape
+    assert lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want_lp, want_h = _oracle(logits, labels, **opts)
+    torch.testing.assert_close(lp.double(), want_lp, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(h.double(), want_h, atol=TOL[dtype], rtol=TOL[dtype])
+    assert (lp <= 0).all()
+
+
+def test_all_ignored_rows_give_zero_and_zero_grad():
+    logits = torch.randn(4, 11, requires_grad=True)
+    labels = torch.full((4,), 7)
+    labels[1:3] = -1
+    lp, h = rk.token_logprobs(logits, labels, ignore_index=-1, return_entropy=True)
+    assert lp[1:3].eq(0).all() and h[1:3].eq(0).all()
+    (lp.sum() + h.sum()).backward()
+    assert logits.grad[1:3].eq(0).all() and logits.grad[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_token_logprobs_gradcheck(opts):
+    logits = torch.randn(3, 2, 9, dtype=torch.float64, requires_grad=True)
+    labels = _labels((3, 2), 9)
+    labels[0, 0] = 4  # at least one valid row
+    torch.autograd.gradcheck(
+        lambda x: rk.token_logprobs(x, labels, return_entropy=True, **opts), (logits,)
+    )
+
+
+def test_chunked_forward_and_backward_match_unchunked(monkeypatch):
+    V = 13
+    logits = torch.randn(10, V, dtype=torch.float64, requires_grad=True)
+    labels = _labels((10,), V)
+    grads = torch.randn(10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+
+    def run():
+        logits.grad = None
+        lp, h = rk.token_logprobs(logits, labels, return_entropy=True, temperature=0.9)
+        torch.autograd.backward([lp, h], list(grads))
+        return lp.detach(), h.detach(), logits.grad.clone()
+
+    whole = run()
+    monkeypatch.setattr(ref_logprobs, "CHUNK_ELEMENTS", 3 * V)  # 4 chunks, the last one short
+    chunked = run()
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b)
+
+
+def _linear_inputs(N, H, V, dtype=torch.float64, bias=True):
+    hidden = torch.randn(N, H, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(V, H, dtype=dtype) / H**0.5).requires_grad_(True)
+    b = torch.randn(V, dtype=dtype, requires_grad=True) if bias else None
+    return hidden, weight, b, _labels((N,), V)
+
+
+@pytest.mark.parametrize("opts", OPTIONS[:2] + OPTIONS[3:])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_logprobs_matches_logits_path(opts, bias, monkeypatch):
+    monkeypatch.setattr(ref_logprobs, "CHUNK_ELEMENTS", 2 * 19)  # several token chunks
+    hidden, weight, b, labels = _linear_inputs(7, 5, 19, bias=bias)
+    grads = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    lp, h = rk.linear_logprobs(hidden, weight, labels, bias=b, return_entropy=True, **opts)
+    torch.autograd.backward([lp, h], list(grads))
+    got = [lp, h, hidden.grad, weight.grad] + ([b.grad] if bias else [])
+
+    params = [hidden, weight] + ([b] if bias else [])
+    for p in params:
+        p.grad = None
+    logits = torch.nn.functional.linear(hidden, weight, b)
+    want_lp, want_h = _oracle(logits, labels, **opts)
+    torch.testing.assert_close(lp, want_lp)
+    torch.testing.assert_close(h, want_h)
+    lp2, h2 = rk.token_logprobs(logits, labels, return_entropy=True, **opts)
+    torch.autograd.backward([lp2, h2], list(grads))
+    for a, p in zip(got[2:], params):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_linear_logprobs_gradcheck_any_upstream_gradient():
+    hidden, weight, b, labels = _linear_inputs(4, 3, 6)
+    labels[0] = 2
+    torch.autograd.gradcheck(
+        lambda x, w, bb: rk.linear_logprobs(x, w, labels, bias=bb, return_entropy=True, softcap=2.0),
+        (hidden, weight, b),
+    )
+
+
+def test_linear_logprobs_frozen_weight_bf16():
+    hidden = torch.randn(2, 3, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(29, 16, dtype=torch.bfloat16)  # frozen: reference / LoRA policy
+    labels = _labels((2, 3), 29)
+    lp = rk.linear_logprobs(hidden, weight, labels)
+    lp.sum().backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad is None
+    # bf16 logits (rounded as the unfused model rounds them) through the fp64 oracle.
+    want, _ = _oracle(torch.nn.functional.linear(hidden, weight), labels)
+    torch.testing.assert_close(lp.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_sequence_logprobs_sum_and_mean():
+    hidden, weight, _, _ = _linear_inputs(6, 4, 11)
+    hidden3 = hidden.detach().reshape(2, 3, 4)
+    labels = torch.randint(0, 11, (2, 3))
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    labels[0, 2] = 999  # masked positions are never read
+    total = rk.sequence_logprobs(hidden3, weight, labels, mask)
+    mean = rk.sequence_logprobs(hidden3, weight, labels, mask, average=True)
+    lp, _ = _oracle(torch.nn.functional.linear(hidden3[0, :2], weight), labels[0, :2])
+    torch.testing.assert_close(total, torch.stack([lp.sum(), torch.zeros((), dtype=lp.dtype)]))
+    torch.testing.assert_close(mean, torch.stack([lp.mean(), torch.zeros((), dtype=lp.dtype)]))

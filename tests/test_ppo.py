@@ -1,0 +1,91 @@
+import itertools
+
+import pytest
+import torch
+
+import oracle
+import rlhf_kernels as rk
+from conftest import random_mask, tolist
+from rlhf_kernels.reference.ppo import AGG_MODES
+
+POLICY_OPTIONS = [
+    dict(clip_low=0.2, clip_high=None, dual_clip=None, log_ratio_clamp=None),
+    dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, log_ratio_clamp=None),
+    dict(clip_low=0.1, clip_high=0.3, dual_clip=None, log_ratio_clamp=0.5),
+    dict(clip_low=0.2, clip_high=0.2, dual_clip=1.5, log_ratio_clamp=20.0),
+]
+
+
+def _batch(B, T, dtype=torch.float32):
+    lp = -torch.rand(B, T) * 3
+    old = lp + 0.5 * torch.randn(B, T)  # ratios well outside the clip range
+    return lp.to(dtype), old.to(dtype), torch.randn(B, T).to(dtype), random_mask(B, T)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("options", POLICY_OPTIONS)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 11)])
+def test_policy_loss_matches_oracle(agg, options, shape):
+    lp, old, adv, mask = _batch(*shape)
+    loss, stats = rk.ppo_policy_loss(lp, old, adv, mask, agg=agg, **options)
+    high = options["clip_high"] if options["clip_high"] is not None else options["clip_low"]
+    per_token = [
+        [oracle.ppo_token_loss(a, b, c, options["clip_low"], high, options["dual_clip"], options["log_ratio_clamp"])
+         for a, b, c in zip(ra, rb, rc)]
+        for ra, rb, rc in zip(tolist(lp), tolist(old), tolist(adv))
+    ]
+    m = tolist(mask)
+    want = oracle.aggregate([[t[0] for t in row] for row in per_token], m, agg)
+    torch.testing.assert_close(loss.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    flat_m = sum(m, [])
+    clipped = [float(t[1]) for row in per_token for t in row]
+    k3 = [t[2] for row in per_token for t in row]
+    torch.testing.assert_close(stats["clipfrac"].double(), torch.tensor(oracle.masked_mean(clipped, flat_m), dtype=torch.float64))
+    torch.testing.assert_close(stats["approx_kl"].double(), torch.tensor(oracle.masked_mean(k3, flat_m), dtype=torch.float64), atol=1e-6, rtol=1e-5)
+
+
+def test_dual_clip_bounds_negative_advantages():
+    lp, old = torch.tensor([[2.0]]), torch.tensor([[0.0]])  # ratio e^2 = 7.39
+    loss, stats = rk.ppo_policy_loss(lp, old, torch.tensor([[-1.0]]), torch.ones(1, 1), dual_clip=3.0)
+    assert loss.item() == pytest.approx(3.0) and stats["dual_clipfrac"].item() == 1.0
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("options", POLICY_OPTIONS[1:3])
+def test_policy_loss_gradcheck(agg, options):
+    lp, old, adv, mask = (x.double() for x in _batch(3, 4))
+    lp.requires_grad_(True)
+    torch.autograd.gradcheck(lambda x: rk.ppo_policy_loss(x, old, adv, mask, agg=agg, **options)[0], (lp,))
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_value_loss_matches_oracle(agg, clip):
+    B, T = 4, 7
+    values, old, returns, mask = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T), random_mask(B, T)
+    loss, stats = rk.ppo_value_loss(values, old, returns, mask, clip=clip, agg=agg)
+    per_token = [[oracle.value_token_loss(a, b, c, clip) for a, b, c in zip(ra, rb, rc)]
+                 for ra, rb, rc in zip(tolist(values), tolist(old), tolist(returns))]
+    m = tolist(mask)
+    want = oracle.aggregate([[t[0] for t in row] for row in per_token], m, agg)
+    torch.testing.assert_close(loss.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    clipfrac = oracle.masked_mean([float(t[1]) for row in per_token for t in row], sum(m, []))
+    torch.testing.assert_close(stats["vf_clipfrac"].double(), torch.tensor(clipfrac, dtype=torch.float64))
+
+
+def test_value_loss_gradcheck():
+    values, old, returns = (torch.randn(3, 4, dtype=torch.float64) for _ in range(3))
+    mask = random_mask(3, 4).double()
+    values.requires_grad_(True)
+    torch.autograd.gradcheck(lambda v: rk.ppo_value_loss(v, old, returns, mask, clip=0.3)[0], (values,))
+
+
+def test_all_masked_batch_gives_zero_loss_not_nan():
+    lp, old, adv, _ = _batch(2, 3)
+    for agg, fn in itertools.product(AGG_MODES, ["policy", "value"]):
+        mask = torch.zeros(2, 3)
+        if fn == "policy":
+            loss, _ = rk.ppo_policy_loss(lp, old, adv, mask, agg=agg)
+        else:
+            loss, _ = rk.ppo_value_loss(lp, old, adv, mask, agg=agg)
+        assert loss.item() == 0.0
