@@ -440,12 +440,13 @@ def linear_dpo_loss(
     rejected_rewards, reward_margin, reward_accuracy, chosen_logps, rejected_logps
     (batch means). Differentiable w.r.t. hidden and weight.
     """
-    _check_sequences(hidden, weight, labels, mask)
+    check.tensor("hidden", hidden, ndim=3, shape_doc="[2B, T, H]")
     if hidden.shape[0] % 2:
         raise ValueError(
             f"hidden must be [2B, T, H] with chosen rows first, then rejected; got an odd "
             f"number of rows {hidden.shape[0]}"
         )
+    _check_sequences(hidden, weight, labels, mask)
     n_pairs = hidden.shape[0] // 2
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("ref_chosen_logps and ref_rejected_logps must be given together")
