@@ -107,13 +107,14 @@ def test_opcheck(mode):
 
 
 @needs_cpu_kernel
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
     def step(rewards, values, mask):
         adv, ret = rk.gae(rewards, values, mask, gamma=0.99, lam=0.95)
         return rk.masked_whiten(adv, mask), ret
 
     rewards, values, mask = _rollout(4, 10)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
     torch.testing.assert_close(compiled(rewards, values, mask), step(rewards, values, mask))
 
 
