@@ -34,6 +34,16 @@ def _logit_options(temperature, ignore_index, return_entropy, softcap, logit_sca
         raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}")
 
 
+def _check_token_grid(mask: Optional[Tensor], **tensors: Tensor) -> None:
+    """Float [B, T] tensors of one shape and device, and a [B, T] mask (None allowed)."""
+    for name, x in tensors.items():
+        check.tensor(name, x, ndim=2, shape_doc="[B, T]")
+    check.optional_tensor("mask", mask, dtypes=check.MASK_DTYPES, ndim=2, shape_doc="[B, T]")
+    (first_name, first), *_ = tensors.items()
+    check.same_shape(first_name, first, mask=mask, **tensors)
+    check.same_device(**tensors, mask=mask)
+
+
 # ----------------------------------------------------------------- logprobs --
 
 
@@ -186,19 +196,15 @@ def kl_shaped_rewards(
     Args: scores [B]; logprobs, ref_logprobs, mask [B, T]; score_index [B] int in [0, T).
     Returns: (rewards [B, T], kl [B, T]), float32; not differentiable (rollout data).
     """
-    check.tensor("logprobs", logprobs, ndim=2, shape_doc="[B, T]")
-    check.tensor("ref_logprobs", ref_logprobs, ndim=2, shape_doc="[B, T]")
-    check.tensor("mask", mask, dtypes=check.MASK_DTYPES, ndim=2, shape_doc="[B, T]")
-    check.same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    check.tensor("mask", mask, dtypes=check.MASK_DTYPES, shape_doc="[B, T]")
+    _check_token_grid(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
     check.tensor("scores", scores, ndim=1, shape_doc="[B]")
     check.shape("scores", scores, logprobs.shape[:1], "[B]")
     check.optional_tensor("score_index", score_index, dtypes=check.INDEX_DTYPES, ndim=1, shape_doc="[B]")
     if score_index is not None:
         check.shape("score_index", score_index, logprobs.shape[:1], "[B]")
         check.indices_in_range("score_index", score_index, logprobs.shape[1])
-    check.same_device(
-        logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask, scores=scores, score_index=score_index
-    )
+    check.same_device(logprobs=logprobs, scores=scores, score_index=score_index)
     check.number("kl_coef", kl_coef)
     check.choice("estimator", estimator, ESTIMATORS)
     check.optional_positive("clamp", clamp)
@@ -213,13 +219,6 @@ def kl_shaped_rewards(
 # ---------------------------------------------------------------------- gae --
 
 
-def _check_rollout(rewards, mask, **others) -> None:
-    check.tensor("rewards", rewards, ndim=2, shape_doc="[B, T]")
-    for name, x in others.items():
-        check.tensor(name, x, ndim=2, shape_doc="[B, T]")
-    check.optional_tensor("mask", mask, dtypes=check.MASK_DTYPES, shape_doc="[B, T]")
-    check.same_shape("rewards", rewards, mask=mask, **others)
-    check.same_device(rewards=rewards, mask=mask, **others)
 
 
 def gae(
@@ -239,7 +238,7 @@ def gae(
         Not differentiable: inputs are treated as constants.
     Precision: the cpu kernel and the reference run the recursion in float64.
     """
-    _check_rollout(rewards, mask, values=values)
+    _check_token_grid(mask, rewards=rewards, values=values)
     check.in_unit_interval("gamma", gamma)
     check.in_unit_interval("lam", lam)
     check.choice("mask_mode", mask_mode, MASK_MODES)
@@ -257,7 +256,7 @@ def discounted_returns(
     Computed as gae(rewards, 0, mask, gamma=gamma, lam=1, mask_mode="carry").
     Args: rewards, mask [B, T]. Returns: [B, T] float32 (float64 for float64 input).
     """
-    _check_rollout(rewards, mask)
+    _check_token_grid(mask, rewards=rewards)
     check.in_unit_interval("gamma", gamma)
     advantages, _ = gae(
         rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0, mask_mode="carry", backend=backend
@@ -328,12 +327,8 @@ def ppo_policy_loss(
     clip) and approx_kl (masked mean of (ratio - 1) - log ratio). Differentiable w.r.t.
     logprobs only (old_logprobs and advantages are constants).
     """
-    check.tensor("logprobs", logprobs, ndim=2, shape_doc="[B, T]")
-    check.tensor("old_logprobs", old_logprobs, ndim=2, shape_doc="[B, T]")
-    check.tensor("advantages", advantages, ndim=2, shape_doc="[B, T]")
-    check.tensor("mask", mask, dtypes=check.MASK_DTYPES, ndim=2, shape_doc="[B, T]")
-    check.same_shape("logprobs", logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
-    check.same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    check.tensor("mask", mask, dtypes=check.MASK_DTYPES, shape_doc="[B, T]")
+    _check_token_grid(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
     check.positive("clip_low", clip_low)
     check.optional_positive("clip_high", clip_high)
     check.optional_positive("log_ratio_clamp", log_ratio_clamp)
@@ -361,12 +356,8 @@ def ppo_value_loss(
     Returns: (loss [] float32, {"vf_clipfrac": share of valid tokens where the clipped
     term is the larger}). Differentiable w.r.t. values only.
     """
-    check.tensor("values", values, ndim=2, shape_doc="[B, T]")
-    check.tensor("old_values", old_values, ndim=2, shape_doc="[B, T]")
-    check.tensor("returns", returns, ndim=2, shape_doc="[B, T]")
-    check.tensor("mask", mask, dtypes=check.MASK_DTYPES, ndim=2, shape_doc="[B, T]")
-    check.same_shape("values", values, old_values=old_values, returns=returns, mask=mask)
-    check.same_device(values=values, old_values=old_values, returns=returns, mask=mask)
+    check.tensor("mask", mask, dtypes=check.MASK_DTYPES, shape_doc="[B, T]")
+    _check_token_grid(mask, values=values, old_values=old_values, returns=returns)
     check.optional_positive("clip", clip)
     _check_agg(agg)
     _backend.resolve("ppo_value_loss", values.device, backend)

@@ -12,21 +12,3 @@ from .logprobs import linear_logprobs, sequence_logprobs, token_logprobs
 from .masked import masked_mean, masked_whiten
 from .ppo import ppo_policy_loss, ppo_value_loss
 from .rm import bradley_terry_loss, ranking_loss
-
-__all__ = [
-    "bradley_terry_loss",
-    "discounted_returns",
-    "dpo_loss",
-    "gae",
-    "kl_penalty",
-    "kl_shaped_rewards",
-    "linear_dpo_loss",
-    "linear_logprobs",
-    "masked_mean",
-    "masked_whiten",
-    "ppo_policy_loss",
-    "ppo_value_loss",
-    "ranking_loss",
-    "sequence_logprobs",
-    "token_logprobs",
-]
