@@ -65,8 +65,11 @@ def demo(batch: int = 4, length: int = 16, vocab: int = 50, hidden: int = 32, se
     rewards, kl = rk.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.05)
     advantages, returns = rk.gae(rewards, values, mask, gamma=1.0, lam=0.95)
     advantages = rk.masked_whiten(advantages, mask)
-    policy_loss, stats = rk.ppo_policy_loss(logprobs, logprobs.detach(), advantages, mask)
-    value_loss, value_stats = rk.ppo_value_loss(values, values.detach(), returns, mask)
+    # The rollout policy differs a little from the one being trained (a later PPO epoch).
+    old_logprobs = logprobs.detach() + 0.2 * torch.randn(batch, length, generator=g)
+    old_values = values.detach() + 0.3 * torch.randn(batch, length, generator=g)
+    policy_loss, stats = rk.ppo_policy_loss(logprobs, old_logprobs, advantages, mask)
+    value_loss, value_stats = rk.ppo_value_loss(values, old_values, returns, mask)
     (policy_loss + 0.5 * value_loss).backward()
     picked = {op: backend.resolve(op, "cpu") for op in ("linear_logprobs", "gae", "ppo_policy_loss")}
     return "\n".join([

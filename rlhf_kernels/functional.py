@@ -68,6 +68,8 @@ def token_logprobs(
     Precision: fp32 accumulation; the label logit is read exactly.
     """
     check.tensor("logits", logits, min_ndim=1, shape_doc="[..., V]")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., V] with V >= 1, got {tuple(logits.shape)}")
     check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, shape_doc="[...]")
     check.shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
     check.same_device(logits=logits, labels=labels)
@@ -83,6 +85,8 @@ def token_logprobs(
 def _check_linear(hidden, weight, bias) -> None:
     check.tensor("hidden", hidden, min_ndim=1, shape_doc="[..., H]")
     check.tensor("weight", weight, ndim=2, shape_doc="[V, H]")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must be [V, H] with V >= 1, got {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
@@ -198,6 +202,8 @@ def kl_shaped_rewards(
     """
     check.tensor("mask", mask, dtypes=check.MASK_DTYPES, shape_doc="[B, T]")
     _check_token_grid(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    if logprobs.shape[1] == 0:
+        raise ValueError(f"logprobs must be [B, T] with T >= 1 (a score needs a position), got {tuple(logprobs.shape)}")
     check.tensor("scores", scores, ndim=1, shape_doc="[B]")
     check.shape("scores", scores, logprobs.shape[:1], "[B]")
     check.optional_tensor("score_index", score_index, dtypes=check.INDEX_DTYPES, ndim=1, shape_doc="[B]")

@@ -72,9 +72,7 @@ def gae_row(rewards, values, mask, gamma, lam, mode):
         if mode == "multiply":
             r, v = r * m, v * m
         a = r + gamma * next_v - v + gamma * lam * running
-        if mode == "carry" and m == 0:
-            pass  # skip: carry next_v and running through
-        else:
+        if not (mode == "carry" and m == 0):  # carry: a mask-0 position passes both through
             next_v, running = v, a
         adv[t] = running
         ret[t] = running + v

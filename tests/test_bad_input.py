@@ -45,6 +45,8 @@ CASES = [
     ("token_logprobs", "labels", lambda k: k["labels"].float(), TypeError, "labels must have dtype"),
     ("token_logprobs", "labels", lambda k: k["labels"] + 5, ValueError, "labels must be in [0, 5)"),
     ("token_logprobs", "labels", lambda k: k["labels"] - 7, ValueError, "ignore_index=-100"),
+    ("token_logprobs", "logits", lambda k: torch.randn(2, 3, 0), ValueError, "V >= 1"),
+    ("linear_logprobs", "weight", lambda k: torch.randn(0, 4), ValueError, "V >= 1"),
     ("token_logprobs", "temperature", lambda k: 0.0, ValueError, "temperature must be a number > 0"),
     ("token_logprobs", "softcap", lambda k: -1.0, ValueError, "softcap"),
     ("token_logprobs", "logits", lambda k: [[1.0]], TypeError, "logits must be a torch.Tensor"),
@@ -109,3 +111,9 @@ def test_linear_dpo_loss_needs_a_reference():
     with pytest.raises(ValueError, match="ref_chosen_logps and ref_rejected_logps, or ref_hidden, or reference_free"):
         rk.linear_dpo_loss(**kwargs)
     rk.linear_dpo_loss(**kwargs, reference_free=True)
+
+
+def test_kl_shaped_rewards_needs_a_position_for_the_score():
+    empty = torch.zeros(2, 0)
+    with pytest.raises(ValueError, match=r"logprobs must be \[B, T\] with T >= 1"):
+        rk.kl_shaped_rewards(torch.randn(2), empty, empty, empty, kl_coef=0.1)
