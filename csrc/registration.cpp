@@ -17,6 +17,17 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // gae: advantages and returns of one reverse scan per row; rewards/values [B, T]
   // float32 or float64, mask [B, T] of the same dtype or None; mask_mode is
   // "ignore" | "multiply" | "carry" (see rlhf_kernels/reference/gae.py).
+  // token_logprobs: per-row log p(label), entropy and logsumexp of the
+  // transformed logits; logits [N, V] any float dtype, labels [N] int32/int64;
+  // outputs [N] float32 (float64 for float64 logits). softcap None = no cap.
+  m.def(
+      "token_logprobs(Tensor logits, Tensor labels, float temperature, float? softcap, float logit_scale,"
+      " int ignore_index, bool return_entropy) -> (Tensor logprobs, Tensor entropy, Tensor lse)");
+  // Its backward: d logits in the logits dtype, from the saved lse and entropy.
+  m.def(
+      "token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels,"
+      " Tensor lse, Tensor entropy, float temperature, float? softcap, float logit_scale, int ignore_index)"
+      " -> Tensor grad_logits");
   m.def(
       "gae(Tensor rewards, Tensor values, Tensor? mask, float gamma, float lam, str mask_mode)"
       " -> (Tensor advantages, Tensor returns)");

@@ -46,7 +46,14 @@ FAMILIES = tuple(dict.fromkeys(OP_FAMILY.values()))
 
 # The C++ ops (csrc/registration.cpp) a public op runs on: it has the `cpu` /
 # `cuda` backend when all of them have a kernel for that device.
+_LOGPROBS_OPS = ("token_logprobs", "token_logprobs_backward")
 COMPILED_OPS: dict[str, tuple[str, ...]] = {
+    "token_logprobs": _LOGPROBS_OPS,
+    # linear_logprobs' cpu path is a Python custom op around the C++ token kernels
+    # (rlhf_kernels/ops/logprobs.py); the ops built on it follow it.
+    "linear_logprobs": _LOGPROBS_OPS,
+    "sequence_logprobs": _LOGPROBS_OPS,
+    "linear_dpo_loss": _LOGPROBS_OPS,
     "gae": ("gae",),
     "discounted_returns": ("gae",),
 }

@@ -16,6 +16,7 @@ from . import _validation as check
 from . import backend as _backend
 from . import reference
 from .ops import gae as _gae_ops
+from .ops import logprobs as _logprobs_ops
 from .reference.dpo import LOSS_TYPES
 from .reference.gae import MASK_MODES
 from .reference.kl import ESTIMATORS
@@ -75,8 +76,10 @@ def token_logprobs(
     check.same_device(logits=logits, labels=labels)
     _logit_options(temperature, ignore_index, return_entropy, softcap, logit_scale)
     check.labels_in_range(labels, logits.shape[-1], ignore_index)
-    _backend.resolve("token_logprobs", logits.device, backend)
-    return reference.token_logprobs(
+    implementation = {"reference": reference.token_logprobs, "cpu": _logprobs_ops.token_logprobs}[
+        _backend.resolve("token_logprobs", logits.device, backend)
+    ]
+    return implementation(
         logits, labels, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, softcap=softcap, logit_scale=logit_scale,
     )
@@ -122,11 +125,18 @@ def linear_logprobs(
     check.same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     _logit_options(temperature, ignore_index, return_entropy, softcap, logit_scale)
     check.labels_in_range(labels, weight.shape[0], ignore_index)
-    _backend.resolve("linear_logprobs", hidden.device, backend)
-    return reference.linear_logprobs(
+    implementation = {"reference": reference.linear_logprobs, "cpu": _logprobs_ops.linear_logprobs}[
+        _backend.resolve("linear_logprobs", hidden.device, backend)
+    ]
+    return implementation(
         hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, softcap=softcap, logit_scale=logit_scale,
     )
+
+
+def _linear_logprobs_on(backend_name: str):
+    """linear_logprobs bound to a resolved backend, for the sequence-level ops."""
+    return lambda *args, **kwargs: linear_logprobs(*args, **kwargs, backend=backend_name)
 
 
 def _check_sequences(hidden, weight, labels, mask) -> None:
@@ -153,8 +163,11 @@ def sequence_logprobs(
     _check_sequences(hidden, weight, labels, mask)
     check.positive("temperature", temperature)
     check.labels_in_range(labels[mask != 0], weight.shape[0], ignore_index=-100)
-    _backend.resolve("sequence_logprobs", hidden.device, backend)
-    return reference.sequence_logprobs(hidden, weight, labels, mask, average=average, temperature=temperature)
+    resolved = _backend.resolve("sequence_logprobs", hidden.device, backend)
+    return reference.sequence_logprobs(
+        hidden, weight, labels, mask, average=average, temperature=temperature,
+        linear_logprobs=_linear_logprobs_on(resolved),
+    )
 
 
 # ----------------------------------------------------------------------- kl --
@@ -463,13 +476,13 @@ def linear_dpo_loss(
     _check_dpo_options(beta, loss_type, label_smoothing, reference_free)
     check.positive("temperature", temperature)
     check.labels_in_range(labels[mask != 0], weight.shape[0], ignore_index=-100)
-    _backend.resolve("linear_dpo_loss", hidden.device, backend)
+    resolved = _backend.resolve("linear_dpo_loss", hidden.device, backend)
     return reference.linear_dpo_loss(
         hidden, weight, labels, mask, ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, beta=beta,
         loss_type=loss_type, label_smoothing=label_smoothing, reference_free=reference_free,
         average=(loss_type == "ipo") if average is None else average, temperature=temperature,
-        dtype=check.result_dtype(hidden),
+        dtype=check.result_dtype(hidden), linear_logprobs=_linear_logprobs_on(resolved),
     )
 
 

@@ -4,7 +4,19 @@ import torch
 import oracle
 import rlhf_kernels as rk
 from conftest import tolist
+from rlhf_kernels import backend as backends
 from rlhf_kernels.reference import logprobs as ref_logprobs
+
+needs_cpu_kernel = pytest.mark.skipif(
+    "token_logprobs" not in backends.HAS_CPU, reason="rlhf_kernels._C not built"
+)
+
+
+@pytest.fixture(autouse=True, params=["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+def backend_name(request, monkeypatch, _fresh_seed):
+    """Every test here runs on each backend of the logprobs family."""
+    monkeypatch.setenv(backends.ENV_VAR, f"logprobs={request.param}")
+    return request.param
 
 # bf16 logits carry 8 mantissa bits; fp32 accumulation of the reference then
 # agrees with the float64 oracle (fed the same rounded logits) to ~1e-5.
@@ -88,6 +100,7 @@ def test_chunked_forward_and_backward_match_unchunked(monkeypatch):
 
     whole = run()
     monkeypatch.setattr(ref_logprobs, "CHUNK_ELEMENTS", 3 * V)  # 4 chunks, the last one short
+    # (the cpu backend chunks only linear_logprobs, so this also checks that it is exact)
     chunked = run()
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b)
@@ -155,3 +168,61 @@ def test_sequence_logprobs_sum_and_mean():
     lp, _ = _oracle(torch.nn.functional.linear(hidden3[0, :2], weight), labels[0, :2])
     torch.testing.assert_close(total, torch.stack([lp.sum(), torch.zeros((), dtype=lp.dtype)]))
     torch.testing.assert_close(mean, torch.stack([lp.mean(), torch.zeros((), dtype=lp.dtype)]))
+
+
+def test_backend_is_the_one_asked_for(backend_name):
+    assert backends.resolve("token_logprobs", "cpu") == backend_name
+    assert backends.resolve("linear_logprobs", "cpu") == backend_name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_match_the_reference(backend_name, dtype):
+    # d logits = (g_lp (onehot - p) - g_H p (z - sum p z)) dz/dx: same math, fp32 in
+    # both, so the backends agree to fp32 rounding (bf16 output rounding for bf16).
+    logits = (4 * torch.randn(6, 45)).to(dtype).requires_grad_(True)
+    labels = _labels((6,), 45)
+    grads = torch.randn(6), torch.randn(6)
+    options = dict(return_entropy=True, softcap=8.0, temperature=0.8)
+    lp, h = rk.token_logprobs(logits, labels, **options)
+    torch.autograd.backward([lp, h], list(grads))
+    got = logits.grad.clone()
+    logits.grad = None
+    lp_ref, h_ref = rk.token_logprobs(logits, labels, backend="reference", **options)
+    torch.autograd.backward([lp_ref, h_ref], list(grads))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, logits.grad, atol=tol, rtol=tol)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_opcheck(backend_name, softcap):
+    if backend_name != "cpu":
+        pytest.skip("the compiled ops")
+    logits, labels = torch.randn(5, 19, requires_grad=True), _labels((5,), 19)
+    torch.library.opcheck(torch.ops.rlhf_kernels.token_logprobs.default, (logits, labels, 0.9, softcap, 1.0, -100, True))
+    hidden, weight, bias, labels = _linear_inputs(5, 3, 19, dtype=torch.float32)
+    torch.library.opcheck(
+        torch.ops.rlhf_kernels.linear_logprobs.default,
+        (hidden, weight, bias, labels, 0.9, softcap, 1.0, -100, True),
+    )
+
+
+@needs_cpu_kernel
+def test_torch_compile_fullgraph_forward_and_backward(backend_name):
+    if backend_name != "cpu":
+        pytest.skip("the compiled ops")
+    hidden, weight, bias, labels = _linear_inputs(6, 4, 21, dtype=torch.float32)
+    logits = torch.randn(6, 21, requires_grad=True)
+
+    def step(hidden, weight, bias, logits):
+        lp, h = rk.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True)
+        return (lp + 0.1 * h).sum() + rk.token_logprobs(logits, labels, temperature=0.7).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    inputs = (hidden, weight, bias, logits)
+    torch.autograd.backward(compiled(*inputs))
+    got = [x.grad.clone() for x in inputs]
+    for x in inputs:
+        x.grad = None
+    torch.autograd.backward(step(*inputs))
+    torch.testing.assert_close(got, [x.grad for x in inputs])

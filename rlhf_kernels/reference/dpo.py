@@ -76,18 +76,24 @@ def linear_dpo_loss(
     ref_rejected_logps: Optional[torch.Tensor] = None, ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
     reference_free=False, average: bool = False, temperature=1.0, dtype: torch.dtype = torch.float32,
+    linear_logprobs=None,
 ):
-    """DPO from hidden states [2B, T, H]: rows [:B] chosen, [B:] rejected."""
+    """DPO from hidden states [2B, T, H]: rows [:B] chosen, [B:] rejected.
+
+    `linear_logprobs` is the token log-prob implementation (default: the reference's).
+    """
     n_pairs = hidden.shape[0] // 2
-    policy_logps = sequence_logprobs(hidden, weight, labels, mask, average=average, temperature=temperature)
+    sequence_options = dict(average=average, temperature=temperature)
+    if linear_logprobs is not None:
+        sequence_options["linear_logprobs"] = linear_logprobs
+    policy_logps = sequence_logprobs(hidden, weight, labels, mask, **sequence_options)
     if ref_chosen_logps is None:
         if ref_hidden is None:  # reference_free: no reference at all
             ref_logps = torch.zeros_like(policy_logps)
         else:
             with torch.no_grad():
                 ref_logps = sequence_logprobs(
-                    ref_hidden, weight if ref_weight is None else ref_weight, labels, mask,
-                    average=average, temperature=temperature,
+                    ref_hidden, weight if ref_weight is None else ref_weight, labels, mask, **sequence_options
                 )
         ref_chosen_logps, ref_rejected_logps = ref_logps[:n_pairs], ref_logps[n_pairs:]
     chosen_logps, rejected_logps = policy_logps[:n_pairs], policy_logps[n_pairs:]

@@ -45,7 +45,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_rows(n_rows: int, vocab: int) -> int:
+def chunk_rows(n_rows: int, vocab: int) -> int:
     return max(1, min(n_rows, CHUNK_ELEMENTS // max(vocab, 1)))
 
 
@@ -80,7 +80,7 @@ def _chunk_grad(x, labels, grad_logprobs, grad_entropy, opts: LogitTransform) ->
 def _forward_chunks(n_rows: int, vocab: int, logits_of: Callable, labels, opts, dtype, device):
     logprobs = torch.empty(n_rows, dtype=dtype, device=device)
     entropy = torch.zeros(n_rows, dtype=dtype, device=device)
-    step = _chunk_rows(n_rows, vocab)
+    step = chunk_rows(n_rows, vocab)
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
         lp, ent = _chunk_logprobs(logits_of(rows), labels[rows], opts)
@@ -107,7 +107,7 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, labels = ctx.saved_tensors
         dtype = compute_dtype(logits.dtype)
         grad_logits = torch.empty_like(logits)
-        step = _chunk_rows(*logits.shape)
+        step = chunk_rows(*logits.shape)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
             grad_logits[rows] = _chunk_grad(
@@ -138,7 +138,7 @@ class _LinearLogprobs(torch.autograd.Function):
         # d weight and d bias accumulate over chunks in fp32 (fp64 for fp64 inputs).
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_bias else None
-        step = _chunk_rows(hidden.shape[0], weight.shape[0])
+        step = chunk_rows(hidden.shape[0], weight.shape[0])
         for start in range(0, hidden.shape[0], step):
             rows = slice(start, start + step)
             grad_z = _chunk_grad(
@@ -194,13 +194,18 @@ def linear_logprobs(
     return _finish(logprobs, entropy, batch_shape, return_entropy)
 
 
-def sequence_logprobs(hidden, weight, labels, mask, *, average=False, temperature=1.0, ignore_index=-100):
-    """Per-sequence sum (average=True: mean) of token log-probs over mask != 0 positions."""
+def sequence_logprobs(
+    hidden, weight, labels, mask, *, average=False, temperature=1.0, ignore_index=-100,
+    linear_logprobs=linear_logprobs,
+):
+    """Per-sequence sum (average=True: mean) of token log-probs over mask != 0 positions.
+
+    `linear_logprobs` is the implementation of the token log-probs (the reference's by
+    default; rlhf_kernels.functional passes the backend it resolved).
+    """
     keep = mask != 0
     masked_labels = torch.where(keep, labels, torch.full_like(labels, ignore_index))
-    logprobs = linear_logprobs(
-        hidden, weight, masked_labels, temperature=temperature, ignore_index=ignore_index
-    )
+    logprobs = linear_logprobs(hidden, weight, masked_labels, temperature=temperature, ignore_index=ignore_index)
     total = logprobs.sum(-1)
     if not average:
         return total
