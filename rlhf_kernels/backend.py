@@ -80,13 +80,17 @@ def _has_compiled(op: str, dispatch_key: str) -> bool:
     return bool(ops) and all(_extension.has_kernel(name, dispatch_key) for name in ops)
 
 
+# The rlhf_kernels.triton module a public op runs on, where it has one.
+TRITON_MODULES: dict[str, str] = {
+    "token_logprobs": "logprobs",
+    "linear_logprobs": "logprobs",
+    "sequence_logprobs": "logprobs",
+    "linear_dpo_loss": "logprobs",
+}
+
+
 def _has_triton(op: str) -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        return importlib.util.find_spec(f"rlhf_kernels.triton.{OP_FAMILY[op]}") is not None
-    except ModuleNotFoundError:  # no rlhf_kernels.triton package at all
-        return False
+    return op in TRITON_MODULES and importlib.util.find_spec("triton") is not None
 
 
 # Looked up once at import, as plain sets, so resolve() traces cleanly under

@@ -8,6 +8,7 @@ input dtype. Shapes: B sequences, T positions, V vocabulary, H hidden size.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -76,9 +77,10 @@ def token_logprobs(
     check.same_device(logits=logits, labels=labels)
     _logit_options(temperature, ignore_index, return_entropy, softcap, logit_scale)
     check.labels_in_range(labels, logits.shape[-1], ignore_index)
-    implementation = {"reference": reference.token_logprobs, "cpu": _logprobs_ops.token_logprobs}[
-        _backend.resolve("token_logprobs", logits.device, backend)
-    ]
+    resolved = _backend.resolve("token_logprobs", logits.device, backend)
+    implementation = (
+        reference.token_logprobs if resolved == "reference" else partial(_logprobs_ops.token_logprobs, kernel=resolved)
+    )
     return implementation(
         logits, labels, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, softcap=softcap, logit_scale=logit_scale,
@@ -125,9 +127,10 @@ def linear_logprobs(
     check.same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     _logit_options(temperature, ignore_index, return_entropy, softcap, logit_scale)
     check.labels_in_range(labels, weight.shape[0], ignore_index)
-    implementation = {"reference": reference.linear_logprobs, "cpu": _logprobs_ops.linear_logprobs}[
-        _backend.resolve("linear_logprobs", hidden.device, backend)
-    ]
+    resolved = _backend.resolve("linear_logprobs", hidden.device, backend)
+    implementation = (
+        reference.linear_logprobs if resolved == "reference" else partial(_logprobs_ops.linear_logprobs, kernel=resolved)
+    )
     return implementation(
         hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, softcap=softcap, logit_scale=logit_scale,

@@ -7,6 +7,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/oracle.py
 
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. It is
+# chosen when a kernel is decorated, so it must be set before rlhf_kernels.triton loads.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request, monkeypatch):

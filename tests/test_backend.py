@@ -51,8 +51,8 @@ def test_unavailable_backend_names_what_is_available(monkeypatch):
     with pytest.raises(ValueError, match=r"backend='cuda' cannot run gae on cpu tensors.*available: \("):
         rk.gae(torch.randn(1, 2), torch.randn(1, 2), backend="cuda")
     monkeypatch.setenv(backend.ENV_VAR, "triton")
-    with pytest.raises(ValueError, match="RLHF_KERNELS_BACKEND='triton' cannot run token_logprobs"):
-        rk.token_logprobs(torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="RLHF_KERNELS_BACKEND='triton' cannot run kl_penalty"):
+        rk.kl_penalty(torch.randn(2, 3), torch.randn(2, 3))
 
 
 def test_info_lists_every_op(capsys):

@@ -10,9 +10,14 @@ from rlhf_kernels.reference import logprobs as ref_logprobs
 needs_cpu_kernel = pytest.mark.skipif(
     "token_logprobs" not in backends.HAS_CPU, reason="rlhf_kernels._C not built"
 )
+needs_triton = pytest.mark.skipif("token_logprobs" not in backends.HAS_TRITON, reason="triton not installed")
+COMPILED = ("cpu", "triton")
 
 
-@pytest.fixture(autouse=True, params=["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+@pytest.fixture(
+    autouse=True,
+    params=["reference", pytest.param("cpu", marks=needs_cpu_kernel), pytest.param("triton", marks=needs_triton)],
+)
 def backend_name(request, monkeypatch, _fresh_seed):
     """Every test here runs on each backend of the logprobs family."""
     monkeypatch.setenv(backends.ENV_VAR, f"logprobs={request.param}")
@@ -193,23 +198,22 @@ def test_gradients_match_the_reference(backend_name, dtype):
     torch.testing.assert_close(got, logits.grad, atol=tol, rtol=tol)
 
 
-@needs_cpu_kernel
 @pytest.mark.parametrize("softcap", [None, 4.0])
 def test_opcheck(backend_name, softcap):
-    if backend_name != "cpu":
-        pytest.skip("the compiled ops")
+    if backend_name not in COMPILED:
+        pytest.skip("opcheck is for the compiled ops")
+    token_op = {"cpu": torch.ops.rlhf_kernels.token_logprobs, "triton": torch.ops.rlhf_kernels.token_logprobs_triton}
     logits, labels = torch.randn(5, 19, requires_grad=True), _labels((5,), 19)
-    torch.library.opcheck(torch.ops.rlhf_kernels.token_logprobs.default, (logits, labels, 0.9, softcap, 1.0, -100, True))
+    torch.library.opcheck(token_op[backend_name].default, (logits, labels, 0.9, softcap, 1.0, -100, True))
     hidden, weight, bias, labels = _linear_inputs(5, 3, 19, dtype=torch.float32)
     torch.library.opcheck(
         torch.ops.rlhf_kernels.linear_logprobs.default,
-        (hidden, weight, bias, labels, 0.9, softcap, 1.0, -100, True),
+        (hidden, weight, bias, labels, 0.9, softcap, 1.0, -100, True, backend_name),
     )
 
 
-@needs_cpu_kernel
 def test_torch_compile_fullgraph_forward_and_backward(backend_name):
-    if backend_name != "cpu":
+    if backend_name not in COMPILED:
         pytest.skip("the compiled ops")
     hidden, weight, bias, labels = _linear_inputs(6, 4, 21, dtype=torch.float32)
     logits = torch.randn(6, 21, requires_grad=True)

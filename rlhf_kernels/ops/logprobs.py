@@ -1,15 +1,19 @@
-"""torch.library layer of the log-prob ops on the C++ backends.
+"""torch.library layer of the log-prob ops on the compiled backends (cpu, triton).
 
-- ``rlhf_kernels::token_logprobs`` (C++, csrc/cpu/logprobs.cpp): fake kernel and
-  autograd here; the backward is the C++ ``token_logprobs_backward``.
-- ``rlhf_kernels::linear_logprobs`` (a Python custom op): hidden @ weight.T in token
-  chunks of at most reference.logprobs.CHUNK_ELEMENTS logits, each through the C++
-  kernel; its backward op recomputes every chunk, so the extra memory is one chunk.
-Both save only per-row statistics (lse, entropy) for the backward.
+- ``rlhf_kernels::token_logprobs`` (C++, csrc/cpu/logprobs.cpp) and
+  ``rlhf_kernels::token_logprobs_triton`` (a custom op around
+  rlhf_kernels/triton/logprobs.py): fakes and one shared autograd formula; each
+  backward is its backend's backward kernel.
+- ``rlhf_kernels::linear_logprobs`` (a custom op): hidden @ weight.T in token chunks
+  of at most reference.logprobs.CHUNK_ELEMENTS logits, each through the chosen
+  token kernel; its backward op recomputes every chunk, so the extra memory is one
+  chunk, and d weight / d bias accumulate in fp32.
+All of them save only per-row statistics (lse, entropy) for the backward.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -17,40 +21,110 @@ import torch
 from .. import _extension
 from ..reference.logprobs import chunk_rows, compute_dtype
 
-if _extension.LOADED:
 
-    @torch.library.register_fake("rlhf_kernels::token_logprobs")
-    def _token_logprobs_fake(logits, labels, temperature, softcap, logit_scale, ignore_index, return_entropy):
-        row = logits.new_empty(logits.shape[:1], dtype=compute_dtype(logits.dtype))
-        return row, torch.empty_like(row), torch.empty_like(row)
+def _row_stats_like(like: torch.Tensor, n_rows: int):
+    row = like.new_empty(n_rows, dtype=compute_dtype(like.dtype))
+    return row, torch.empty_like(row), torch.empty_like(row)
 
-    @torch.library.register_fake("rlhf_kernels::token_logprobs_backward")
-    def _token_logprobs_backward_fake(grad_logprobs, grad_entropy, logits, *args):
-        return torch.empty_like(logits)
 
-    def _token_setup_context(ctx, inputs, output):
+# ------------------------------------------------------------ token kernels --
+# Each backend's raw kernels: forward(logits [N, V], labels [N], temperature,
+# softcap, logit_scale, ignore_index, return_entropy) -> (logprobs, entropy, lse)
+# and backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy,
+# temperature, softcap, logit_scale, ignore_index) -> d logits.
+
+
+def _triton_kernels():
+    return importlib.import_module("rlhf_kernels.triton.logprobs")
+
+
+def _forward_kernel(kernel: str):
+    if kernel == "cpu":
+        return torch.ops.rlhf_kernels.token_logprobs
+    return _triton_kernels().token_logprobs_forward
+
+
+def _backward_kernel(kernel: str):
+    """The raw backward, for logits that are a temporary: Triton writes d logits into
+    them in place (no second [chunk, V] buffer)."""
+    if kernel == "cpu":
+        return torch.ops.rlhf_kernels.token_logprobs_backward
+    backward = _triton_kernels().token_logprobs_backward
+    return lambda grad_lp, grad_h, logits, *rest: backward(grad_lp, grad_h, logits, *rest, out=logits)
+
+
+@torch.library.custom_op("rlhf_kernels::token_logprobs_triton", mutates_args=())
+def _token_logprobs_triton(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, softcap: Optional[float],
+    logit_scale: float, ignore_index: int, return_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton_kernels().token_logprobs_forward(
+        logits, labels, temperature, softcap, logit_scale, ignore_index, return_entropy
+    )
+
+
+@_token_logprobs_triton.register_fake
+def _(logits, labels, *args):
+    return _row_stats_like(logits, logits.shape[0])
+
+
+@torch.library.custom_op("rlhf_kernels::token_logprobs_triton_backward", mutates_args=())
+def _token_logprobs_triton_backward(
+    grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor], logits: torch.Tensor,
+    labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
+    softcap: Optional[float], logit_scale: float, ignore_index: int,
+) -> torch.Tensor:
+    return _triton_kernels().token_logprobs_backward(
+        grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, softcap, logit_scale, ignore_index
+    )
+
+
+@_token_logprobs_triton_backward.register_fake
+def _(grad_logprobs, grad_entropy, logits, *args):
+    return torch.empty_like(logits)
+
+
+def _register_token_autograd(op_name: str, backward_op) -> None:
+    """d logits from the saved logits, labels, lse and entropy, through `backward_op`."""
+
+    def setup_context(ctx, inputs, output):
         logits, labels, temperature, softcap, logit_scale, ignore_index, _ = inputs
         _, entropy, lse = output
         ctx.save_for_backward(logits, labels, lse, entropy)
         ctx.options = (temperature, softcap, logit_scale, ignore_index)
 
-    def _token_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         logits, labels, lse, entropy = ctx.saved_tensors
-        grad_logits = torch.ops.rlhf_kernels.token_logprobs_backward(
+        grad_logits = backward_op(
             grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
             logits, labels, lse, entropy, *ctx.options,
         )
-        return grad_logits, None, None, None, None, None, None
+        return (grad_logits,) + (None,) * 6
 
-    torch.library.register_autograd(
-        "rlhf_kernels::token_logprobs", _token_backward, setup_context=_token_setup_context
-    )
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-def token_logprobs(logits, labels, *, temperature, ignore_index, return_entropy, softcap, logit_scale):
-    """Runs the compiled kernel of logits' device; shapes as functional.token_logprobs."""
+_register_token_autograd("rlhf_kernels::token_logprobs_triton", _token_logprobs_triton_backward)
+
+if _extension.LOADED:
+
+    @torch.library.register_fake("rlhf_kernels::token_logprobs")
+    def _token_logprobs_fake(logits, labels, *args):
+        return _row_stats_like(logits, logits.shape[0])
+
+    @torch.library.register_fake("rlhf_kernels::token_logprobs_backward")
+    def _token_logprobs_backward_fake(grad_logprobs, grad_entropy, logits, *args):
+        return torch.empty_like(logits)
+
+    _register_token_autograd("rlhf_kernels::token_logprobs", torch.ops.rlhf_kernels.token_logprobs_backward)
+
+_TOKEN_OPS = {"cpu": lambda: torch.ops.rlhf_kernels.token_logprobs, "triton": lambda: _token_logprobs_triton}
+
+
+def token_logprobs(logits, labels, *, temperature, ignore_index, return_entropy, softcap, logit_scale, kernel):
+    """Runs `kernel` ("cpu" or "triton"); shapes as functional.token_logprobs."""
     batch_shape = labels.shape
-    logprobs, entropy, _ = torch.ops.rlhf_kernels.token_logprobs(
+    logprobs, entropy, _ = _TOKEN_OPS[kernel]()(
         logits.reshape(-1, logits.shape[-1]).contiguous(), labels.reshape(-1).contiguous(),
         float(temperature), None if softcap is None else float(softcap), float(logit_scale),
         ignore_index, return_entropy,
@@ -67,50 +141,51 @@ def _chunk_logits(hidden, weight, bias, rows):
     return torch.nn.functional.linear(hidden[rows], weight, bias)
 
 
-@torch.library.custom_op("rlhf_kernels::linear_logprobs", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("rlhf_kernels::linear_logprobs", mutates_args=())
 def _linear_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     temperature: float, softcap: Optional[float], logit_scale: float, ignore_index: int, return_entropy: bool,
+    kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_rows = hidden.shape[0]
-    stats = [torch.empty(n_rows, dtype=compute_dtype(hidden.dtype)) for _ in range(3)]
+    forward = _forward_kernel(kernel)
+    stats = _row_stats_like(hidden, n_rows)
     step = chunk_rows(n_rows, weight.shape[0])
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
-        outputs = torch.ops.rlhf_kernels.token_logprobs(
+        outputs = forward(
             _chunk_logits(hidden, weight, bias, rows), labels[rows].contiguous(), temperature, softcap,
             logit_scale, ignore_index, return_entropy,
         )
         for stat, chunk in zip(stats, outputs):
             stat[rows] = chunk
-    return tuple(stats)
+    return stats
 
 
 @_linear_logprobs.register_fake
-def _(hidden, weight, bias, labels, temperature, softcap, logit_scale, ignore_index, return_entropy):
-    row = hidden.new_empty(hidden.shape[:1], dtype=compute_dtype(hidden.dtype))
-    return row, torch.empty_like(row), torch.empty_like(row)
+def _(hidden, *args):
+    return _row_stats_like(hidden, hidden.shape[0])
 
 
-@torch.library.custom_op("rlhf_kernels::linear_logprobs_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("rlhf_kernels::linear_logprobs_backward", mutates_args=())
 def _linear_logprobs_backward(
     grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor], hidden: torch.Tensor,
     weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, lse: torch.Tensor,
     entropy: torch.Tensor, temperature: float, softcap: Optional[float], logit_scale: float,
-    ignore_index: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+    ignore_index: int, kernel: str, need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d hidden, d weight, d bias); an unneeded one is an empty tensor. d weight and
-    d bias accumulate over chunks in fp32 (fp64 for fp64 inputs)."""
+    """(d hidden, d weight, d bias); an unneeded one is an empty tensor."""
     dtype = compute_dtype(hidden.dtype)
+    backward = _backward_kernel(kernel)
     # Unneeded gradients are fresh empty tensors: custom-op outputs may not alias.
     grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
-    grad_weight = torch.zeros(weight.shape, dtype=dtype) if need_weight else weight.new_empty(0, dtype=dtype)
-    grad_bias = torch.zeros(weight.shape[0], dtype=dtype) if need_bias else weight.new_empty(0, dtype=dtype)
+    grad_weight = torch.zeros_like(weight, dtype=dtype) if need_weight else weight.new_empty(0, dtype=dtype)
+    grad_bias = weight.new_zeros(weight.shape[0], dtype=dtype) if need_bias else weight.new_empty(0, dtype=dtype)
     step = chunk_rows(hidden.shape[0], weight.shape[0])
     for start in range(0, hidden.shape[0], step):
         rows = slice(start, start + step)
         # fp32 logits, so d logits (and with it d weight) is never rounded to bf16.
-        grad_z = torch.ops.rlhf_kernels.token_logprobs_backward(
+        grad_z = backward(
             grad_logprobs[rows].contiguous(), None if grad_entropy is None else grad_entropy[rows].contiguous(),
             _chunk_logits(hidden, weight, bias, rows).to(dtype), labels[rows].contiguous(),
             lse[rows].contiguous(), entropy[rows].contiguous(), temperature, softcap, logit_scale, ignore_index,
@@ -126,7 +201,7 @@ def _linear_logprobs_backward(
 
 @_linear_logprobs_backward.register_fake
 def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, softcap,
-      logit_scale, ignore_index, need_hidden, need_weight, need_bias):
+      logit_scale, ignore_index, kernel, need_hidden, need_weight, need_bias):
     def maybe(needed, like):
         return torch.empty_like(like) if needed else like.new_empty(0)
 
@@ -134,34 +209,32 @@ def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, t
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, softcap, logit_scale, ignore_index, _ = inputs
+    hidden, weight, bias, labels, temperature, softcap, logit_scale, ignore_index, _, kernel = inputs
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-    ctx.options = (temperature, softcap, logit_scale, ignore_index)
+    ctx.options = (temperature, softcap, logit_scale, ignore_index, kernel)
 
 
 def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    needed = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
     grads = _linear_logprobs_backward(
         grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
-        hidden, weight, bias, labels, lse, entropy, *ctx.options, need_hidden, need_weight,
-        need_bias and bias is not None,
+        hidden, weight, bias, labels, lse, entropy, *ctx.options, *needed,
     )
-    needed = (need_hidden, need_weight, need_bias and bias is not None)
-    return tuple(g if n else None for g, n in zip(grads, needed)) + (None,) * 6
+    return tuple(g if n else None for g, n in zip(grads, needed)) + (None,) * 7
 
 
 _linear_logprobs.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 def linear_logprobs(hidden, weight, labels, *, bias, temperature, ignore_index, return_entropy, softcap,
-                    logit_scale):
-    """Runs the chunked C++ path; shapes as functional.linear_logprobs."""
+                    logit_scale, kernel):
+    """Runs the chunked path on `kernel` ("cpu" or "triton"); shapes as functional.linear_logprobs."""
     batch_shape = labels.shape
     logprobs, entropy, _ = _linear_logprobs(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), float(temperature),
-        None if softcap is None else float(softcap), float(logit_scale), ignore_index, return_entropy,
+        None if softcap is None else float(softcap), float(logit_scale), ignore_index, return_entropy, kernel,
     )
     logprobs = logprobs.reshape(batch_shape)
     return (logprobs, entropy.reshape(batch_shape)) if return_entropy else logprobs
