@@ -230,3 +230,55 @@ def test_torch_compile_fullgraph_forward_and_backward(backend_name):
         x.grad = None
     torch.autograd.backward(step(*inputs))
     torch.testing.assert_close(got, [x.grad for x in inputs])
+
+
+@pytest.mark.parametrize("scale", [1e4, -1e4])
+def test_extreme_logits_stay_finite_and_non_positive(backend_name, scale):
+    logits = torch.randn(4, 33)
+    logits[:, 5] = scale  # one-hot-like rows, or one hugely negative logit
+    logits[1] = scale * torch.sign(torch.randn(33))
+    labels = torch.tensor([5, 0, 7, -100])
+    lp, h = rk.token_logprobs(logits.requires_grad_(True), labels, return_entropy=True)
+    assert torch.isfinite(lp).all() and torch.isfinite(h).all() and (lp <= 0).all() and (h >= -1e-6).all()
+    want_lp, want_h = _oracle(logits, labels)
+    # log-probs down to -2e4 are fp32 numbers with an ulp of 2e-3 there.
+    torch.testing.assert_close(lp.double(), want_lp, atol=2 * torch.finfo(torch.float32).eps * 2e4, rtol=1e-5)
+    (lp.sum() + h.sum()).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_vocabulary_of_one_and_hidden_of_one(backend_name):
+    lp, h = rk.token_logprobs(torch.randn(3, 1), torch.zeros(3, dtype=torch.long), return_entropy=True)
+    assert lp.abs().max() < 1e-6 and h.abs().max() < 1e-6  # p = 1
+    hidden, weight, b, labels = _linear_inputs(5, 1, 7)  # H = 1
+    lp = rk.linear_logprobs(hidden, weight, labels, bias=b)
+    want, _ = _oracle(torch.nn.functional.linear(hidden, weight, b), labels)
+    torch.testing.assert_close(lp, want)
+
+
+def test_all_labels_ignored(backend_name):
+    hidden, weight, b, _ = _linear_inputs(4, 3, 9)
+    lp, h = rk.linear_logprobs(hidden, weight, torch.full((4,), -100), bias=b, return_entropy=True)
+    (lp.sum() + h.sum()).backward()
+    assert lp.eq(0).all() and h.eq(0).all()
+    assert hidden.grad.eq(0).all() and weight.grad.eq(0).all() and b.grad.eq(0).all()
+
+
+def test_linear_path_extra_memory_is_one_chunk(backend_name, monkeypatch):
+    """Forward and backward of N = 4096 tokens over V = 2048 with 64-row chunks: the
+    peak of the tracked allocations stays far below one [N, V] fp32 buffer (32 MiB)."""
+    if backend_name == "triton":
+        pytest.skip("the interpreter is too slow for this size; the chunking is shared with cpu")
+    from torch.profiler import ProfilerActivity, profile
+
+    N, H, V = 4096, 32, 2048
+    monkeypatch.setattr(ref_logprobs, "CHUNK_ELEMENTS", 64 * V)  # 512 KiB fp32 per chunk
+    hidden = torch.randn(N, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    labels = torch.randint(0, V, (N,))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        lp, h = rk.linear_logprobs(hidden, weight, labels, return_entropy=True)
+        (lp.sum() + h.sum()).backward()
+    largest = max(event.cpu_memory_usage for event in prof.events())
+    # the biggest single allocation: d weight (V x H fp32, 256 KiB) or one chunk's buffers
+    assert largest <= 4 * 64 * V * 4, largest
