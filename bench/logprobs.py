@@ -1,0 +1,101 @@
+"""Benchmark cases of the logprobs family: token_logprobs from logits and
+linear_logprobs from hidden states, ours (every available backend) against the
+baselines that are importable.
+
+Rates use the useful work of the op, the same for every implementation:
+token_logprobs moves N*V logits once forward, three times forward+backward
+(read, re-read, write the gradient); linear_logprobs does 2NHV FLOPs forward and
+6NHV forward+backward (the logits, d hidden, d weight).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Iterator
+
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import backend
+
+SHAPES = {
+    # (N, V) for token_logprobs, (N, H, V) for linear_logprobs
+    ("cpu", True): {"token": [(1024, 32000)], "linear": [(512, 512, 32000)]},
+    ("cpu", False): {"token": [(4096, 32000), (1024, 128256)], "linear": [(2048, 1024, 32000)]},
+    ("cuda", True): {"token": [(8192, 128256)], "linear": [(8192, 4096, 128256)]},
+    ("cuda", False): {
+        "token": [(8192, 128256), (16384, 152064)],
+        "linear": [(8192, 4096, 128256), (16384, 3584, 152064)],
+    },
+}
+
+
+def _optional(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _naive_token(logits, labels):
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def _naive_linear(hidden, weight, labels):
+    return _naive_token(hidden @ weight.T, labels)
+
+
+def token_impls(device: str, quick: bool) -> dict[str, Callable]:
+    impls = {
+        f"ours:{name}": (lambda name: lambda x, y: rk.token_logprobs(x, y, backend=name))(name)
+        for name in backend.available("token_logprobs", device)
+    }
+    impls["naive log_softmax+gather"] = _naive_token
+    if not quick:
+        impls["torch.compile(naive)"] = torch.compile(_naive_token)
+    trl = _optional("trl.trainer.utils", "selective_log_softmax")
+    if trl is not None:
+        impls["trl selective_log_softmax"] = trl
+    return impls
+
+
+def linear_impls(device: str, quick: bool) -> dict[str, Callable]:
+    impls = {
+        f"ours:{name}": (lambda name: lambda h, w, y: rk.linear_logprobs(h, w, y, backend=name))(name)
+        for name in backend.available("linear_logprobs", device)
+    }
+    impls["naive matmul+log_softmax+gather"] = _naive_linear
+    if not quick:
+        impls["torch.compile(naive)"] = torch.compile(_naive_linear)
+    cce = _optional("cut_cross_entropy", "linear_cross_entropy")
+    if cce is not None and device == "cuda":
+        impls["cce linear_cross_entropy"] = lambda h, w, y: -cce(h, w, y, reduction="none")
+    liger = _optional("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")
+    if liger is not None and device == "cuda":
+        loss = liger(reduction="none")
+        impls["liger fused linear CE"] = lambda h, w, y: -loss(w, h, y)
+    return impls
+
+
+def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
+    """Each case: name, impls, make_inputs() -> (args, grad_args), rate per mode."""
+    shapes = SHAPES[(device, quick)]
+    bytes_per = torch.finfo(dtype).bits // 8
+    for N, V in shapes["token"]:
+        def make(N=N, V=V):
+            logits = torch.randn(N, V, device=device, dtype=dtype)
+            return (logits, torch.randint(0, V, (N,), device=device)), (0,)
+        yield dict(
+            name=f"token_logprobs N={N} V={V} {str(dtype)[6:]}", impls=token_impls(device, quick), make=make,
+            unit="GB/s", work={"forward": N * V * bytes_per / 1e9, "forward+backward": 3 * N * V * bytes_per / 1e9},
+        )
+    for N, H, V in shapes["linear"]:
+        def make(N=N, H=H, V=V):
+            hidden = torch.randn(N, H, device=device, dtype=dtype)
+            weight = torch.randn(V, H, device=device, dtype=dtype) / H**0.5
+            return (hidden, weight, torch.randint(0, V, (N,), device=device)), (0, 1)
+        yield dict(
+            name=f"linear_logprobs N={N} H={H} V={V} {str(dtype)[6:]}", impls=linear_impls(device, quick),
+            make=make, unit="TFLOP/s",
+            work={"forward": 2 * N * H * V / 1e12, "forward+backward": 6 * N * H * V / 1e12},
+        )
