@@ -1,20 +1,20 @@
 // CPU kernels for rlhf_kernels::token_logprobs and its backward: rows in
-// parallel; each row's transformed logits are staged once in a per-thread fp32
-// buffer of V floats, so the max, the sum of exponentials and sum(p z) run as
-// plain vectorisable loops over contiguous floats.
+// parallel; each row is staged once as fp32 (fp64 for fp64 logits) and the
+// transform, max, sum of exponentials and gradient run as vectorised row loops
+// (vector_math.h). Extra memory: one row buffer per thread.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../logprobs_checks.h"
-#include "../logprobs_transform.h"
+#include "vector_math.h"
 
 namespace rlhf_kernels {
 namespace {
@@ -22,21 +22,77 @@ namespace {
 // Rows per parallel task: a row is O(V) work, so a few rows amortise the task.
 constexpr int64_t kRowGrain = 4;
 
-template <typename acc_t>
-LogitTransform<acc_t> make_transform(double temperature, std::optional<double> softcap, double logit_scale) {
-  return {static_cast<acc_t>(logit_scale), static_cast<acc_t>(softcap.value_or(0.0)),
-          static_cast<acc_t>(1.0 / temperature)};
+struct TransformOptions {
+  double scale;
+  double softcap;  // <= 0: no cap
+  double inv_temperature;
+};
+
+// Row operations on a staged row: vectorised fp32 ones, and plain fp64 ones for
+// fp64 logits (gradcheck), with the same formulas.
+struct FloatRows {
+  using acc_t = float;
+  static void transform(float* z, int64_t n, const TransformOptions& o) {
+    vector_math::transform_row(z, n, o.scale, o.softcap, o.inv_temperature);
+  }
+  static float max(const float* z, int64_t n) { return vector_math::row_max(z, n); }
+  static void sum_exp(const float* z, int64_t n, float top, float& sum_exp, float& sum_exp_z) {
+    vector_math::row_sum_exp(z, n, top, sum_exp, sum_exp_z);
+  }
+  static float derivative(float z, const TransformOptions& o) {
+    return vector_math::transform_derivative(z, o.scale, o.softcap, o.inv_temperature);
+  }
+  static void grad(float* z, int64_t n, float lse, float g, float g_h, float mean_z, const TransformOptions& o) {
+    vector_math::row_grad(z, n, lse, g, g_h, mean_z, o.scale, o.softcap, o.inv_temperature);
+  }
+};
+
+struct DoubleRows {
+  using acc_t = double;
+  static void transform(double* z, int64_t n, const TransformOptions& o) {
+    for (int64_t v = 0; v < n; ++v) {
+      const double scaled = o.scale * z[v];
+      z[v] = (o.softcap > 0 ? o.softcap * std::tanh(scaled / o.softcap) : scaled) * o.inv_temperature;
+    }
+  }
+  static double max(const double* z, int64_t n) {
+    double top = -std::numeric_limits<double>::infinity();
+    for (int64_t v = 0; v < n; ++v) top = std::max(top, z[v]);
+    return top;
+  }
+  static void sum_exp(const double* z, int64_t n, double top, double& sum_exp, double& sum_exp_z) {
+    sum_exp = sum_exp_z = 0;
+    for (int64_t v = 0; v < n; ++v) {
+      const double e = std::exp(z[v] - top);
+      sum_exp += e;
+      sum_exp_z += e * z[v];
+    }
+  }
+  static double derivative(double z, const TransformOptions& o) {
+    if (o.softcap <= 0) return o.scale * o.inv_temperature;
+    const double t = z / (o.softcap * o.inv_temperature);
+    return o.scale * o.inv_temperature * (1 - t * t);
+  }
+  static void grad(double* z, int64_t n, double lse, double g, double g_h, double mean_z, const TransformOptions& o) {
+    for (int64_t v = 0; v < n; ++v) {
+      const double p = std::exp(z[v] - lse);
+      z[v] = (-g * p - g_h * p * (z[v] - mean_z)) * derivative(z[v], o);
+    }
+  }
+};
+
+template <typename scalar_t>
+using RowsFor = std::conditional_t<std::is_same_v<scalar_t, double>, DoubleRows, FloatRows>;
+
+// z = transform(x) for one row of V, in the compute dtype.
+template <typename Rows, typename scalar_t>
+void stage_row(const scalar_t* x, int64_t V, const TransformOptions& o, typename Rows::acc_t* z) {
+  for (int64_t v = 0; v < V; ++v) z[v] = static_cast<typename Rows::acc_t>(x[v]);
+  Rows::transform(z, V, o);
 }
 
-// z[v] = transform(x[v]) into `z`; returns max_v z[v].
-template <typename scalar_t, typename acc_t>
-acc_t stage_row(const scalar_t* x, int64_t V, const LogitTransform<acc_t>& transform, acc_t* z) {
-  acc_t top = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t v = 0; v < V; ++v) {
-    z[v] = transform(static_cast<acc_t>(x[v]));
-    top = std::max(top, z[v]);
-  }
-  return top;
+TransformOptions make_options(double temperature, std::optional<double> softcap, double logit_scale) {
+  return {logit_scale, softcap.value_or(0.0), 1.0 / temperature};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
@@ -45,15 +101,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
   check_token_logprobs_inputs(logits, labels, at::kCPU);
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
-  const auto out_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto options = logits.options().dtype(out_dtype);
+  const auto options = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor logprobs = at::empty({N}, options);
   at::Tensor entropy = at::empty({N}, options);
   at::Tensor lse = at::empty({N}, options);
+  const TransformOptions transform = make_options(temperature, softcap, logit_scale);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhf_kernels::token_logprobs (CPU)", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const auto transform = make_transform<acc_t>(temperature, softcap, logit_scale);
+    using Rows = RowsFor<scalar_t>;
+    using acc_t = typename Rows::acc_t;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     acc_t* lp_out = logprobs.mutable_data_ptr<acc_t>();
     acc_t* h_out = entropy.mutable_data_ptr<acc_t>();
@@ -63,16 +119,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
       at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> z(V);
         for (int64_t n = begin; n < end; ++n) {
-          const acc_t top = stage_row(x + n * V, V, transform, z.data());
-          acc_t sum_exp = 0, sum_exp_z = 0;
-          for (int64_t v = 0; v < V; ++v) {
-            const acc_t e = std::exp(z[v] - top);
-            sum_exp += e;
-            sum_exp_z += e * z[v];
-          }
+          stage_row<Rows>(x + n * V, V, transform, z.data());
+          const acc_t top = Rows::max(z.data(), V);
+          acc_t sum_exp, sum_exp_z;
+          Rows::sum_exp(z.data(), V, top, sum_exp, sum_exp_z);
           const acc_t log_normaliser = top + std::log(sum_exp);
-          lse_out[n] = log_normaliser;
           const bool valid = static_cast<int64_t>(y[n]) != ignore_index;
+          lse_out[n] = log_normaliser;
           // The label logit is the staged value itself: read exactly, never re-derived.
           lp_out[n] = valid ? z[y[n]] - log_normaliser : acc_t(0);
           h_out[n] = valid && return_entropy ? log_normaliser - sum_exp_z / sum_exp : acc_t(0);
@@ -83,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
   return {logprobs, entropy, lse};
 }
 
-// d x = (g_lp (onehot - p) - g_H p (z - sum p z)) * dz/dx, with sum p z = lse - H.
+// d x = (g_lp (onehot - p) - g_H p (z - sum p z)) dz/dx, with sum p z = lse - H.
 at::Tensor token_logprobs_backward_cpu(
     const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
@@ -94,10 +147,12 @@ at::Tensor token_logprobs_backward_cpu(
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
   at::Tensor grad_logits = at::empty_like(logits);
+  const TransformOptions transform = make_options(temperature, softcap, logit_scale);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhf_kernels::token_logprobs_backward (CPU)", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const auto transform = make_transform<acc_t>(temperature, softcap, logit_scale);
+    using Rows = RowsFor<scalar_t>;
+    using acc_t = typename Rows::acc_t;
+    constexpr bool stage_in_output = std::is_same_v<scalar_t, acc_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const acc_t* g_lp = grad_logprobs.const_data_ptr<acc_t>();
     const acc_t* g_h = grad_entropy.has_value() ? grad_entropy->const_data_ptr<acc_t>() : nullptr;
@@ -107,24 +162,21 @@ at::Tensor token_logprobs_backward_cpu(
     AT_DISPATCH_INDEX_TYPES(labels.scalar_type(), "token_logprobs_backward labels", [&] {
       const index_t* y = labels.const_data_ptr<index_t>();
       at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+        // fp32/fp64 logits are staged in their own gradient row: no extra buffer.
+        std::vector<acc_t> buffer(stage_in_output ? 0 : V);
         for (int64_t n = begin; n < end; ++n) {
-          const scalar_t* row = x + n * V;
           scalar_t* grad_row = dx + n * V;
-          const bool valid = static_cast<int64_t>(y[n]) != ignore_index;
-          if (!valid) {
+          if (static_cast<int64_t>(y[n]) == ignore_index) {
             std::fill(grad_row, grad_row + V, scalar_t(0));
             continue;
           }
-          const acc_t g = g_lp[n];
-          const acc_t gh = g_h == nullptr ? acc_t(0) : g_h[n];
-          const acc_t mean_z = row_lse[n] - row_h[n];
-          for (int64_t v = 0; v < V; ++v) {
-            const acc_t xv = static_cast<acc_t>(row[v]);
-            const acc_t z = transform(xv);
-            const acc_t p = std::exp(z - row_lse[n]);
-            acc_t dz = -g * p - gh * p * (z - mean_z);
-            if (v == static_cast<int64_t>(y[n])) dz += g;
-            grad_row[v] = static_cast<scalar_t>(dz * transform.derivative(xv));
+          acc_t* z = stage_in_output ? reinterpret_cast<acc_t*>(grad_row) : buffer.data();
+          stage_row<Rows>(x + n * V, V, transform, z);
+          const acc_t label_term = g_lp[n] * Rows::derivative(z[y[n]], transform);
+          Rows::grad(z, V, row_lse[n], g_lp[n], g_h == nullptr ? acc_t(0) : g_h[n], row_lse[n] - row_h[n], transform);
+          z[y[n]] += label_term;
+          if constexpr (!stage_in_output) {
+            for (int64_t v = 0; v < V; ++v) grad_row[v] = static_cast<scalar_t>(z[v]);
           }
         }
       });
