@@ -46,12 +46,11 @@ class Result:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    model = platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
             model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    except (OSError, StopIteration):  # not Linux, or no model line
+        model = platform.machine()
     return f"{model}, {torch.get_num_threads()} threads"
 
 
