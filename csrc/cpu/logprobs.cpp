@@ -32,11 +32,10 @@ struct TransformOptions {
 // fp64 logits (gradcheck), with the same formulas.
 struct FloatRows {
   using acc_t = float;
-  static void transform(float* z, int64_t n, const TransformOptions& o) {
-    vector_math::transform_row(z, n, o.scale, o.softcap, o.inv_temperature);
+  static float transform_max(float* z, int64_t n, const TransformOptions& o) {
+    return vector_math::transform_row_max(z, n, o.scale, o.softcap, o.inv_temperature);
   }
-  static float max(const float* z, int64_t n) { return vector_math::row_max(z, n); }
-  static void sum_exp(const float* z, int64_t n, float top, float& sum_exp, float& sum_exp_z) {
+  static void sum_exp(const float* z, int64_t n, float top, float& sum_exp, float* sum_exp_z) {
     vector_math::row_sum_exp(z, n, top, sum_exp, sum_exp_z);
   }
   static float derivative(float z, const TransformOptions& o) {
@@ -49,24 +48,24 @@ struct FloatRows {
 
 struct DoubleRows {
   using acc_t = double;
-  static void transform(double* z, int64_t n, const TransformOptions& o) {
+  static double transform_max(double* z, int64_t n, const TransformOptions& o) {
+    double top = -std::numeric_limits<double>::infinity();
     for (int64_t v = 0; v < n; ++v) {
       const double scaled = o.scale * z[v];
       z[v] = (o.softcap > 0 ? o.softcap * std::tanh(scaled / o.softcap) : scaled) * o.inv_temperature;
+      top = std::max(top, z[v]);
     }
-  }
-  static double max(const double* z, int64_t n) {
-    double top = -std::numeric_limits<double>::infinity();
-    for (int64_t v = 0; v < n; ++v) top = std::max(top, z[v]);
     return top;
   }
-  static void sum_exp(const double* z, int64_t n, double top, double& sum_exp, double& sum_exp_z) {
-    sum_exp = sum_exp_z = 0;
+  static void sum_exp(const double* z, int64_t n, double top, double& sum_exp, double* sum_exp_z) {
+    double total_e = 0, total_ez = 0;
     for (int64_t v = 0; v < n; ++v) {
       const double e = std::exp(z[v] - top);
-      sum_exp += e;
-      sum_exp_z += e * z[v];
+      total_e += e;
+      total_ez += e * z[v];
     }
+    sum_exp = total_e;
+    if (sum_exp_z != nullptr) *sum_exp_z = total_ez;
   }
   static double derivative(double z, const TransformOptions& o) {
     if (o.softcap <= 0) return o.scale * o.inv_temperature;
@@ -84,11 +83,11 @@ struct DoubleRows {
 template <typename scalar_t>
 using RowsFor = std::conditional_t<std::is_same_v<scalar_t, double>, DoubleRows, FloatRows>;
 
-// z = transform(x) for one row of V, in the compute dtype.
+// z = transform(x) for one row of V, in the compute dtype; returns max z.
 template <typename Rows, typename scalar_t>
-void stage_row(const scalar_t* x, int64_t V, const TransformOptions& o, typename Rows::acc_t* z) {
+typename Rows::acc_t stage_row(const scalar_t* x, int64_t V, const TransformOptions& o, typename Rows::acc_t* z) {
   for (int64_t v = 0; v < V; ++v) z[v] = static_cast<typename Rows::acc_t>(x[v]);
-  Rows::transform(z, V, o);
+  return Rows::transform_max(z, V, o);
 }
 
 TransformOptions make_options(double temperature, std::optional<double> softcap, double logit_scale) {
@@ -119,10 +118,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
       at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> z(V);
         for (int64_t n = begin; n < end; ++n) {
-          stage_row<Rows>(x + n * V, V, transform, z.data());
-          const acc_t top = Rows::max(z.data(), V);
-          acc_t sum_exp, sum_exp_z;
-          Rows::sum_exp(z.data(), V, top, sum_exp, sum_exp_z);
+          const acc_t top = stage_row<Rows>(x + n * V, V, transform, z.data());
+          acc_t sum_exp, sum_exp_z = 0;
+          Rows::sum_exp(z.data(), V, top, sum_exp, return_entropy ? &sum_exp_z : nullptr);
           const acc_t log_normaliser = top + std::log(sum_exp);
           const bool valid = static_cast<int64_t>(y[n]) != ignore_index;
           lse_out[n] = log_normaliser;
