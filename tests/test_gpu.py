@@ -1,0 +1,65 @@
+"""The compiled GPU backends on CUDA tensors against the reference (skipped without CUDA).
+
+The same kernels are checked on CPU tensors everywhere else (Triton's interpreter, the
+shared C++ scan); these tests are the ones the lent GPU machine runs.
+"""
+
+import pytest
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import backend
+
+pytestmark = pytest.mark.cuda
+
+
+def _labels(N, V):
+    labels = torch.randint(0, V, (N,), device="cuda")
+    labels[::7] = -100
+    return labels
+
+
+@pytest.mark.skipif("token_logprobs" not in backend.HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("V", [1, 4099, 32000])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_triton_token_logprobs(dtype, tol, V, softcap):
+    logits = (4 * torch.randn(67, V, device="cuda")).to(dtype).requires_grad_(True)
+    labels = _labels(67, V)
+    grads = torch.randn(67, device="cuda"), torch.randn(67, device="cuda")
+    outputs = {}
+    for name in ("triton", "reference"):
+        logits.grad = None
+        lp, h = rk.token_logprobs(logits, labels, return_entropy=True, temperature=0.9, softcap=softcap, backend=name)
+        torch.autograd.backward([lp, h], list(grads))
+        outputs[name] = (lp, h, logits.grad.clone())
+    for got, want in zip(outputs["triton"], outputs["reference"]):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif("linear_logprobs" not in backend.HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_triton_linear_logprobs(dtype, tol):
+    N, H, V = 300, 257, 5003  # H and V not multiples of any block
+    hidden = torch.randn(N, H, device="cuda", dtype=dtype, requires_grad=True)
+    weight = (torch.randn(V, H, device="cuda") / H**0.5).to(dtype).requires_grad_(True)
+    labels = _labels(N, V)
+    grads = torch.randn(N, device="cuda"), torch.randn(N, device="cuda")
+    outputs = {}
+    for name in ("triton", "reference"):
+        hidden.grad = weight.grad = None
+        lp, h = rk.linear_logprobs(hidden, weight, labels, return_entropy=True, backend=name)
+        torch.autograd.backward([lp, h], list(grads))
+        outputs[name] = (lp, h, hidden.grad.clone(), weight.grad.clone())
+    for got, want in zip(outputs["triton"], outputs["reference"]):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif("gae" not in backend.HAS_CUDA, reason="rlhf_kernels._C built without CUDA")
+@pytest.mark.parametrize("mode", ["ignore", "multiply", "carry"])
+def test_cuda_gae(mode):
+    rewards, values = torch.randn(300, 257, device="cuda"), torch.randn(300, 257, device="cuda")
+    mask = (torch.rand(300, 257, device="cuda") > 0.2).float()
+    got = rk.gae(rewards, values, mask, gamma=0.99, lam=0.95, mask_mode=mode, backend="cuda")
+    want = rk.gae(rewards, values, mask, gamma=0.99, lam=0.95, mask_mode=mode, backend="reference")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
