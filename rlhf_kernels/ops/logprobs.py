@@ -4,9 +4,10 @@
   ``rlhf_kernels::token_logprobs_triton`` (a custom op around
   rlhf_kernels/triton/logprobs.py): fakes and one shared autograd formula; each
   backward is its backend's backward kernel.
-- ``rlhf_kernels::linear_logprobs`` (a custom op): hidden @ weight.T in token chunks
-  of at most reference.logprobs.CHUNK_ELEMENTS logits, each through the chosen
-  token kernel; its backward op recomputes every chunk, so the extra memory is one
+- ``rlhf_kernels::linear_logprobs`` (a custom op): on triton one fused kernel that
+  never writes logits (float64 excepted); on cpu hidden @ weight.T in token chunks of
+  at most reference.logprobs.CHUNK_ELEMENTS logits, each through the token kernel.
+  Its backward op recomputes the logits chunk by chunk, so the extra memory is one
   chunk, and d weight / d bias accumulate in fp32.
 All of them save only per-row statistics (lse, entropy) for the backward.
 """
@@ -147,6 +148,13 @@ def _linear_logprobs(
     temperature: float, softcap: Optional[float], logit_scale: float, ignore_index: int, return_entropy: bool,
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if kernel == "triton" and hidden.dtype != torch.float64:
+        # One fused kernel, with or without autograd, so log-probs taken under no_grad
+        # (old policy, reference) equal the ones trained on, bit for bit.
+        return _triton_kernels().linear_logprobs_forward(
+            hidden.contiguous(), weight.contiguous(), bias, labels.contiguous(), temperature, softcap,
+            logit_scale, ignore_index, return_entropy,
+        )
     n_rows = hidden.shape[0]
     forward = _forward_kernel(kernel)
     stats = _row_stats_like(hidden, n_rows)

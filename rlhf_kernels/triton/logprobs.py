@@ -158,3 +158,93 @@ def token_logprobs_backward(
             BLOCK_V=block, **_options(temperature, softcap, logit_scale),
         )
     return grad
+
+
+@triton.jit
+def _linear_logprobs_forward_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
+    N, V, H, stride_hidden, stride_weight, scale, softcap, inv_temperature, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_ENTROPY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT_INPUTS: tl.constexpr, ROUND_LOGITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One program per BLOCK_N rows: logits tiles [BLOCK_N, BLOCK_V] = hidden @ weight^T
+    accumulated in fp32 over H, consumed at once by the online max / sum-exp / sum(e z)
+    and the label pick; no logits ever reach memory."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    top = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    sum_exp = tl.zeros([BLOCK_N], tl.float32)
+    sum_exp_z = tl.zeros([BLOCK_N], tl.float32)
+    label_z = tl.zeros([BLOCK_N], tl.float32)
+    hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hidden
+    for v_start in range(0, V, BLOCK_V):
+        cols = v_start + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        weight_rows = weight_ptr + cols.to(tl.int64)[:, None] * stride_weight
+        logits = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for h_start in range(0, H, BLOCK_H):
+            hs = h_start + tl.arange(0, BLOCK_H)
+            h_ok = hs < H
+            a = tl.load(hidden_rows + hs[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+            b = tl.load(weight_rows + hs[None, :], mask=col_ok[:, None] & h_ok[None, :], other=0.0)
+            if UPCAST_DOT_INPUTS:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            logits = tl.dot(a, tl.trans(b), logits, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            logits += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if ROUND_LOGITS:
+            # The unfused model's logits are hidden @ weight^T rounded to the input dtype;
+            # so are the reference's and the backward's recomputed ones.
+            logits = logits.to(hidden_ptr.dtype.element_ty).to(tl.float32)
+        z = tl.where(col_ok[None, :], _transform(logits, scale, softcap, inv_temperature, HAS_SOFTCAP), float("-inf"))
+        new_top = tl.maximum(top, tl.max(z, 1))
+        rescale = tl.exp(top - new_top)
+        e = tl.exp(z - new_top[:, None])
+        sum_exp = sum_exp * rescale + tl.sum(e, 1)
+        if RETURN_ENTROPY:
+            sum_exp_z = sum_exp_z * rescale + tl.sum(e * tl.where(col_ok[None, :], z, 0.0), 1)
+        top = new_top
+        # The label's logit is the tile's own fp32 value, the one the sums used.
+        label_z += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
+    lse = top + tl.log(sum_exp)
+    valid = labels != ignore_index
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(logprobs_ptr + rows, tl.where(valid, label_z - lse, 0.0), mask=row_ok)
+    entropy = tl.where(valid, lse - sum_exp_z / sum_exp, 0.0) if RETURN_ENTROPY else tl.zeros([BLOCK_N], tl.float32)
+    tl.store(entropy_ptr + rows, entropy, mask=row_ok)
+
+
+def _linear_blocks(device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H). The interpreter (CPU tensors) runs the smallest
+    tl.dot tiles, 16, to stay fast; on a GPU 64 x 128 tiles over 64-wide slices of H
+    (the usual Hopper/Ampere matmul tile; not yet tuned on a GPU)."""
+    return (16, 32, 16) if device.type == "cpu" else (64, 128, 64)
+
+
+def linear_logprobs_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+    temperature: float, softcap: Optional[float], logit_scale: float, ignore_index: int, return_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward: hidden [N, H] (rows contiguous), weight [V, H] (rows contiguous),
+    bias [V] or None, labels [N] -> (logprobs, entropy, lse), each [N] float32; never
+    materialises a logits tensor. fp16/bf16/fp32 inputs (fp32 dots in IEEE precision,
+    not TF32: correctness first); 16-bit logits are rounded to the input dtype, as the
+    unfused model's are, before the fp32 epilogue."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    logprobs, entropy, lse = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    block_n, block_v, block_h = _linear_blocks(hidden.device)
+    if N:
+        _linear_logprobs_forward_kernel[(triton.cdiv(N, block_n),)](
+            hidden, weight, bias if bias is not None else weight, labels, logprobs, entropy, lse,
+            N, V, H, hidden.stride(0), weight.stride(0), ignore_index=ignore_index, HAS_BIAS=bias is not None,
+            RETURN_ENTROPY=return_entropy, DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+            # Triton's interpreter (CPU tensors) multiplies bf16 tiles wrongly (3.9: errors
+            # of 1e10 on a 16 x 16 tile); upcast there, feed the tensor cores bf16 on a GPU.
+            UPCAST_DOT_INPUTS=hidden.device.type == "cpu", ROUND_LOGITS=hidden.dtype != torch.float32,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, **_options(temperature, softcap, logit_scale),
+        )
+    return logprobs, entropy, lse
