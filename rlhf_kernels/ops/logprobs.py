@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .. import _extension
-from ..reference.logprobs import chunk_rows, compute_dtype
+from ..reference.logprobs import backprop_linear_chunk, chunk_rows, compute_dtype
 
 
 def _row_stats_like(like: torch.Tensor, n_rows: int):
@@ -198,12 +198,10 @@ def _linear_logprobs_backward(
             _chunk_logits(hidden, weight, bias, rows).to(dtype), labels[rows].contiguous(),
             lse[rows].contiguous(), entropy[rows].contiguous(), temperature, softcap, logit_scale, ignore_index,
         )
-        if need_hidden:
-            grad_hidden[rows] = grad_z.to(weight.dtype) @ weight
-        if need_weight:
-            grad_weight.addmm_(grad_z.t(), hidden[rows].to(dtype))
-        if need_bias:
-            grad_bias += grad_z.sum(0)
+        backprop_linear_chunk(
+            grad_z, hidden, weight, rows, grad_hidden if need_hidden else None,
+            grad_weight if need_weight else None, grad_bias if need_bias else None,
+        )
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 

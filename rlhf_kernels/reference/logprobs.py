@@ -145,12 +145,7 @@ class _LinearLogprobs(torch.autograd.Function):
                 _linear(hidden[rows], weight, bias).to(dtype), labels[rows], grad_logprobs[rows],
                 None if grad_entropy is None else grad_entropy[rows], ctx.opts,
             )
-            if need_hidden:
-                grad_hidden[rows] = grad_z.to(weight.dtype) @ weight
-            if need_weight:
-                grad_weight.addmm_(grad_z.t(), hidden[rows].to(dtype))
-            if need_bias:
-                grad_bias += grad_z.sum(0)
+            backprop_linear_chunk(grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias)
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -158,6 +153,18 @@ class _LinearLogprobs(torch.autograd.Function):
             None,
             None,
         )
+
+
+def backprop_linear_chunk(grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias) -> None:
+    """Chain rule of logits = hidden @ weight^T + bias for the chunk `rows`, given its
+    d logits grad_z (fp32): d hidden[rows] = dz W, d weight += dz^T h, d bias += sum dz.
+    A gradient passed as None is not needed; d weight and d bias are fp32 accumulators."""
+    if grad_hidden is not None:
+        grad_hidden[rows] = grad_z.to(weight.dtype) @ weight
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_z.t(), hidden[rows].to(grad_weight.dtype))
+    if grad_bias is not None:
+        grad_bias += grad_z.sum(0)
 
 
 def _linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
