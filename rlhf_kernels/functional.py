@@ -52,7 +52,7 @@ def _check_token_grid(mask: Optional[Tensor], **tensors: Tensor) -> None:
 def token_logprobs(
     logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
     return_entropy: bool = False, softcap: Optional[float] = None, logit_scale: float = 1.0,
-    backend: Optional[str] = None,
+    inplace_backward: bool = False, backend: Optional[str] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Per-token log p(label) (and entropy) under softmax(z), never a [..., V] fp32 copy at once.
 
@@ -64,6 +64,10 @@ def token_logprobs(
         logits: [..., V] float16/bfloat16/float32/float64.
         labels: [...] int32/int64 in [0, V) or == ignore_index (those positions give 0
             and zero gradient, for entropy too).
+        inplace_backward: opt-in; the backward writes d logits over the logits tensor
+            (no second [..., V] buffer: half the backward's memory at V = 128k). The
+            logits are garbage afterwards; meant for logits a model produced (not a
+            leaf you keep), contiguous (otherwise a copy is what gets overwritten).
     Returns:
         logprobs [...] float32 (float64 for float64 logits), and entropy [...] when
         return_entropy. Differentiable w.r.t. logits (gradient in the logits dtype).
@@ -76,6 +80,8 @@ def token_logprobs(
     check.shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
     check.same_device(logits=logits, labels=labels)
     _logit_options(temperature, ignore_index, return_entropy, softcap, logit_scale)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     check.labels_in_range(labels, logits.shape[-1], ignore_index)
     resolved = _backend.resolve("token_logprobs", logits.device, backend)
     implementation = (
@@ -83,7 +89,7 @@ def token_logprobs(
     )
     return implementation(
         logits, labels, temperature=temperature, ignore_index=ignore_index,
-        return_entropy=return_entropy, softcap=softcap, logit_scale=logit_scale,
+        return_entropy=return_entropy, softcap=softcap, logit_scale=logit_scale, inplace_backward=inplace_backward,
     )
 
 

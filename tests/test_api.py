@@ -8,7 +8,8 @@ import rlhf_kernels as rk
 # (backend=None last everywhere).
 CONTRACT = {
     "token_logprobs": (["logits", "labels"], dict(
-        temperature=1.0, ignore_index=-100, return_entropy=False, softcap=None, logit_scale=1.0)),
+        temperature=1.0, ignore_index=-100, return_entropy=False, softcap=None, logit_scale=1.0,
+        inplace_backward=False)),  # inplace_backward: the log-prob kernels issue's opt-in
     "linear_logprobs": (["hidden", "weight", "labels"], dict(
         bias=None, temperature=1.0, ignore_index=-100, return_entropy=False, softcap=None, logit_scale=1.0)),
     "kl_penalty": (["logprobs", "ref_logprobs"], dict(estimator="k1", clamp=None)),

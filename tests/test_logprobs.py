@@ -215,7 +215,15 @@ def test_opcheck(backend_name, softcap):
         pytest.skip("opcheck is for the compiled ops")
     token_op = {"cpu": torch.ops.rlhf_kernels.token_logprobs, "triton": torch.ops.rlhf_kernels.token_logprobs_triton}
     logits, labels = torch.randn(5, 19, requires_grad=True), _labels((5,), 19)
-    torch.library.opcheck(token_op[backend_name].default, (logits, labels, 0.9, softcap, 1.0, -100, True))
+    for inplace in (False, True):
+        torch.library.opcheck(token_op[backend_name].default, (logits, labels, 0.9, softcap, 1.0, -100, True, inplace))
+    inplace_op = {"cpu": torch.ops.rlhf_kernels.token_logprobs_backward_,
+                  "triton": torch.ops.rlhf_kernels.token_logprobs_triton_backward_}[backend_name]
+    _, entropy, lse = token_op[backend_name](logits.detach(), labels, 0.9, softcap, 1.0, -100, True, False)
+    torch.library.opcheck(
+        inplace_op.default,
+        (logits.detach().clone(), torch.randn(5), torch.randn(5), labels, lse, entropy, 0.9, softcap, 1.0, -100),
+    )
     hidden, weight, bias, labels = _linear_inputs(5, 3, 19, dtype=torch.float32)
     torch.library.opcheck(
         torch.ops.rlhf_kernels.linear_logprobs.default,
@@ -328,3 +336,32 @@ def test_linear_logprobs_no_grad_equals_grad_bit_for_bit(backend_name, dtype):
         old = rk.linear_logprobs(hidden, weight, labels)
     new = rk.linear_logprobs(hidden.requires_grad_(True), weight, labels)
     assert torch.equal(old, new.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_gives_the_same_gradient_in_the_logits_memory(backend_name, dtype):
+    base = (3 * torch.randn(6, 41)).to(dtype).requires_grad_(True)
+    labels = _labels((6,), 41)
+    grads = torch.randn(6), torch.randn(6)
+    results = []
+    for inplace in (False, True):
+        base.grad = None
+        logits = base * 1  # a model's output: a non-leaf the caller does not keep
+        lp, h = rk.token_logprobs(logits, labels, return_entropy=True, softcap=6.0, inplace_backward=inplace)
+        torch.autograd.backward([lp, h], list(grads))
+        results.append((lp.detach(), base.grad.clone(), logits.detach().clone()))
+    (lp_a, grad_a, logits_a), (lp_b, grad_b, logits_b) = results
+    assert torch.equal(lp_a, lp_b)
+    torch.testing.assert_close(grad_a, grad_b, atol=0, rtol=0)
+    assert torch.equal(logits_b, grad_b)  # the gradient was written over the logits
+    assert not torch.equal(logits_a, grad_a)
+
+
+def test_inplace_backward_refuses_logits_another_node_still_needs(backend_name):
+    """Autograd's version check turns a clash into an error, never a wrong gradient."""
+    logits = torch.randn(4, 9, requires_grad=True) * 1
+    labels = _labels((4,), 9)
+    squares = (logits * logits).sum()  # mul saves `logits` for its own backward...
+    lp = rk.token_logprobs(logits, labels, inplace_backward=True)  # ...which runs after this one's
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (lp.sum() + squares).backward()

@@ -96,7 +96,8 @@ TransformOptions make_options(double temperature, std::optional<double> softcap,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
     const at::Tensor& logits, const at::Tensor& labels, double temperature,
-    std::optional<double> softcap, double logit_scale, int64_t ignore_index, bool return_entropy) {
+    std::optional<double> softcap, double logit_scale, int64_t ignore_index, bool return_entropy,
+    bool /*inplace_backward: read by the autograd formula only*/) {
   check_token_logprobs_inputs(logits, labels, at::kCPU);
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
@@ -134,17 +135,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
   return {logprobs, entropy, lse};
 }
 
-// d x = (g_lp (onehot - p) - g_H p (z - sum p z)) dz/dx, with sum p z = lse - H.
-at::Tensor token_logprobs_backward_cpu(
-    const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
-    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-    const at::Tensor& entropy, double temperature, std::optional<double> softcap,
-    double logit_scale, int64_t ignore_index) {
+// d x = (g_lp (onehot - p) - g_H p (z - sum p z)) dz/dx, with sum p z = lse - H,
+// written into grad_logits, which may be logits itself: each row is read whole
+// (staged) before any of it is written.
+void token_logprobs_backward_into(
+    at::Tensor& grad_logits, const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
+    double temperature, std::optional<double> softcap, double logit_scale, int64_t ignore_index) {
   check_token_logprobs_inputs(logits, labels, at::kCPU);
   check_token_logprobs_row_stats(logits, {grad_logprobs, lse, entropy}, grad_entropy);
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
-  at::Tensor grad_logits = at::empty_like(logits);
   const TransformOptions transform = make_options(temperature, softcap, logit_scale);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "rlhf_kernels::token_logprobs_backward (CPU)", [&] {
@@ -180,7 +181,25 @@ at::Tensor token_logprobs_backward_cpu(
       });
     });
   });
+}
+
+at::Tensor token_logprobs_backward_cpu(
+    const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+    const at::Tensor& entropy, double temperature, std::optional<double> softcap,
+    double logit_scale, int64_t ignore_index) {
+  at::Tensor grad_logits = at::empty_like(logits);
+  token_logprobs_backward_into(grad_logits, grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature,
+                               softcap, logit_scale, ignore_index);
   return grad_logits;
+}
+
+void token_logprobs_backward_inplace_cpu(
+    at::Tensor& logits, const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy, double temperature,
+    std::optional<double> softcap, double logit_scale, int64_t ignore_index) {
+  token_logprobs_backward_into(logits, grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature,
+                               softcap, logit_scale, ignore_index);
 }
 
 }  // namespace
@@ -188,6 +207,7 @@ at::Tensor token_logprobs_backward_cpu(
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("token_logprobs", &token_logprobs_cpu);
   m.impl("token_logprobs_backward", &token_logprobs_backward_cpu);
+  m.impl("token_logprobs_backward_", &token_logprobs_backward_inplace_cpu);
 }
 
 }  // namespace rlhf_kernels

@@ -41,23 +41,31 @@ def _triton_kernels():
 
 def _forward_kernel(kernel: str):
     if kernel == "cpu":
-        return torch.ops.rlhf_kernels.token_logprobs
+        return lambda *args: torch.ops.rlhf_kernels.token_logprobs(*args, False)
     return _triton_kernels().token_logprobs_forward
 
 
 def _backward_kernel(kernel: str):
-    """The raw backward, for logits that are a temporary: Triton writes d logits into
-    them in place (no second [chunk, V] buffer)."""
-    if kernel == "cpu":
-        return torch.ops.rlhf_kernels.token_logprobs_backward
-    backward = _triton_kernels().token_logprobs_backward
-    return lambda grad_lp, grad_h, logits, *rest: backward(grad_lp, grad_h, logits, *rest, out=logits)
+    """The raw backward, for logits that are a temporary: d logits is written over them
+    (no second [chunk, V] buffer) and returned."""
+
+    def backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, *options):
+        if kernel == "cpu":
+            torch.ops.rlhf_kernels.token_logprobs_backward_(
+                logits, grad_logprobs, grad_entropy, labels, lse, entropy, *options
+            )
+            return logits
+        return _triton_kernels().token_logprobs_backward(
+            grad_logprobs, grad_entropy, logits, labels, lse, entropy, *options, out=logits
+        )
+
+    return backward
 
 
 @torch.library.custom_op("rlhf_kernels::token_logprobs_triton", mutates_args=())
 def _token_logprobs_triton(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float, softcap: Optional[float],
-    logit_scale: float, ignore_index: int, return_entropy: bool,
+    logit_scale: float, ignore_index: int, return_entropy: bool, inplace_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _triton_kernels().token_logprobs_forward(
         logits, labels, temperature, softcap, logit_scale, ignore_index, return_entropy
@@ -85,27 +93,50 @@ def _(grad_logprobs, grad_entropy, logits, *args):
     return torch.empty_like(logits)
 
 
-def _register_token_autograd(op_name: str, backward_op) -> None:
-    """d logits from the saved logits, labels, lse and entropy, through `backward_op`."""
+@torch.library.custom_op("rlhf_kernels::token_logprobs_triton_backward_", mutates_args=("logits",))
+def _token_logprobs_triton_backward_inplace(
+    logits: torch.Tensor, grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor],
+    labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
+    softcap: Optional[float], logit_scale: float, ignore_index: int,
+) -> None:
+    _triton_kernels().token_logprobs_backward(
+        grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, softcap, logit_scale,
+        ignore_index, out=logits,
+    )
+
+
+def _register_token_autograd(op_name: str, backward_op, inplace_backward_op) -> None:
+    """d logits from the saved logits, labels, lse and entropy, through `backward_op`,
+    or, for inplace_backward=True, written over the logits by `inplace_backward_op`
+    (a mutating op, so autograd's version check catches any other use of them)."""
 
     def setup_context(ctx, inputs, output):
-        logits, labels, temperature, softcap, logit_scale, ignore_index, _ = inputs
+        logits, labels, temperature, softcap, logit_scale, ignore_index, _, inplace = inputs
         _, entropy, lse = output
         ctx.save_for_backward(logits, labels, lse, entropy)
         ctx.options = (temperature, softcap, logit_scale, ignore_index)
+        ctx.inplace = inplace
 
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         logits, labels, lse, entropy = ctx.saved_tensors
-        grad_logits = backward_op(
-            grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
-            logits, labels, lse, entropy, *ctx.options,
-        )
-        return (grad_logits,) + (None,) * 6
+        grad_logprobs = grad_logprobs.contiguous()
+        grad_entropy = None if grad_entropy is None else grad_entropy.contiguous()
+        if ctx.inplace:
+            inplace_backward_op(logits, grad_logprobs, grad_entropy, labels, lse, entropy, *ctx.options)
+            # A C++ (a!) op called here does not bump the version counter by itself; the
+            # bump is what makes autograd refuse logits that another node saved.
+            torch.autograd.graph.increment_version(logits)
+            grad_logits = logits
+        else:
+            grad_logits = backward_op(grad_logprobs, grad_entropy, logits, labels, lse, entropy, *ctx.options)
+        return (grad_logits,) + (None,) * 7
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
-_register_token_autograd("rlhf_kernels::token_logprobs_triton", _token_logprobs_triton_backward)
+_register_token_autograd(
+    "rlhf_kernels::token_logprobs_triton", _token_logprobs_triton_backward, _token_logprobs_triton_backward_inplace
+)
 
 if _extension.LOADED:
 
@@ -117,18 +148,27 @@ if _extension.LOADED:
     def _token_logprobs_backward_fake(grad_logprobs, grad_entropy, logits, *args):
         return torch.empty_like(logits)
 
-    _register_token_autograd("rlhf_kernels::token_logprobs", torch.ops.rlhf_kernels.token_logprobs_backward)
+    @torch.library.register_fake("rlhf_kernels::token_logprobs_backward_")
+    def _token_logprobs_backward_inplace_fake(logits, *args):
+        return None
+
+    _register_token_autograd(
+        "rlhf_kernels::token_logprobs", torch.ops.rlhf_kernels.token_logprobs_backward,
+        torch.ops.rlhf_kernels.token_logprobs_backward_,
+    )
 
 _TOKEN_OPS = {"cpu": lambda: torch.ops.rlhf_kernels.token_logprobs, "triton": lambda: _token_logprobs_triton}
 
 
-def token_logprobs(logits, labels, *, temperature, ignore_index, return_entropy, softcap, logit_scale, kernel):
+def token_logprobs(
+    logits, labels, *, temperature, ignore_index, return_entropy, softcap, logit_scale, inplace_backward, kernel
+):
     """Runs `kernel` ("cpu" or "triton"); shapes as functional.token_logprobs."""
     batch_shape = labels.shape
     logprobs, entropy, _ = _TOKEN_OPS[kernel]()(
         logits.reshape(-1, logits.shape[-1]).contiguous(), labels.reshape(-1).contiguous(),
         float(temperature), None if softcap is None else float(softcap), float(logit_scale),
-        ignore_index, return_entropy,
+        ignore_index, return_entropy, inplace_backward,
     )
     logprobs = logprobs.reshape(batch_shape)
     return (logprobs, entropy.reshape(batch_shape)) if return_entropy else logprobs

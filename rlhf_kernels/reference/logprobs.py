@@ -92,11 +92,12 @@ def _forward_chunks(n_rows: int, vocab: int, logits_of: Callable, labels, opts, 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, opts: LogitTransform):
+    def forward(ctx, logits, labels, opts: LogitTransform, inplace_backward: bool):
         dtype = compute_dtype(logits.dtype)
         n_rows, vocab = logits.shape
         ctx.save_for_backward(logits, labels)
         ctx.opts = opts
+        ctx.inplace_backward = inplace_backward
         ctx.mark_non_differentiable(labels)
         return _forward_chunks(
             n_rows, vocab, lambda rows: logits[rows].to(dtype), labels, opts, dtype, logits.device
@@ -106,7 +107,8 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         logits, labels = ctx.saved_tensors
         dtype = compute_dtype(logits.dtype)
-        grad_logits = torch.empty_like(logits)
+        # In place: each chunk is read (into its own fp32 copy) before it is overwritten.
+        grad_logits = logits if ctx.inplace_backward else torch.empty_like(logits)
         step = chunk_rows(*logits.shape)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
@@ -114,7 +116,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 logits[rows].to(dtype), labels[rows], grad_logprobs[rows],
                 None if grad_entropy is None else grad_entropy[rows], ctx.opts,
             )
-        return grad_logits, None, None
+        return grad_logits, None, None, None
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -179,12 +181,12 @@ def _finish(logprobs, entropy, batch_shape, return_entropy):
 
 def token_logprobs(
     logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
-    softcap=None, logit_scale=1.0,
+    softcap=None, logit_scale=1.0, inplace_backward=False,
 ):
     opts = LogitTransform(temperature, softcap, logit_scale, ignore_index, return_entropy)
     batch_shape = labels.shape
     logprobs, entropy = _TokenLogprobs.apply(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), opts
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), opts, inplace_backward
     )
     return _finish(logprobs, entropy, batch_shape, return_entropy)
 
