@@ -18,6 +18,8 @@ import torch
 import rlhf_kernels as rk
 from rlhf_kernels import backend
 
+# Models run in bf16 on GPUs; the CPU measures fp32, what CPU users run.
+DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 SHAPES = {
     # (N, V) for token_logprobs, (N, H, V) for linear_logprobs
     ("cpu", True): {"token": [(1024, 32000)], "linear": [(512, 512, 32000)]},

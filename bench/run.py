@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 
-FAMILIES = ("logprobs",)
+FAMILIES = ("logprobs", "gae")
+MODES = ("forward", "forward+backward")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -49,12 +50,12 @@ def measure(family: str, device: str, quick: bool, dtype: torch.dtype) -> list[h
     results = []
     repeats = 3 if quick else 7
     all_cases = list(module.cases(device, quick, dtype))
-    total = sum(len(case["impls"]) * 2 for case in all_cases)
+    total = sum(len(case["impls"]) * len(case.get("modes", MODES)) for case in all_cases)
     step = 0
     for case in all_cases:
         args, grad_positions = case["make"]()
         for impl, fn in case["impls"].items():
-            for mode in ("forward", "forward+backward"):
+            for mode in case.get("modes", MODES):
                 step += 1
                 print(f"[{step}/{total}] {case['name']} | {impl} | {mode} ...", end=" ", file=sys.stderr, flush=True)
                 run = _runner(fn, args, grad_positions, mode)
@@ -117,9 +118,9 @@ def main() -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="one small shape per op, fewer repeats")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="default: bfloat16 on cuda, float32 on cpu")
+                        help="default: the family's DEFAULT_DTYPE for the device")
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    dtype = getattr(torch, args.dtype) if args.dtype else importlib.import_module(args.family).DEFAULT_DTYPE[args.device]
     results = measure(args.family, args.device, args.quick, dtype)
     stem = f"{args.family}-{args.device}-{str(dtype)[6:]}" + ("-quick" if args.quick else "")
     for path in write(results, stem):

@@ -1,0 +1,82 @@
+"""Benchmark cases of the gae family: GAE as one reverse scan (ours, every available
+backend) against the Python loops over T that TRL, OpenRLHF and verl run.
+
+Rate: GB/s of the useful traffic, read rewards, values, mask and write advantages and
+returns, 5 B T floats, the same for every implementation. Forward only: GAE is
+rollout data, not differentiated.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import backend
+
+# Rewards and values are fp32 in every framework.
+DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.float32}
+SHAPES = {
+    ("cpu", True): [(64, 1024)],
+    ("cpu", False): [(64, 1024), (256, 4096), (512, 16384)],
+    ("cuda", True): [(256, 8192)],
+    ("cuda", False): [(64, 1024), (256, 8192), (512, 16384)],
+}
+GAMMA, LAM = 1.0, 0.95
+
+
+def trl_loop(rewards, values, mask):
+    """TRL's PPO trainer: every position, mask unused."""
+    last_gae = 0
+    advantages_reversed = []
+    T = rewards.shape[-1]
+    for t in reversed(range(T)):
+        next_values = values[:, t + 1] if t < T - 1 else 0.0
+        delta = rewards[:, t] + GAMMA * next_values - values[:, t]
+        last_gae = delta + GAMMA * LAM * last_gae
+        advantages_reversed.append(last_gae)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def openrlhf_loop(rewards, values, mask):
+    """OpenRLHF's get_advantages_and_returns: rewards and values multiplied by the mask."""
+    values, rewards = values * mask, rewards * mask
+    return trl_loop(rewards, values, mask)
+
+
+def verl_loop(rewards, values, mask):
+    """verl's compute_gae_advantage_return: mask-0 positions carry the next value and advantage."""
+    next_values = 0
+    last_gae = 0
+    advantages_reversed = []
+    for t in reversed(range(rewards.shape[-1])):
+        delta = rewards[:, t] + GAMMA * next_values - values[:, t]
+        last_gae_ = delta + GAMMA * LAM * last_gae
+        next_values = values[:, t] * mask[:, t] + (1 - mask[:, t]) * next_values
+        last_gae = last_gae_ * mask[:, t] + (1 - mask[:, t]) * last_gae
+        advantages_reversed.append(last_gae)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def impls(device: str) -> dict:
+    ours = {
+        f"ours:{name}": (lambda name: lambda r, v, m: rk.gae(r, v, m, gamma=GAMMA, lam=LAM, backend=name))(name)
+        for name in backend.available("gae", device)
+    }
+    return {**ours, "trl loop": trl_loop, "openrlhf loop": openrlhf_loop, "verl loop": verl_loop}
+
+
+def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
+    for B, T in SHAPES[(device, quick)]:
+        def make(B=B, T=T):
+            lengths = torch.randint(T // 2, T + 1, (B,), device=device)
+            mask = (torch.arange(T, device=device) < lengths[:, None]).to(dtype)
+            return (torch.randn(B, T, device=device, dtype=dtype), torch.randn(B, T, device=device, dtype=dtype),
+                    mask), ()
+        yield dict(
+            name=f"gae B={B} T={T} {str(dtype)[6:]}", impls=impls(device), make=make, unit="GB/s",
+            work={"forward": 5 * B * T * torch.finfo(dtype).bits / 8 / 1e9}, modes=("forward",),
+        )
