@@ -36,6 +36,20 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "token_logprobs_backward_(Tensor(a!) logits, Tensor grad_logprobs, Tensor? grad_entropy, Tensor labels,"
       " Tensor lse, Tensor entropy, float temperature, float? softcap, float logit_scale, int ignore_index)"
       " -> ()");
+  // ppo_policy_loss / ppo_value_loss: one pass over [B, T] float32/float64 inputs of
+  // one dtype (mask as weights in that dtype); row_weight [B] is the aggregation's
+  // per-row scale (rlhf_kernels/ops/ppo.py), so the loss is sum(row_stats[:, 0]).
+  // row_stats [B, 4]: weighted loss sum, then masked sums of the clipped indicator,
+  // the dual-clip indicator and (ratio - 1 - log ratio) [value loss: B x 2, loss and
+  // clipped]. grad [B, T] = d(row_stats[b, 0]) / d input (empty unless need_grad):
+  // the backward is a scale. A None clip option is off.
+  m.def(
+      "ppo_policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor row_weight,"
+      " float clip_low, float clip_high, float? dual_clip, float? log_ratio_clamp, bool need_grad)"
+      " -> (Tensor row_stats, Tensor grad)");
+  m.def(
+      "ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor row_weight,"
+      " float? clip, bool need_grad) -> (Tensor row_stats, Tensor grad)");
   m.def(
       "gae(Tensor rewards, Tensor values, Tensor? mask, float gamma, float lam, str mask_mode)"
       " -> (Tensor advantages, Tensor returns)");

@@ -56,6 +56,8 @@ COMPILED_OPS: dict[str, tuple[str, ...]] = {
     "linear_dpo_loss": _LOGPROBS_OPS,
     "gae": ("gae",),
     "discounted_returns": ("gae",),
+    "ppo_policy_loss": ("ppo_policy_loss",),
+    "ppo_value_loss": ("ppo_value_loss",),
 }
 
 # Auto's order on CUDA tensors, fastest first. Triton leads until an op's
@@ -86,6 +88,8 @@ TRITON_MODULES: dict[str, str] = {
     "linear_logprobs": "logprobs",
     "sequence_logprobs": "logprobs",
     "linear_dpo_loss": "logprobs",
+    "ppo_policy_loss": "ppo",
+    "ppo_value_loss": "ppo",
 }
 
 

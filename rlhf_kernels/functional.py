@@ -18,6 +18,7 @@ from . import backend as _backend
 from . import reference
 from .ops import gae as _gae_ops
 from .ops import logprobs as _logprobs_ops
+from .ops import ppo as _ppo_ops
 from .reference.dpo import LOSS_TYPES
 from .reference.gae import MASK_MODES
 from .reference.kl import ESTIMATORS
@@ -365,8 +366,11 @@ def ppo_policy_loss(
         if not dual_clip > 1:
             raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip!r}")
     _check_agg(agg)
-    _backend.resolve("ppo_policy_loss", logprobs.device, backend)
-    return reference.ppo_policy_loss(
+    resolved = _backend.resolve("ppo_policy_loss", logprobs.device, backend)
+    implementation = (
+        reference.ppo_policy_loss if resolved == "reference" else partial(_ppo_ops.ppo_policy_loss, kernel=resolved)
+    )
+    return implementation(
         logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
         dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, agg=agg,
         dtype=check.result_dtype(logprobs, old_logprobs, advantages),
@@ -388,8 +392,11 @@ def ppo_value_loss(
     _check_token_grid(mask, values=values, old_values=old_values, returns=returns)
     check.optional_positive("clip", clip)
     _check_agg(agg)
-    _backend.resolve("ppo_value_loss", values.device, backend)
-    return reference.ppo_value_loss(
+    resolved = _backend.resolve("ppo_value_loss", values.device, backend)
+    implementation = (
+        reference.ppo_value_loss if resolved == "reference" else partial(_ppo_ops.ppo_value_loss, kernel=resolved)
+    )
+    return implementation(
         values, old_values, returns, mask, clip=clip, agg=agg,
         dtype=check.result_dtype(values, old_values, returns),
     )

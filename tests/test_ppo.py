@@ -1,4 +1,5 @@
 import itertools
+import os
 
 import pytest
 import torch
@@ -6,7 +7,26 @@ import torch
 import oracle
 import rlhf_kernels as rk
 from conftest import random_mask, tolist
+from rlhf_kernels import backend as backends
 from rlhf_kernels.reference.ppo import AGG_MODES
+
+COMPILED = ("cpu", "triton")
+
+
+@pytest.fixture(
+    autouse=True,
+    params=[
+        "reference",
+        pytest.param("cpu", marks=pytest.mark.skipif("ppo_policy_loss" not in backends.HAS_CPU, reason="no _C")),
+        pytest.param("triton", marks=pytest.mark.skipif(
+            "ppo_policy_loss" not in backends.HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
+            reason="needs triton and TRITON_INTERPRET=1")),
+    ],
+)
+def backend_name(request, monkeypatch, _fresh_seed):
+    """Every test here runs on each backend of the ppo family."""
+    monkeypatch.setenv(backends.ENV_VAR, f"ppo={request.param}")
+    return request.param
 
 POLICY_OPTIONS = [
     dict(clip_low=0.2, clip_high=None, dual_clip=None, log_ratio_clamp=None),
@@ -89,3 +109,83 @@ def test_all_masked_batch_gives_zero_loss_not_nan():
         else:
             loss, _ = rk.ppo_value_loss(lp, old, adv, mask, agg=agg)
         assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("options", POLICY_OPTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_policy_loss_and_gradient_match_the_reference(backend_name, agg, options, dtype):
+    lp, old, adv, mask = _batch(6, 37, dtype)
+    old[0, :5] = lp[0, :5]  # ratio exactly 1: the tie of the max inside the clip range
+    lp.requires_grad_(True)
+    loss, stats = rk.ppo_policy_loss(lp, old, adv, mask, agg=agg, **options)
+    loss.backward()
+    got = lp.grad.clone()
+    lp.grad = None
+    want_loss, want_stats = rk.ppo_policy_loss(lp, old, adv, mask, agg=agg, backend="reference", **options)
+    want_loss.backward()
+    torch.testing.assert_close(loss, want_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got, lp.grad, atol=1e-7, rtol=1e-5)
+    for name, value in want_stats.items():
+        torch.testing.assert_close(stats[name], value, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("clip", [None, 0.2])
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_value_loss_gradient_matches_the_reference(backend_name, clip, agg):
+    values, old, returns, mask = torch.randn(5, 23), torch.randn(5, 23), torch.randn(5, 23), random_mask(5, 23)
+    values.requires_grad_(True)
+    loss, stats = rk.ppo_value_loss(values, old, returns, mask, clip=clip, agg=agg)
+    loss.backward()
+    got = values.grad.clone()
+    values.grad = None
+    want_loss, want_stats = rk.ppo_value_loss(values, old, returns, mask, clip=clip, agg=agg, backend="reference")
+    want_loss.backward()
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(got, values.grad)
+    torch.testing.assert_close(stats["vf_clipfrac"], want_stats["vf_clipfrac"])
+
+
+def test_no_gradient_buffer_without_autograd(backend_name):
+    lp, old, adv, mask = _batch(3, 8)
+    with torch.no_grad():
+        loss, _ = rk.ppo_policy_loss(lp.requires_grad_(True), old, adv, mask)
+    assert not loss.requires_grad
+
+
+@pytest.mark.parametrize("options", POLICY_OPTIONS[1:3])
+def test_opcheck(backend_name, options):
+    if backend_name not in COMPILED:
+        pytest.skip("opcheck is for the compiled ops")
+    from rlhf_kernels.ops import ppo as ppo_ops
+
+    policy = {"cpu": torch.ops.rlhf_kernels.ppo_policy_loss, "triton": torch.ops.rlhf_kernels.ppo_policy_loss_triton}
+    value = {"cpu": torch.ops.rlhf_kernels.ppo_value_loss, "triton": torch.ops.rlhf_kernels.ppo_value_loss_triton}
+    lp, old, adv, mask = _batch(4, 9)
+    weight = ppo_ops.row_weights(mask, "seq-mean-token-mean")
+    for need_grad in (False, True):
+        torch.library.opcheck(policy[backend_name].default, (
+            lp.clone().requires_grad_(need_grad), old, adv, mask, weight, options["clip_low"],
+            options["clip_high"], options["dual_clip"], options["log_ratio_clamp"], need_grad))
+        torch.library.opcheck(value[backend_name].default, (
+            lp.clone().requires_grad_(need_grad), old, adv, mask, weight, 0.2, need_grad))
+
+
+def test_torch_compile_fullgraph(backend_name):
+    if backend_name not in COMPILED:
+        pytest.skip("the compiled ops")
+    lp, old, adv, mask = _batch(4, 11)
+    values = torch.randn(4, 11, requires_grad=True)
+    lp.requires_grad_(True)
+
+    def step(lp, values):
+        policy, stats = rk.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean")
+        value, _ = rk.ppo_value_loss(values, old, adv, mask)
+        return policy + 0.5 * value + 0 * stats["clipfrac"]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled(lp, values).backward()
+    got = lp.grad.clone(), values.grad.clone()
+    lp.grad = values.grad = None
+    step(lp, values).backward()
+    torch.testing.assert_close(got, (lp.grad, values.grad))
