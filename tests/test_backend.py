@@ -14,7 +14,7 @@ CPU_GAE = "cpu" if "gae" in backend.HAS_CPU else "reference"
 def test_auto_on_cpu_tensors():
     assert backend.resolve("gae", "cpu") == CPU_GAE
     assert backend.resolve("kl_penalty", "cpu") == "reference"
-    assert backend.available("ppo_policy_loss", "cpu") == ("reference",)
+    assert backend.available("dpo_loss", "cpu") == ("reference",)  # no kernel yet
 
 
 def test_explicit_beats_env_beats_auto(monkeypatch):
