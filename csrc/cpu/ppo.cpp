@@ -1,8 +1,11 @@
 // CPU kernels for rlhf_kernels::ppo_policy_loss and ppo_value_loss: rows in
 // parallel, one pass per row computing the per-token loss, its gradient (stored,
-// so the backward is a scale) and the row's sums. Ties of max/min split the
-// gradient in half, as torch.maximum / torch.minimum do, so the gradients equal
-// autograd through the reference exactly.
+// so the backward is a scale) and the row's sums. The per-token math is
+// branch-free (selects, +-inf for an option that is off) and the row loop keeps
+// 16 lane accumulators, so the fp32 path vectorises (vector_math.h); fp64 runs
+// the same template with std::exp. Ties of max/min split the gradient in half, as
+// torch.maximum / torch.minimum do, so the gradients equal autograd through the
+// reference exactly.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -11,11 +14,15 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
+
+#include "vector_math.h"
 
 namespace rlhf_kernels {
 namespace {
 
 constexpr int64_t kRowGrain = 16;
+constexpr int kLanes = vector_math::kLanes;
 
 void check_ppo_inputs(const char* op, std::initializer_list<at::Tensor> tensors, const at::Tensor& row_weight) {
   const at::Tensor& first = *tensors.begin();
@@ -32,10 +39,97 @@ void check_ppo_inputs(const char* op, std::initializer_list<at::Tensor> tensors,
               op, ": row_weight must be a contiguous [", first.size(0), "] ", first.scalar_type(), " tensor");
 }
 
+RLHF_INLINE float exp_of(float x) { return vector_math::exp(x); }
+RLHF_INLINE double exp_of(double x) { return std::exp(x); }
+
+template <typename T>
+RLHF_INLINE T select(bool condition, T a, T b) { return condition ? a : b; }
+
 // d max(a, b) / d a: 1, 0, or 1/2 on a tie (torch.maximum's convention).
 template <typename T>
-inline T max_grad_first(T a, T b) {
-  return a > b ? T(1) : (a < b ? T(0) : T(0.5));
+RLHF_INLINE T max_grad_first(T a, T b) { return select(a > b, T(1), select(a < b, T(0), T(0.5))); }
+
+// exp(x) - 1 - x without the cancellation of exp(x) - 1 near 0 (Taylor to x^6 below
+// |x| = 0.1, relative error < 1e-6 there).
+template <typename T>
+RLHF_INLINE T exp_minus_one_minus_x(T x) {
+  const T series = x * x * (T(0.5) + x * (T(1) / 6 + x * (T(1) / 24 + x * (T(1) / 120 + x * (T(1) / 720)))));
+  return select((x < T(0) ? -x : x) < T(0.1), series, exp_of(x) - T(1) - x);
+}
+
+template <typename T>
+struct PolicyOptions {
+  T low, high;      // 1 - clip_low, 1 + clip_high
+  T dual_clip;      // +inf: off
+  T ratio_clamp;    // +inf: off
+};
+
+// One token: adds to the four sums, returns d(loss * mask) / d logprob before the row weight.
+template <typename T>
+RLHF_INLINE T policy_token(T lp, T old, T a, T m, const PolicyOptions<T>& o, T& loss_sum, T& clipped_sum,
+                           T& dual_sum, T& k3_sum) {
+  const T raw = lp - old;
+  const T clamp_grad = select((raw < T(0) ? -raw : raw) <= o.ratio_clamp, T(1), T(0));
+  T log_ratio = select(raw < -o.ratio_clamp, -o.ratio_clamp, raw);
+  log_ratio = select(log_ratio > o.ratio_clamp, o.ratio_clamp, log_ratio);
+  const T ratio = exp_of(log_ratio);
+  const T unclipped = -a * ratio;
+  T ratio_clipped = select(ratio < o.low, o.low, ratio);
+  ratio_clipped = select(ratio_clipped > o.high, o.high, ratio_clipped);
+  const T clipped = -a * ratio_clipped;
+  T loss = select(unclipped > clipped, unclipped, clipped);
+  const T in_range = select(ratio >= o.low && ratio <= o.high, T(1), T(0));
+  T dloss = -a * (max_grad_first(unclipped, clipped) + max_grad_first(clipped, unclipped) * in_range);
+  // Dual clip, for negative advantages only: loss = min(loss, -a c).
+  const bool negative = a < T(0);
+  const T bound = select(negative, -a * o.dual_clip, std::numeric_limits<T>::infinity());
+  dual_sum += m * select(loss > bound, T(1), T(0));
+  dloss *= max_grad_first(bound, loss);
+  loss = select(loss < bound, loss, bound);
+  loss_sum += m * loss;
+  clipped_sum += m * select(clipped > unclipped, T(1), T(0));
+  k3_sum += m * exp_minus_one_minus_x(log_ratio);
+  return m * dloss * ratio * clamp_grad;
+}
+
+// One row of T tokens; grad may be null (forward only). Writes the row's four sums.
+template <typename T>
+RLHF_INLINE void policy_row(const T* lp, const T* old, const T* adv, const T* m, int64_t n, T row_weight,
+                            const PolicyOptions<T>& o, T* grad, T* stats) {
+  T loss[kLanes] = {}, clipped[kLanes] = {}, dual[kLanes] = {}, k3[kLanes] = {};
+  int64_t t = 0;
+  for (; t + kLanes <= n; t += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const T g = policy_token(lp[t + l], old[t + l], adv[t + l], m[t + l], o, loss[l], clipped[l], dual[l], k3[l]);
+      if (grad != nullptr) grad[t + l] = row_weight * g;
+    }
+  }
+  for (; t < n; ++t) {
+    const T g = policy_token(lp[t], old[t], adv[t], m[t], o, loss[0], clipped[0], dual[0], k3[0]);
+    if (grad != nullptr) grad[t] = row_weight * g;
+  }
+  T sums[4] = {};
+  for (int l = 0; l < kLanes; ++l) {
+    sums[0] += loss[l];
+    sums[1] += clipped[l];
+    sums[2] += dual[l];
+    sums[3] += k3[l];
+  }
+  stats[0] = row_weight * sums[0];
+  stats[1] = sums[1];
+  stats[2] = sums[2];
+  stats[3] = sums[3];
+}
+
+// The entry points per dtype: fp32 vectorised (target clones), fp64 plain.
+RLHF_VECTORIZED static void run_policy_row(const float* lp, const float* old, const float* adv, const float* m,
+                                           int64_t n, float row_weight, const PolicyOptions<float>& o, float* grad,
+                                           float* stats) {
+  policy_row(lp, old, adv, m, n, row_weight, o, grad, stats);
+}
+static void run_policy_row(const double* lp, const double* old, const double* adv, const double* m, int64_t n,
+                           double row_weight, const PolicyOptions<double>& o, double* grad, double* stats) {
+  policy_row(lp, old, adv, m, n, row_weight, o, grad, stats);
 }
 
 std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_cpu(
@@ -49,58 +143,79 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_cpu(
   at::Tensor grad = need_grad ? at::empty_like(logprobs) : at::empty({0}, logprobs.options());
 
   AT_DISPATCH_FLOATING_TYPES(logprobs.scalar_type(), "rlhf_kernels::ppo_policy_loss (CPU)", [&] {
-    using T_ = scalar_t;
-    const T_* lp = logprobs.const_data_ptr<T_>();
-    const T_* old = old_logprobs.const_data_ptr<T_>();
-    const T_* adv = advantages.const_data_ptr<T_>();
-    const T_* m = mask.const_data_ptr<T_>();
-    const T_* weight = row_weight.const_data_ptr<T_>();
-    T_* stats = row_stats.mutable_data_ptr<T_>();
-    T_* g = need_grad ? grad.mutable_data_ptr<T_>() : nullptr;
-    const T_ low = T_(1) - T_(clip_low), high = T_(1) + T_(clip_high);
+    const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+    const PolicyOptions<scalar_t> options{
+        scalar_t(1 - clip_low), scalar_t(1 + clip_high), dual_clip ? scalar_t(*dual_clip) : inf,
+        log_ratio_clamp ? scalar_t(*log_ratio_clamp) : inf};
+    const scalar_t* lp = logprobs.const_data_ptr<scalar_t>();
+    const scalar_t* old = old_logprobs.const_data_ptr<scalar_t>();
+    const scalar_t* adv = advantages.const_data_ptr<scalar_t>();
+    const scalar_t* m = mask.const_data_ptr<scalar_t>();
+    const scalar_t* weight = row_weight.const_data_ptr<scalar_t>();
+    scalar_t* stats = row_stats.mutable_data_ptr<scalar_t>();
+    scalar_t* g = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        T_ loss_sum = 0, clipped = 0, dual = 0, k3 = 0;
-        for (int64_t i = b * T; i < (b + 1) * T; ++i) {
-          T_ log_ratio = lp[i] - old[i];
-          T_ clamp_grad = 1;
-          if (log_ratio_clamp.has_value()) {
-            const T_ c = T_(*log_ratio_clamp);
-            clamp_grad = std::abs(log_ratio) <= c ? T_(1) : T_(0);
-            log_ratio = std::min(std::max(log_ratio, -c), c);
-          }
-          const T_ ratio = std::exp(log_ratio);
-          const T_ a = adv[i];
-          const T_ unclipped = -a * ratio;
-          const T_ ratio_clipped = std::min(std::max(ratio, low), high);
-          const T_ clipped_term = -a * ratio_clipped;
-          T_ loss = std::max(unclipped, clipped_term);
-          // d loss / d ratio through the max: the clipped term moves with the ratio only
-          // inside [low, high] (clamp's gradient is 1 on the closed interval).
-          const T_ in_range = ratio >= low && ratio <= high ? T_(1) : T_(0);
-          T_ dloss = -a * (max_grad_first(unclipped, clipped_term) + max_grad_first(clipped_term, unclipped) * in_range);
-          bool dual_active = false;
-          if (dual_clip.has_value() && a < 0) {
-            const T_ bound = -a * T_(*dual_clip);
-            dual_active = loss > bound;
-            dloss *= max_grad_first(bound, loss);  // d min(loss, bound) / d loss
-            loss = std::min(loss, bound);
-          }
-          const T_ w = m[i];
-          loss_sum += w * loss;
-          clipped += w * (clipped_term > unclipped ? T_(1) : T_(0));
-          dual += w * (dual_active ? T_(1) : T_(0));
-          k3 += w * (std::expm1(log_ratio) - log_ratio);
-          if (g != nullptr) g[i] = weight[b] * w * dloss * ratio * clamp_grad;
-        }
-        stats[4 * b + 0] = weight[b] * loss_sum;
-        stats[4 * b + 1] = clipped;
-        stats[4 * b + 2] = dual;
-        stats[4 * b + 3] = k3;
+        const int64_t offset = b * T;
+        scalar_t* row_grad = g == nullptr ? nullptr : g + offset;
+        run_policy_row(lp + offset, old + offset, adv + offset, m + offset, T, weight[b], options, row_grad,
+                       stats + 4 * b);
       }
     });
   });
   return {row_stats, grad};
+}
+
+// One token of the value loss: adds to the sums, returns d(loss * mask) / d value
+// before the row weight. Without a clip the clipped term is the unclipped one
+// (old + (v - old) - R would differ from v - R by rounding).
+template <typename T>
+RLHF_INLINE T value_token(T v, T old, T ret, T m, bool has_clip, T clip, T& loss_sum, T& clipped_sum) {
+  const T error = v - ret;
+  const T unclipped = error * error;
+  const T delta = v - old;
+  T delta_clipped = select(delta < -clip, -clip, delta);
+  delta_clipped = select(delta_clipped > clip, clip, delta_clipped);
+  const T clipped_error = select(has_clip, old + delta_clipped - ret, error);
+  const T clipped = clipped_error * clipped_error;
+  const T delta_grad = select((delta < T(0) ? -delta : delta) <= clip, T(1), T(0));
+  loss_sum += m * T(0.5) * select(unclipped > clipped, unclipped, clipped);
+  clipped_sum += m * select(clipped > unclipped, T(1), T(0));
+  return m * (max_grad_first(unclipped, clipped) * error + max_grad_first(clipped, unclipped) * clipped_error * delta_grad);
+}
+
+template <typename T>
+RLHF_INLINE void value_row(const T* v, const T* old, const T* ret, const T* m, int64_t n, T row_weight, bool has_clip,
+                           T clip, T* grad, T* stats) {
+  T loss[kLanes] = {}, clipped[kLanes] = {};
+  int64_t t = 0;
+  for (; t + kLanes <= n; t += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const T g = value_token(v[t + l], old[t + l], ret[t + l], m[t + l], has_clip, clip, loss[l], clipped[l]);
+      if (grad != nullptr) grad[t + l] = row_weight * g;
+    }
+  }
+  for (; t < n; ++t) {
+    const T g = value_token(v[t], old[t], ret[t], m[t], has_clip, clip, loss[0], clipped[0]);
+    if (grad != nullptr) grad[t] = row_weight * g;
+  }
+  T loss_sum = 0, clipped_sum = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    loss_sum += loss[l];
+    clipped_sum += clipped[l];
+  }
+  stats[0] = row_weight * loss_sum;
+  stats[1] = clipped_sum;
+}
+
+RLHF_VECTORIZED static void run_value_row(const float* v, const float* old, const float* ret, const float* m,
+                                          int64_t n, float row_weight, bool has_clip, float clip, float* grad,
+                                          float* stats) {
+  value_row(v, old, ret, m, n, row_weight, has_clip, clip, grad, stats);
+}
+static void run_value_row(const double* v, const double* old, const double* ret, const double* m, int64_t n,
+                          double row_weight, bool has_clip, double clip, double* grad, double* stats) {
+  value_row(v, old, ret, m, n, row_weight, has_clip, clip, grad, stats);
 }
 
 std::tuple<at::Tensor, at::Tensor> ppo_value_loss_cpu(
@@ -113,40 +228,20 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_cpu(
   at::Tensor grad = need_grad ? at::empty_like(values) : at::empty({0}, values.options());
 
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rlhf_kernels::ppo_value_loss (CPU)", [&] {
-    using T_ = scalar_t;
-    const T_* v = values.const_data_ptr<T_>();
-    const T_* old = old_values.const_data_ptr<T_>();
-    const T_* ret = returns.const_data_ptr<T_>();
-    const T_* m = mask.const_data_ptr<T_>();
-    const T_* weight = row_weight.const_data_ptr<T_>();
-    T_* stats = row_stats.mutable_data_ptr<T_>();
-    T_* g = need_grad ? grad.mutable_data_ptr<T_>() : nullptr;
+    const scalar_t clip_value = clip ? scalar_t(*clip) : std::numeric_limits<scalar_t>::infinity();
+    const scalar_t* v = values.const_data_ptr<scalar_t>();
+    const scalar_t* old = old_values.const_data_ptr<scalar_t>();
+    const scalar_t* ret = returns.const_data_ptr<scalar_t>();
+    const scalar_t* m = mask.const_data_ptr<scalar_t>();
+    const scalar_t* weight = row_weight.const_data_ptr<scalar_t>();
+    scalar_t* stats = row_stats.mutable_data_ptr<scalar_t>();
+    scalar_t* g = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        T_ loss_sum = 0, clipped_count = 0;
-        for (int64_t i = b * T; i < (b + 1) * T; ++i) {
-          const T_ error = v[i] - ret[i];
-          const T_ unclipped = error * error;
-          T_ loss = T_(0.5) * unclipped;
-          T_ dloss = error;  // d (0.5 e^2) / d v
-          bool clipped_larger = false;
-          if (clip.has_value()) {
-            const T_ c = T_(*clip);
-            const T_ delta = v[i] - old[i];
-            const T_ clipped_error = old[i] + std::min(std::max(delta, -c), c) - ret[i];
-            const T_ clipped = clipped_error * clipped_error;
-            const T_ delta_grad = std::abs(delta) <= c ? T_(1) : T_(0);
-            loss = T_(0.5) * std::max(unclipped, clipped);
-            dloss = max_grad_first(unclipped, clipped) * error +
-                    max_grad_first(clipped, unclipped) * clipped_error * delta_grad;
-            clipped_larger = clipped > unclipped;
-          }
-          loss_sum += m[i] * loss;
-          clipped_count += m[i] * (clipped_larger ? T_(1) : T_(0));
-          if (g != nullptr) g[i] = weight[b] * m[i] * dloss;
-        }
-        stats[2 * b + 0] = weight[b] * loss_sum;
-        stats[2 * b + 1] = clipped_count;
+        const int64_t offset = b * T;
+        scalar_t* row_grad = g == nullptr ? nullptr : g + offset;
+        run_value_row(v + offset, old + offset, ret + offset, m + offset, T, weight[b], clip.has_value(), clip_value,
+                      row_grad, stats + 2 * b);
       }
     });
   });
