@@ -169,14 +169,16 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_cpu(
 // One token of the value loss: adds to the sums, returns d(loss * mask) / d value
 // before the row weight. Without a clip the clipped term is the unclipped one
 // (old + (v - old) - R would differ from v - R by rounding).
-template <typename T>
-RLHF_INLINE T value_token(T v, T old, T ret, T m, bool has_clip, T clip, T& loss_sum, T& clipped_sum) {
+template <typename T, bool kHasClip>
+RLHF_INLINE T value_token(T v, T old, T ret, T m, T clip, T& loss_sum, T& clipped_sum) {
   const T error = v - ret;
   const T unclipped = error * error;
   const T delta = v - old;
   T delta_clipped = select(delta < -clip, -clip, delta);
   delta_clipped = select(delta_clipped > clip, clip, delta_clipped);
-  const T clipped_error = select(has_clip, old + delta_clipped - ret, error);
+  // A compile-time choice: a select on a run-time bool kept GCC from vectorising.
+  T clipped_error = error;
+  if constexpr (kHasClip) clipped_error = old + delta_clipped - ret;
   const T clipped = clipped_error * clipped_error;
   const T delta_grad = select((delta < T(0) ? -delta : delta) <= clip, T(1), T(0));
   loss_sum += m * T(0.5) * select(unclipped > clipped, unclipped, clipped);
@@ -184,19 +186,19 @@ RLHF_INLINE T value_token(T v, T old, T ret, T m, bool has_clip, T clip, T& loss
   return m * (max_grad_first(unclipped, clipped) * error + max_grad_first(clipped, unclipped) * clipped_error * delta_grad);
 }
 
-template <typename T>
-RLHF_INLINE void value_row(const T* v, const T* old, const T* ret, const T* m, int64_t n, T row_weight, bool has_clip,
-                           T clip, T* grad, T* stats) {
+template <typename T, bool kHasClip>
+RLHF_INLINE void value_row(const T* v, const T* old, const T* ret, const T* m, int64_t n, T row_weight, T clip,
+                           T* grad, T* stats) {
   T loss[kLanes] = {}, clipped[kLanes] = {};
   int64_t t = 0;
   for (; t + kLanes <= n; t += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const T g = value_token(v[t + l], old[t + l], ret[t + l], m[t + l], has_clip, clip, loss[l], clipped[l]);
+      const T g = value_token<T, kHasClip>(v[t + l], old[t + l], ret[t + l], m[t + l], clip, loss[l], clipped[l]);
       if (grad != nullptr) grad[t + l] = row_weight * g;
     }
   }
   for (; t < n; ++t) {
-    const T g = value_token(v[t], old[t], ret[t], m[t], has_clip, clip, loss[0], clipped[0]);
+    const T g = value_token<T, kHasClip>(v[t], old[t], ret[t], m[t], clip, loss[0], clipped[0]);
     if (grad != nullptr) grad[t] = row_weight * g;
   }
   T loss_sum = 0, clipped_sum = 0;
@@ -211,11 +213,13 @@ RLHF_INLINE void value_row(const T* v, const T* old, const T* ret, const T* m, i
 RLHF_VECTORIZED static void run_value_row(const float* v, const float* old, const float* ret, const float* m,
                                           int64_t n, float row_weight, bool has_clip, float clip, float* grad,
                                           float* stats) {
-  value_row(v, old, ret, m, n, row_weight, has_clip, clip, grad, stats);
+  if (has_clip) return value_row<float, true>(v, old, ret, m, n, row_weight, clip, grad, stats);
+  value_row<float, false>(v, old, ret, m, n, row_weight, clip, grad, stats);
 }
 static void run_value_row(const double* v, const double* old, const double* ret, const double* m, int64_t n,
                           double row_weight, bool has_clip, double clip, double* grad, double* stats) {
-  value_row(v, old, ret, m, n, row_weight, has_clip, clip, grad, stats);
+  if (has_clip) return value_row<double, true>(v, old, ret, m, n, row_weight, clip, grad, stats);
+  value_row<double, false>(v, old, ret, m, n, row_weight, clip, grad, stats);
 }
 
 std::tuple<at::Tensor, at::Tensor> ppo_value_loss_cpu(
