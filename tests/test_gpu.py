@@ -63,3 +63,21 @@ def test_cuda_gae(mode):
     got = rk.gae(rewards, values, mask, gamma=0.99, lam=0.95, mask_mode=mode, backend="cuda")
     want = rk.gae(rewards, values, mask, gamma=0.99, lam=0.95, mask_mode=mode, backend="reference")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif("ppo_policy_loss" not in backend.HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_triton_ppo_losses(agg):
+    lp = (-torch.rand(67, 1500, device="cuda") * 3).requires_grad_(True)
+    old = lp.detach() + 0.3 * torch.randn_like(lp)
+    adv = torch.randn_like(old)
+    mask = (torch.rand_like(old) > 0.2).float()
+    results = {}
+    for name in ("triton", "reference"):
+        lp.grad = None
+        loss, stats = rk.ppo_policy_loss(lp, old, adv, mask, clip_high=0.28, dual_clip=3.0, agg=agg, backend=name)
+        value_loss, value_stats = rk.ppo_value_loss(lp, old, adv, mask, agg=agg, backend=name)
+        (loss + value_loss).backward()
+        results[name] = (loss, value_loss, lp.grad.clone(), *stats.values(), *value_stats.values())
+    for got, want in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
