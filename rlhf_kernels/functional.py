@@ -37,6 +37,13 @@ def _logit_options(temperature, ignore_index, return_entropy, softcap, logit_sca
         raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}")
 
 
+def _pick(op: str, device: torch.device, backend: Optional[str], reference_fn, compiled_fn):
+    """The implementation `backend` resolves to: reference_fn, or compiled_fn bound to the
+    kernel ("cpu" / "triton") that runs it."""
+    resolved = _backend.resolve(op, device, backend)
+    return reference_fn if resolved == "reference" else partial(compiled_fn, kernel=resolved)
+
+
 def _check_token_grid(mask: Optional[Tensor], **tensors: Tensor) -> None:
     """Float [B, T] tensors of one shape and device, and a [B, T] mask (None allowed)."""
     for name, x in tensors.items():
@@ -84,10 +91,7 @@ def token_logprobs(
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     check.labels_in_range(labels, logits.shape[-1], ignore_index)
-    resolved = _backend.resolve("token_logprobs", logits.device, backend)
-    implementation = (
-        reference.token_logprobs if resolved == "reference" else partial(_logprobs_ops.token_logprobs, kernel=resolved)
-    )
+    implementation = _pick("token_logprobs", logits.device, backend, reference.token_logprobs, _logprobs_ops.token_logprobs)
     return implementation(
         logits, labels, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, softcap=softcap, logit_scale=logit_scale, inplace_backward=inplace_backward,
@@ -134,10 +138,7 @@ def linear_logprobs(
     check.same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     _logit_options(temperature, ignore_index, return_entropy, softcap, logit_scale)
     check.labels_in_range(labels, weight.shape[0], ignore_index)
-    resolved = _backend.resolve("linear_logprobs", hidden.device, backend)
-    implementation = (
-        reference.linear_logprobs if resolved == "reference" else partial(_logprobs_ops.linear_logprobs, kernel=resolved)
-    )
+    implementation = _pick("linear_logprobs", hidden.device, backend, reference.linear_logprobs, _logprobs_ops.linear_logprobs)
     return implementation(
         hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy, softcap=softcap, logit_scale=logit_scale,
@@ -366,10 +367,7 @@ def ppo_policy_loss(
         if not dual_clip > 1:
             raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip!r}")
     _check_agg(agg)
-    resolved = _backend.resolve("ppo_policy_loss", logprobs.device, backend)
-    implementation = (
-        reference.ppo_policy_loss if resolved == "reference" else partial(_ppo_ops.ppo_policy_loss, kernel=resolved)
-    )
+    implementation = _pick("ppo_policy_loss", logprobs.device, backend, reference.ppo_policy_loss, _ppo_ops.ppo_policy_loss)
     return implementation(
         logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
         dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, agg=agg,
@@ -392,10 +390,7 @@ def ppo_value_loss(
     _check_token_grid(mask, values=values, old_values=old_values, returns=returns)
     check.optional_positive("clip", clip)
     _check_agg(agg)
-    resolved = _backend.resolve("ppo_value_loss", values.device, backend)
-    implementation = (
-        reference.ppo_value_loss if resolved == "reference" else partial(_ppo_ops.ppo_value_loss, kernel=resolved)
-    )
+    implementation = _pick("ppo_value_loss", values.device, backend, reference.ppo_value_loss, _ppo_ops.ppo_value_loss)
     return implementation(
         values, old_values, returns, mask, clip=clip, agg=agg,
         dtype=check.result_dtype(values, old_values, returns),
