@@ -36,6 +36,19 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "token_logprobs_backward_(Tensor(a!) logits, Tensor grad_logprobs, Tensor? grad_entropy, Tensor labels,"
       " Tensor lse, Tensor entropy, float temperature, float? softcap, float logit_scale, int ignore_index)"
       " -> ()");
+  // kl_penalty: the estimator ("k1" | "k2" | "k3" | "abs" | "low_var_kl") of
+  // d = logprobs - ref_logprobs, elementwise over contiguous float32/float64 of one
+  // shape, clamped to [-clamp, clamp] when set; grad = d kl / d d (empty unless
+  // need_grad), so d/d logprobs = g * grad and d/d ref_logprobs = -g * grad.
+  m.def(
+      "kl_penalty(Tensor logprobs, Tensor ref_logprobs, str estimator, float? clamp, bool need_grad)"
+      " -> (Tensor kl, Tensor grad)");
+  // kl_shaped_rewards: [B, T] inputs, mask as weights of that dtype, scores [B];
+  // score_index [B] int64, or None for the last position with mask != 0 (a row
+  // with none gets no score). Returns (rewards, kl * mask).
+  m.def(
+      "kl_shaped_rewards(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor mask, float kl_coef,"
+      " str estimator, float? clamp, Tensor? score_index) -> (Tensor rewards, Tensor kl)");
   // ppo_policy_loss / ppo_value_loss: one pass over [B, T] float32/float64 inputs of
   // one dtype (mask as weights in that dtype); row_weight [B] is the aggregation's
   // per-row scale (rlhf_kernels/ops/ppo.py), so the loss is sum(row_stats[:, 0]).

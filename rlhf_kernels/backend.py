@@ -58,6 +58,8 @@ COMPILED_OPS: dict[str, tuple[str, ...]] = {
     "discounted_returns": ("gae",),
     "ppo_policy_loss": ("ppo_policy_loss",),
     "ppo_value_loss": ("ppo_value_loss",),
+    "kl_penalty": ("kl_penalty",),
+    "kl_shaped_rewards": ("kl_shaped_rewards",),
 }
 
 # Auto's order on CUDA tensors, fastest first. Triton leads until an op's
@@ -90,6 +92,8 @@ TRITON_MODULES: dict[str, str] = {
     "linear_dpo_loss": "logprobs",
     "ppo_policy_loss": "ppo",
     "ppo_value_loss": "ppo",
+    "kl_penalty": "kl",
+    "kl_shaped_rewards": "kl",
 }
 
 

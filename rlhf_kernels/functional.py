@@ -17,6 +17,7 @@ from . import _validation as check
 from . import backend as _backend
 from . import reference
 from .ops import gae as _gae_ops
+from .ops import kl as _kl_ops
 from .ops import logprobs as _logprobs_ops
 from .ops import ppo as _ppo_ops
 from .reference.dpo import LOSS_TYPES
@@ -203,8 +204,8 @@ def kl_penalty(
     check.same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)
     check.choice("estimator", estimator, ESTIMATORS)
     check.optional_positive("clamp", clamp)
-    _backend.resolve("kl_penalty", logprobs.device, backend)
-    return reference.kl_penalty(
+    implementation = _pick("kl_penalty", logprobs.device, backend, reference.kl_penalty, _kl_ops.kl_penalty)
+    return implementation(
         logprobs, ref_logprobs, estimator=estimator, clamp=clamp,
         dtype=check.result_dtype(logprobs, ref_logprobs),
     )
@@ -238,9 +239,11 @@ def kl_shaped_rewards(
     check.number("kl_coef", kl_coef)
     check.choice("estimator", estimator, ESTIMATORS)
     check.optional_positive("clamp", clamp)
-    _backend.resolve("kl_shaped_rewards", logprobs.device, backend)
+    implementation = _pick(
+        "kl_shaped_rewards", logprobs.device, backend, reference.kl_shaped_rewards, _kl_ops.kl_shaped_rewards
+    )
     with torch.no_grad():
-        return reference.kl_shaped_rewards(
+        return implementation(
             scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator, clamp=clamp,
             score_index=score_index, dtype=check.result_dtype(scores, logprobs, ref_logprobs),
         )

@@ -44,3 +44,23 @@ def random_mask(B: int, T: int, *, holes: bool = True, all_masked_row: bool = Tr
     if all_masked_row and B > 1:
         mask[0] = 0
     return mask
+
+
+def backends_of(op: str) -> list:
+    """pytest params for a module's backend fixture: reference, and cpu and triton
+    (in the interpreter, on CPU tensors) where `op` has them here."""
+    from rlhf_kernels import backend
+
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return [
+        "reference",
+        pytest.param("cpu", marks=pytest.mark.skipif(op not in backend.HAS_CPU, reason="rlhf_kernels._C not built")),
+        pytest.param("triton", marks=pytest.mark.skipif(
+            op not in backend.HAS_TRITON or not interpreted, reason="needs triton and TRITON_INTERPRET=1")),
+    ]
+
+
+def use_backend(request, monkeypatch, family: str) -> str:
+    """Routes every op of `family` to the fixture's backend for one test."""
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", f"{family}={request.param}")
+    return request.param

@@ -13,7 +13,7 @@ CPU_GAE = "cpu" if "gae" in backend.HAS_CPU else "reference"
 
 def test_auto_on_cpu_tensors():
     assert backend.resolve("gae", "cpu") == CPU_GAE
-    assert backend.resolve("kl_penalty", "cpu") == "reference"
+    assert backend.resolve("dpo_loss", "cpu") == "reference"
     assert backend.available("dpo_loss", "cpu") == ("reference",)  # no kernel yet
 
 
@@ -51,8 +51,8 @@ def test_unavailable_backend_names_what_is_available(monkeypatch):
     with pytest.raises(ValueError, match=r"backend='cuda' cannot run gae on cpu tensors.*available: \("):
         rk.gae(torch.randn(1, 2), torch.randn(1, 2), backend="cuda")
     monkeypatch.setenv(backend.ENV_VAR, "triton")
-    with pytest.raises(ValueError, match="RLHF_KERNELS_BACKEND='triton' cannot run kl_penalty"):
-        rk.kl_penalty(torch.randn(2, 3), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="RLHF_KERNELS_BACKEND='triton' cannot run bradley_terry_loss"):
+        rk.bradley_terry_loss(torch.randn(3), torch.randn(3))
 
 
 def test_info_lists_every_op(capsys):

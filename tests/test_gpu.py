@@ -81,3 +81,20 @@ def test_triton_ppo_losses(agg):
         results[name] = (loss, value_loss, lp.grad.clone(), *stats.values(), *value_stats.values())
     for got, want in zip(results["triton"], results["reference"]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif("kl_penalty" not in backend.HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "abs", "low_var_kl"])
+def test_triton_kl(estimator):
+    lp = (-torch.rand(33, 3000, device="cuda") * 5).requires_grad_(True)
+    ref = lp.detach() + 4 * torch.randn_like(lp)
+    mask = (torch.rand_like(ref) > 0.2).float()
+    scores = torch.randn(33, device="cuda")
+    results = {}
+    for name in ("triton", "reference"):
+        lp.grad = None
+        rk.kl_penalty(lp, ref, estimator=estimator, clamp=8.0, backend=name).sum().backward()
+        rewards, kl = rk.kl_shaped_rewards(scores, lp, ref, mask, kl_coef=0.1, estimator=estimator, backend=name)
+        results[name] = (lp.grad.clone(), rewards, kl)
+    for got, want in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

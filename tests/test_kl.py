@@ -3,8 +3,16 @@ import torch
 
 import oracle
 import rlhf_kernels as rk
-from conftest import random_mask, tolist
+from conftest import backends_of, random_mask, tolist, use_backend
 from rlhf_kernels.reference.kl import ESTIMATORS
+
+COMPILED = ("cpu", "triton")
+
+
+@pytest.fixture(autouse=True, params=backends_of("kl_penalty"))
+def backend_name(request, monkeypatch, _fresh_seed):
+    """Every test here runs on each backend of the kl family."""
+    return use_backend(request, monkeypatch, "kl")
 
 
 def _logprobs(B, T, dtype=torch.float32, spread=1.0):
@@ -66,3 +74,61 @@ def test_kl_shaped_rewards_all_masked_row_gets_nothing():
     mask = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
     rewards, _ = rk.kl_shaped_rewards(torch.tensor([3.0, 5.0]), lp, ref, mask, kl_coef=0.0)
     torch.testing.assert_close(rewards, torch.tensor([[0.0, 0, 0, 0], [0, 5.0, 0, 0]]))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("clamp", [None, 0.3])
+def test_kl_penalty_gradients_match_the_reference(backend_name, estimator, clamp):
+    lp, ref = (x.requires_grad_(True) for x in _logprobs(4, 33, spread=8.0))
+    lp.data[0, :3] = ref.data[0, :3]  # d = 0 exactly: abs's sign(0) = 0
+    g = torch.randn(4, 33)
+    rk.kl_penalty(lp, ref, estimator=estimator, clamp=clamp).backward(g)
+    got = lp.grad.clone(), ref.grad.clone()
+    lp.grad = ref.grad = None
+    rk.kl_penalty(lp, ref, estimator=estimator, clamp=clamp, backend="reference").backward(g)
+    torch.testing.assert_close(got, (lp.grad, ref.grad), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["k3", "low_var_kl"])
+def test_kl_shaped_rewards_matches_the_reference_with_holes_and_given_index(backend_name, estimator):
+    lp, ref = _logprobs(7, 45, spread=3.0)
+    mask = random_mask(7, 45)
+    scores = torch.randn(7)
+    for index in (None, torch.randint(0, 45, (7,))):
+        got = rk.kl_shaped_rewards(scores, lp, ref, mask, kl_coef=0.05, estimator=estimator, clamp=5.0, score_index=index)
+        want = rk.kl_shaped_rewards(scores, lp, ref, mask, kl_coef=0.05, estimator=estimator, clamp=5.0,
+                                    score_index=index, backend="reference")
+        torch.testing.assert_close(got, want)
+
+
+def test_opcheck(backend_name):
+    if backend_name not in COMPILED:
+        pytest.skip("opcheck is for the compiled ops")
+    ops = {"cpu": (torch.ops.rlhf_kernels.kl_penalty, torch.ops.rlhf_kernels.kl_shaped_rewards),
+           "triton": (torch.ops.rlhf_kernels.kl_penalty_triton, torch.ops.rlhf_kernels.kl_shaped_rewards_triton)}
+    penalty, rewards = ops[backend_name]
+    lp, ref = _logprobs(3, 10)
+    for need_grad in (False, True):
+        torch.library.opcheck(penalty.default, (lp.clone().requires_grad_(need_grad), ref, "low_var_kl", 2.0, need_grad))
+    mask = random_mask(3, 10)
+    torch.library.opcheck(rewards.default, (torch.randn(3), lp, ref, mask, 0.1, "k3", None, None))
+    torch.library.opcheck(rewards.default, (torch.randn(3), lp, ref, mask, 0.1, "k1", 1.0, torch.tensor([0, 9, 4])))
+
+
+def test_torch_compile_fullgraph(backend_name):
+    if backend_name not in COMPILED:
+        pytest.skip("the compiled ops")
+    lp, ref = _logprobs(3, 12)
+    lp.requires_grad_(True)
+    mask = random_mask(3, 12)
+
+    def step(lp):
+        rewards, _ = rk.kl_shaped_rewards(torch.ones(3), lp.detach(), ref, mask, kl_coef=0.1)
+        return rk.kl_penalty(lp, ref, estimator="k3").sum() + rewards.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled(lp).backward()
+    got = lp.grad.clone()
+    lp.grad = None
+    step(lp).backward()
+    torch.testing.assert_close(got, lp.grad)

@@ -1,34 +1,20 @@
-import os
-
 import pytest
 import torch
 
 import oracle
 import rlhf_kernels as rk
-from conftest import tolist
+from conftest import backends_of, tolist, use_backend
 from rlhf_kernels import backend as backends
 from rlhf_kernels.reference import logprobs as ref_logprobs
 
-needs_cpu_kernel = pytest.mark.skipif(
-    "token_logprobs" not in backends.HAS_CPU, reason="rlhf_kernels._C not built"
-)
-# Here Triton runs in its interpreter on the CPU tensors these tests make; on a GPU
-# machine tests/test_gpu.py runs the same kernels on CUDA tensors.
-needs_triton = pytest.mark.skipif(
-    "token_logprobs" not in backends.HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs triton and TRITON_INTERPRET=1",
-)
 COMPILED = ("cpu", "triton")
 
 
-@pytest.fixture(
-    autouse=True,
-    params=["reference", pytest.param("cpu", marks=needs_cpu_kernel), pytest.param("triton", marks=needs_triton)],
-)
+@pytest.fixture(autouse=True, params=backends_of("token_logprobs"))
 def backend_name(request, monkeypatch, _fresh_seed):
-    """Every test here runs on each backend of the logprobs family."""
-    monkeypatch.setenv(backends.ENV_VAR, f"logprobs={request.param}")
-    return request.param
+    """Every test here runs on each backend of the logprobs family (Triton in its
+    interpreter here; tests/test_gpu.py runs it on CUDA tensors)."""
+    return use_backend(request, monkeypatch, "logprobs")
 
 # bf16 logits carry 8 mantissa bits; fp32 accumulation of the reference then
 # agrees with the float64 oracle (fed the same rounded logits) to ~1e-5.

@@ -1,32 +1,20 @@
 import itertools
-import os
 
 import pytest
 import torch
 
 import oracle
 import rlhf_kernels as rk
-from conftest import random_mask, tolist
-from rlhf_kernels import backend as backends
+from conftest import backends_of, random_mask, tolist, use_backend
 from rlhf_kernels.reference.ppo import AGG_MODES
 
 COMPILED = ("cpu", "triton")
 
 
-@pytest.fixture(
-    autouse=True,
-    params=[
-        "reference",
-        pytest.param("cpu", marks=pytest.mark.skipif("ppo_policy_loss" not in backends.HAS_CPU, reason="no _C")),
-        pytest.param("triton", marks=pytest.mark.skipif(
-            "ppo_policy_loss" not in backends.HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
-            reason="needs triton and TRITON_INTERPRET=1")),
-    ],
-)
+@pytest.fixture(autouse=True, params=backends_of("ppo_policy_loss"))
 def backend_name(request, monkeypatch, _fresh_seed):
     """Every test here runs on each backend of the ppo family."""
-    monkeypatch.setenv(backends.ENV_VAR, f"ppo={request.param}")
-    return request.param
+    return use_backend(request, monkeypatch, "ppo")
 
 POLICY_OPTIONS = [
     dict(clip_low=0.2, clip_high=None, dual_clip=None, log_ratio_clamp=None),

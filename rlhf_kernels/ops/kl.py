@@ -1,0 +1,87 @@
+"""torch.library layer of the KL ops on the compiled backends (cpu, triton).
+
+kl_penalty's kernels return the estimate and, when autograd needs it, d kl / d d
+with d = logprobs - ref_logprobs; the backward is g * grad for logprobs and
+-g * grad for ref_logprobs. kl_shaped_rewards is rollout data: no autograd.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from .. import _extension
+
+
+def _triton_kernels():
+    return importlib.import_module("rlhf_kernels.triton.kl")
+
+
+@torch.library.custom_op("rlhf_kernels::kl_penalty_triton", mutates_args=())
+def _kl_penalty_triton(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str, clamp: Optional[float], need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _triton_kernels().kl_penalty(logprobs, ref_logprobs, estimator, clamp, need_grad)
+
+
+@torch.library.custom_op("rlhf_kernels::kl_shaped_rewards_triton", mutates_args=())
+def _kl_shaped_rewards_triton(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+    estimator: str, clamp: Optional[float], score_index: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _triton_kernels().kl_shaped_rewards(
+        scores, logprobs, ref_logprobs, mask, kl_coef, estimator, clamp, score_index
+    )
+
+
+def _kl_penalty_fake(logprobs, ref_logprobs, estimator, clamp, need_grad):
+    return torch.empty_like(logprobs), torch.empty_like(logprobs) if need_grad else logprobs.new_empty(0)
+
+
+def _kl_shaped_rewards_fake(scores, logprobs, *args):
+    return torch.empty_like(logprobs), torch.empty_like(logprobs)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_kl, _grad_grad):
+    (slope,) = ctx.saved_tensors
+    grad = grad_kl * slope
+    return grad, -grad, None, None, None
+
+
+def _register(penalty_op: str, rewards_op: str) -> None:
+    torch.library.register_fake(penalty_op, _kl_penalty_fake)
+    torch.library.register_autograd(penalty_op, _backward, setup_context=_setup_context)
+    torch.library.register_fake(rewards_op, _kl_shaped_rewards_fake)
+
+
+_register("rlhf_kernels::kl_penalty_triton", "rlhf_kernels::kl_shaped_rewards_triton")
+if _extension.LOADED:
+    _register("rlhf_kernels::kl_penalty", "rlhf_kernels::kl_shaped_rewards")
+
+_PENALTY = {"cpu": lambda: torch.ops.rlhf_kernels.kl_penalty, "triton": lambda: _kl_penalty_triton}
+_REWARDS = {"cpu": lambda: torch.ops.rlhf_kernels.kl_shaped_rewards, "triton": lambda: _kl_shaped_rewards_triton}
+
+
+def kl_penalty(logprobs, ref_logprobs, *, estimator, clamp, dtype, kernel):
+    """Runs `kernel` ("cpu" or "triton"); arguments and result as functional.kl_penalty."""
+    need_grad = torch.is_grad_enabled() and (logprobs.requires_grad or ref_logprobs.requires_grad)
+    kl, _ = _PENALTY[kernel]()(
+        logprobs.to(dtype).contiguous(), ref_logprobs.to(dtype).contiguous(), estimator,
+        None if clamp is None else float(clamp), need_grad,
+    )
+    return kl
+
+
+def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator, clamp, score_index, dtype, kernel):
+    """Runs `kernel` ("cpu" or "triton"); arguments and results as functional.kl_shaped_rewards."""
+    return _REWARDS[kernel]()(
+        scores.to(dtype).contiguous(), logprobs.to(dtype).contiguous(), ref_logprobs.to(dtype).contiguous(),
+        mask.to(dtype).contiguous(), float(kl_coef), estimator, None if clamp is None else float(clamp),
+        None if score_index is None else score_index.long().contiguous(),
+    )
