@@ -1,6 +1,7 @@
 // CPU kernels for rlhf_kernels::kl_penalty and kl_shaped_rewards. One estimator
 // function (value and derivative) serves both; clamps pass the gradient on their
-// closed interval and |d| has derivative sign(d), as torch's clamp and abs do.
+// closed interval and |d| has derivative sign(d), as torch's clamp and abs do. The
+// loops are branch-free per estimator, so the fp32 path vectorises (vector_math.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -8,7 +9,10 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <string_view>
+
+#include "vector_math.h"
 
 namespace rlhf_kernels {
 namespace {
@@ -29,38 +33,73 @@ Estimator parse_estimator(c10::string_view name) {
 constexpr double kLowVarInnerClamp = 20.0;
 constexpr double kLowVarOuterClamp = 10.0;
 
-template <typename T>
-inline T clamp_to(T x, T bound) { return std::min(std::max(x, -bound), bound); }
-template <typename T>
-inline T passes(T x, T bound) { return std::abs(x) <= bound ? T(1) : T(0); }
+RLHF_INLINE float exp_of(float x) { return vector_math::exp(x); }
+RLHF_INLINE double exp_of(double x) { return std::exp(x); }
 
-// The estimate at d = lp - ref, and d estimate / d d into *derivative (when not null).
 template <typename T>
-inline T estimate(T d, Estimator estimator, bool has_clamp, T clamp, T* derivative) {
-  T value, slope;
-  switch (estimator) {
-    case Estimator::kK1: value = d; slope = 1; break;
-    case Estimator::kK2: value = T(0.5) * d * d; slope = d; break;
-    case Estimator::kK3: {
-      const T e = std::exp(-d);
-      value = e + d - 1;
-      slope = 1 - e;
-      break;
-    }
-    case Estimator::kAbs: value = std::abs(d); slope = d > 0 ? T(1) : (d < 0 ? T(-1) : T(0)); break;
-    default: {  // low_var_kl: c = clamp(-d, +-20), clamp(exp(c) - c - 1, +-10)
-      const T c = clamp_to(-d, T(kLowVarInnerClamp));
-      const T raw = std::exp(c) - c - 1;
-      value = clamp_to(raw, T(kLowVarOuterClamp));
-      slope = -passes(-d, T(kLowVarInnerClamp)) * (std::exp(c) - 1) * passes(raw, T(kLowVarOuterClamp));
-    }
+RLHF_INLINE T select(bool condition, T a, T b) { return condition ? a : b; }
+template <typename T>
+RLHF_INLINE T clamp_to(T x, T bound) { return select(x < -bound, -bound, select(x > bound, bound, x)); }
+template <typename T>
+RLHF_INLINE T passes(T x, T bound) { return select((x < T(0) ? -x : x) <= bound, T(1), T(0)); }
+
+// The estimate at d = lp - ref and d estimate / d d; clamp = +inf is no clamp (exact).
+// The estimator is a template parameter so that each loop is branch-free.
+template <typename T, Estimator E>
+RLHF_INLINE T estimate(T d, T clamp, T& slope) {
+  T value;
+  if constexpr (E == Estimator::kK1) {
+    value = d;
+    slope = 1;
+  } else if constexpr (E == Estimator::kK2) {
+    value = T(0.5) * d * d;
+    slope = d;
+  } else if constexpr (E == Estimator::kK3) {
+    const T e = exp_of(-d);
+    value = e + d - 1;
+    slope = 1 - e;
+  } else if constexpr (E == Estimator::kAbs) {
+    value = d < 0 ? -d : d;
+    slope = select(d > T(0), T(1), select(d < T(0), T(-1), T(0)));
+  } else {  // low_var_kl: c = clamp(-d, +-20), clamp(exp(c) - c - 1, +-10)
+    const T c = clamp_to(-d, T(kLowVarInnerClamp));
+    const T e = exp_of(c);
+    const T raw = e - c - 1;
+    value = clamp_to(raw, T(kLowVarOuterClamp));
+    slope = -passes(-d, T(kLowVarInnerClamp)) * (e - 1) * passes(raw, T(kLowVarOuterClamp));
   }
-  if (has_clamp) {
-    slope *= passes(value, clamp);
-    value = clamp_to(value, clamp);
+  slope *= passes(value, clamp);
+  return clamp_to(value, clamp);
+}
+
+template <typename T, Estimator E>
+RLHF_INLINE void penalty_loop(const T* lp, const T* ref, T* out, T* grad, int64_t n, T clamp) {
+  for (int64_t i = 0; i < n; ++i) {
+    T slope;
+    out[i] = estimate<T, E>(lp[i] - ref[i], clamp, slope);
+    if (grad != nullptr) grad[i] = slope;
   }
-  if (derivative != nullptr) *derivative = slope;
-  return value;
+}
+
+template <typename T>
+RLHF_INLINE void penalty_any(Estimator e, const T* lp, const T* ref, T* out, T* grad, int64_t n, T clamp) {
+  switch (e) {
+    case Estimator::kK1: return penalty_loop<T, Estimator::kK1>(lp, ref, out, grad, n, clamp);
+    case Estimator::kK2: return penalty_loop<T, Estimator::kK2>(lp, ref, out, grad, n, clamp);
+    case Estimator::kK3: return penalty_loop<T, Estimator::kK3>(lp, ref, out, grad, n, clamp);
+    case Estimator::kAbs: return penalty_loop<T, Estimator::kAbs>(lp, ref, out, grad, n, clamp);
+    default: return penalty_loop<T, Estimator::kLowVarKl>(lp, ref, out, grad, n, clamp);
+  }
+}
+
+// Entry points per dtype: fp32 vectorised (target clones), fp64 plain.
+RLHF_VECTORIZED static void run_penalty(Estimator e, const float* lp, const float* ref, float* out, float* grad,
+                                        int64_t n, float clamp) {
+  penalty_any(e, lp, ref, out, grad, n, clamp);
+}
+static void run_penalty(Estimator e, const double* lp, const double* ref, double* out, double* grad, int64_t n,
+                        double clamp) {
+  penalty_any(e, lp, ref, out, grad, n, clamp);
 }
 
 void check_same(const char* op, const at::Tensor& a, const at::Tensor& b) {
@@ -82,10 +121,10 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_cpu(
     const scalar_t* ref = ref_logprobs.const_data_ptr<scalar_t>();
     scalar_t* out = kl.mutable_data_ptr<scalar_t>();
     scalar_t* g = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-    const scalar_t bound = scalar_t(clamp.value_or(0));
+    const scalar_t bound = clamp ? scalar_t(*clamp) : std::numeric_limits<scalar_t>::infinity();
     at::parallel_for(0, logprobs.numel(), 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        out[i] = estimate(lp[i] - ref[i], estimator, clamp.has_value(), bound, g == nullptr ? nullptr : g + i);
+      run_penalty(estimator, lp + begin, ref + begin, out + begin, g == nullptr ? nullptr : g + begin, end - begin,
+                  bound);
     });
   });
   return {kl, grad};
@@ -119,15 +158,17 @@ std::tuple<at::Tensor, at::Tensor> kl_shaped_rewards_cpu(
     const int64_t* index = score_index.has_value() ? score_index->const_data_ptr<int64_t>() : nullptr;
     scalar_t* r = rewards.mutable_data_ptr<scalar_t>();
     scalar_t* k = kl.mutable_data_ptr<scalar_t>();
-    const scalar_t bound = scalar_t(clamp.value_or(0));
+    const scalar_t bound = clamp ? scalar_t(*clamp) : std::numeric_limits<scalar_t>::infinity();
     const scalar_t coef = scalar_t(kl_coef);
     at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
+        const int64_t offset = b * T;
+        run_penalty(estimator, lp + offset, ref + offset, k + offset, static_cast<scalar_t*>(nullptr), T, bound);
         int64_t last_valid = -1;
-        for (int64_t i = b * T; i < (b + 1) * T; ++i) {
-          k[i] = estimate(lp[i] - ref[i], estimator, clamp.has_value(), bound, static_cast<scalar_t*>(nullptr)) * m[i];
+        for (int64_t i = offset; i < offset + T; ++i) {
+          k[i] *= m[i];
           r[i] = -coef * k[i];
-          if (m[i] != 0) last_valid = i - b * T;
+          if (m[i] != 0) last_valid = i - offset;
         }
         const int64_t where = index != nullptr ? index[b] : last_valid;
         TORCH_CHECK(index == nullptr || (where >= 0 && where < T), "kl_shaped_rewards: score_index must be in [0, ",
