@@ -94,6 +94,8 @@ TRITON_MODULES: dict[str, str] = {
     "ppo_value_loss": "ppo",
     "kl_penalty": "kl",
     "kl_shaped_rewards": "kl",
+    "gae": "gae",
+    "discounted_returns": "gae",
 }
 
 
@@ -126,9 +128,9 @@ def available(op: str, device: torch.device | str) -> tuple[str, ...]:
     elif device_type == "cpu":
         if op in HAS_CPU:
             names.append("cpu")
-        if op in HAS_TRITON and _triton_interpreted():
-            names.append("triton")
     names.append("reference")
+    if device_type == "cpu" and op in HAS_TRITON and _triton_interpreted():
+        names.append("triton")  # the interpreter: explicit choice only, never auto's
     return tuple(names)
 
 

@@ -275,10 +275,10 @@ def gae(
     check.in_unit_interval("gamma", gamma)
     check.in_unit_interval("lam", lam)
     check.choice("mask_mode", mask_mode, MASK_MODES)
-    dtype = check.result_dtype(rewards, values)
-    if _backend.resolve("gae", rewards.device, backend) == "reference":
-        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam, mask_mode=mask_mode, dtype=dtype)
-    return _gae_ops.gae(rewards, values, mask, gamma=gamma, lam=lam, mask_mode=mask_mode, dtype=dtype)
+    implementation = _pick("gae", rewards.device, backend, reference.gae, _gae_ops.gae)
+    return implementation(
+        rewards, values, mask, gamma=gamma, lam=lam, mask_mode=mask_mode, dtype=check.result_dtype(rewards, values)
+    )
 
 
 def discounted_returns(

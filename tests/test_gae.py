@@ -3,7 +3,7 @@ import torch
 
 import oracle
 import rlhf_kernels as rk
-from conftest import random_mask, tolist
+from conftest import backends_of, random_mask, tolist
 from rlhf_kernels import backend
 from rlhf_kernels.reference.gae import MASK_MODES
 
@@ -31,7 +31,7 @@ def test_hand_computed_case():
     torch.testing.assert_close(ret, torch.tensor([[1.5, 1.0]]))
 
 
-@pytest.mark.parametrize("backend_name", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+@pytest.mark.parametrize("backend_name", backends_of("gae"))
 @pytest.mark.parametrize("mode", MASK_MODES)
 @pytest.mark.parametrize("shape", [(1, 1), (4, 1), (5, 13)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -54,31 +54,45 @@ def test_no_mask_means_all_ones(mode):
     torch.testing.assert_close(a, b)
 
 
-@needs_cpu_kernel
+@pytest.mark.parametrize("backend_name", backends_of("gae")[1:])
 @pytest.mark.parametrize("mode", MASK_MODES)
-def test_cpu_kernel_matches_reference_on_a_large_batch(mode):
-    rewards, values, mask = _rollout(67, 129)  # more rows than one parallel_for grain
-    got = rk.gae(rewards, values, mask, gamma=0.97, lam=0.93, mask_mode=mode, backend="cpu")
+def test_compiled_kernels_match_the_reference_on_a_large_batch(backend_name, mode):
+    # more rows than one parallel_for grain; T = 2500 spans three Triton blocks
+    rewards, values, mask = _rollout(67, 2500)
+    got = rk.gae(rewards, values, mask, gamma=0.97, lam=0.93, mask_mode=mode, backend=backend_name)
     want = rk.gae(rewards, values, mask, gamma=0.97, lam=0.93, mask_mode=mode, backend="reference")
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # C++ scans in float64: one fp32 rounding of the output. Triton's fp32 tree scan
+    # rounds at each of log2(1024) = 10 levels: 10 ulps of |A| <= ~20 is 2.4e-5.
+    tol = 1e-6 if backend_name == "cpu" else 3e-5
+    torch.testing.assert_close(got, want, atol=tol, rtol=1e-6)
 
 
-@needs_cpu_kernel
-def test_long_row_keeps_fp32_precision():
-    # T = 32768 with gamma = lam = 1: A_0 sums 32k terms; the float64 scan inside the
-    # kernel keeps it within float32 rounding of the exact float64 recursion.
+@pytest.mark.parametrize("backend_name", backends_of("gae")[1:])
+def test_long_row_keeps_fp32_precision(backend_name):
+    # T = 32768 with gamma = lam = 1: A_0 sums 32k terms. The C++ kernel scans in
+    # float64 (rtol 1e-6 of the exact recursion). Triton's fp32 scan must do no worse
+    # than the sequential fp32 recursion does (or 8 ulps of the largest |A|).
     T = 32768
     rewards, values = torch.randn(2, T), torch.randn(2, T)
-    adv, _ = rk.gae(rewards, values, gamma=1.0, lam=1.0, mask_mode="ignore", backend="cpu")
+    adv, _ = rk.gae(rewards, values, gamma=1.0, lam=1.0, mask_mode="ignore", backend=backend_name)
     exact = torch.flip(torch.cumsum(torch.flip(rewards.double(), [1]), 1), [1]) - values.double()
-    torch.testing.assert_close(adv.double(), exact, atol=0, rtol=1e-6)
+    if backend_name == "cpu":
+        torch.testing.assert_close(adv.double(), exact, atol=0, rtol=1e-6)
+        return
+    running, sequential_fp32 = torch.zeros(2), torch.empty(2, T)
+    for t in range(T - 1, -1, -1):  # the frameworks' loop, in fp32 (torch.cumsum is not sequential)
+        running = rewards[:, t] + running
+        sequential_fp32[:, t] = running - values[:, t]
+    bound = max((sequential_fp32.double() - exact).abs().max().item(),
+                8 * torch.finfo(torch.float32).eps * exact.abs().max().item())
+    assert (adv.double() - exact).abs().max().item() <= bound
 
 
 def test_auto_uses_the_cpu_kernel_when_built():
     assert backend.resolve("gae", "cpu") == ("cpu" if "gae" in backend.HAS_CPU else "reference")
 
 
-@pytest.mark.parametrize("backend_name", ["reference", pytest.param("cpu", marks=needs_cpu_kernel)])
+@pytest.mark.parametrize("backend_name", backends_of("gae"))
 def test_discounted_returns(backend_name):
     rewards, _, mask = _rollout(4, 7)
     got = rk.discounted_returns(rewards, mask, gamma=0.9, backend=backend_name)
@@ -98,12 +112,13 @@ def test_inputs_requiring_grad_are_constants():
     assert not adv.requires_grad and not ret.requires_grad
 
 
-@needs_cpu_kernel
+@pytest.mark.parametrize("backend_name", backends_of("gae")[1:])
 @pytest.mark.parametrize("mode", MASK_MODES)
-def test_opcheck(mode):
+def test_opcheck(backend_name, mode):
+    op = {"cpu": torch.ops.rlhf_kernels.gae, "triton": torch.ops.rlhf_kernels.gae_triton}[backend_name]
     rewards, values, mask = _rollout(3, 8)
-    torch.library.opcheck(torch.ops.rlhf_kernels.gae.default, (rewards, values, mask, 0.99, 0.95, mode))
-    torch.library.opcheck(torch.ops.rlhf_kernels.gae.default, (rewards.double(), values.double(), None, 1.0, 0.9, mode))
+    torch.library.opcheck(op.default, (rewards, values, mask, 0.99, 0.95, mode))
+    torch.library.opcheck(op.default, (rewards.double(), values.double(), None, 1.0, 0.9, mode))
 
 
 @needs_cpu_kernel

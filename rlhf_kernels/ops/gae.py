@@ -1,4 +1,4 @@
-"""torch.ops.rlhf_kernels.gae: fake kernel and the typed call used by functional.gae.
+"""torch.ops.rlhf_kernels.gae (C++) and gae_triton: fakes and the typed call used by functional.gae.
 
 The op is not differentiable (advantages are constants to the PPO losses), so it
 has no autograd registration: inputs are detached before the call.
@@ -6,6 +6,7 @@ has no autograd registration: inputs are detached before the call.
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -19,13 +20,28 @@ if _extension.LOADED:
         return torch.empty_like(rewards), torch.empty_like(rewards)
 
 
+@torch.library.custom_op("rlhf_kernels::gae_triton", mutates_args=())
+def _gae_triton(
+    rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], gamma: float, lam: float,
+    mask_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return importlib.import_module("rlhf_kernels.triton.gae").gae(rewards, values, mask, gamma, lam, mask_mode)
+
+
+@_gae_triton.register_fake
+def _(rewards, *args):
+    return torch.empty_like(rewards), torch.empty_like(rewards)
+
+
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], *, gamma: float,
-    lam: float, mask_mode: str, dtype: torch.dtype,
+    lam: float, mask_mode: str, dtype: torch.dtype, kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs the compiled kernel of the tensors' device on float32/float64 contiguous copies."""
+    """Runs `kernel` ("cpu"/"cuda": the C++ op of the tensors' device; "triton") on
+    float32/float64 contiguous copies."""
     rewards = rewards.detach().to(dtype).contiguous()
     values = values.detach().to(dtype).contiguous()
     if mask is not None:
         mask = mask.detach().to(dtype).contiguous()
-    return torch.ops.rlhf_kernels.gae(rewards, values, mask, float(gamma), float(lam), mask_mode)
+    op = _gae_triton if kernel == "triton" else torch.ops.rlhf_kernels.gae
+    return op(rewards, values, mask, float(gamma), float(lam), mask_mode)
