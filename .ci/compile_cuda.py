@@ -31,9 +31,16 @@ def main() -> int:
     includes = cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
     cuda_include = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include")
     flags = [
-        "-std=c++20", f"-arch={ARCH}", "-O1", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-std=c++20",
+        f"-arch={ARCH}",
+        "-O1",
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(getattr(__import__('torch')._C, '_GLIBCXX_USE_CXX11_ABI', True))}",
-        "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", f"-I{cuda_include}",
+        "--expt-relaxed-constexpr",
+        "-Xcompiler",
+        "-fPIC",
+        f"-I{cuda_include}",
     ] + [f"-I{path}" for path in includes]
     failed = 0
     with tempfile.TemporaryDirectory() as out:

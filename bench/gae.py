@@ -71,12 +71,21 @@ def impls(device: str) -> dict:
 
 def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
     for B, T in SHAPES[(device, quick)]:
+
         def make(B=B, T=T):
             lengths = torch.randint(T // 2, T + 1, (B,), device=device)
             mask = (torch.arange(T, device=device) < lengths[:, None]).to(dtype)
-            return (torch.randn(B, T, device=device, dtype=dtype), torch.randn(B, T, device=device, dtype=dtype),
-                    mask), ()
+            return (
+                torch.randn(B, T, device=device, dtype=dtype),
+                torch.randn(B, T, device=device, dtype=dtype),
+                mask,
+            ), ()
+
         yield dict(
-            name=f"gae B={B} T={T} {str(dtype)[6:]}", impls=impls(device), make=make, unit="GB/s",
-            work={"forward": 5 * B * T * torch.finfo(dtype).bits / 8 / 1e9}, modes=("forward",),
+            name=f"gae B={B} T={T} {str(dtype)[6:]}",
+            impls=impls(device),
+            make=make,
+            unit="GB/s",
+            work={"forward": 5 * B * T * torch.finfo(dtype).bits / 8 / 1e9},
+            modes=("forward",),
         )

@@ -28,7 +28,9 @@ SHAPES = {
 
 def _penalty_impls(device: str, quick: bool) -> dict:
     impls = {
-        f"ours:{name}": (lambda name: lambda lp, ref: rk.kl_penalty(lp, ref, estimator="low_var_kl", backend=name))(name)
+        f"ours:{name}": (lambda name: lambda lp, ref: rk.kl_penalty(lp, ref, estimator="low_var_kl", backend=name))(
+            name
+        )
         for name in backend.available("kl_penalty", device)
     }
     if not quick:
@@ -44,13 +46,16 @@ def _rewards_impls(device: str, quick: bool) -> dict:
     impls = {f"ours:{name}": ours(name) for name in backend.available("kl_shaped_rewards", device)}
     if not quick:
         compiled = torch.compile(reference.kl_shaped_rewards)
-        impls["torch.compile(reference)"] = lambda s, lp, ref, m: compiled(s, lp, ref, m, kl_coef=0.05, estimator="k3")[0]
+        impls["torch.compile(reference)"] = lambda s, lp, ref, m: compiled(s, lp, ref, m, kl_coef=0.05, estimator="k3")[
+            0
+        ]
     return impls
 
 
 def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
     bytes_per = torch.finfo(dtype).bits // 8
     for B, T in SHAPES[(device, quick)]:
+
         def make_penalty(B=B, T=T):
             lp = -torch.rand(B, T, device=device, dtype=dtype) * 3
             return (lp, lp + torch.randn_like(lp)), (0, 1)
@@ -62,7 +67,18 @@ def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
             return (torch.randn(B, device=device, dtype=dtype), lp, lp + torch.randn_like(lp), mask), ()
 
         n = B * T * bytes_per / 1e9
-        yield dict(name=f"kl_penalty B={B} T={T} {str(dtype)[6:]}", impls=_penalty_impls(device, quick),
-                   make=make_penalty, unit="GB/s", work={"forward": 3 * n, "forward+backward": 5 * n})
-        yield dict(name=f"kl_shaped_rewards B={B} T={T} {str(dtype)[6:]}", impls=_rewards_impls(device, quick),
-                   make=make_rewards, unit="GB/s", work={"forward": 5 * n}, modes=("forward",))
+        yield dict(
+            name=f"kl_penalty B={B} T={T} {str(dtype)[6:]}",
+            impls=_penalty_impls(device, quick),
+            make=make_penalty,
+            unit="GB/s",
+            work={"forward": 3 * n, "forward+backward": 5 * n},
+        )
+        yield dict(
+            name=f"kl_shaped_rewards B={B} T={T} {str(dtype)[6:]}",
+            impls=_rewards_impls(device, quick),
+            make=make_rewards,
+            unit="GB/s",
+            work={"forward": 5 * n},
+            modes=("forward",),
+        )

@@ -84,20 +84,29 @@ def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
     shapes = SHAPES[(device, quick)]
     bytes_per = torch.finfo(dtype).bits // 8
     for N, V in shapes["token"]:
+
         def make(N=N, V=V):
             logits = torch.randn(N, V, device=device, dtype=dtype)
             return (logits, torch.randint(0, V, (N,), device=device)), (0,)
+
         yield dict(
-            name=f"token_logprobs N={N} V={V} {str(dtype)[6:]}", impls=token_impls(device, quick), make=make,
-            unit="GB/s", work={"forward": N * V * bytes_per / 1e9, "forward+backward": 3 * N * V * bytes_per / 1e9},
+            name=f"token_logprobs N={N} V={V} {str(dtype)[6:]}",
+            impls=token_impls(device, quick),
+            make=make,
+            unit="GB/s",
+            work={"forward": N * V * bytes_per / 1e9, "forward+backward": 3 * N * V * bytes_per / 1e9},
         )
     for N, H, V in shapes["linear"]:
+
         def make(N=N, H=H, V=V):
             hidden = torch.randn(N, H, device=device, dtype=dtype)
             weight = torch.randn(V, H, device=device, dtype=dtype) / H**0.5
             return (hidden, weight, torch.randint(0, V, (N,), device=device)), (0, 1)
+
         yield dict(
-            name=f"linear_logprobs N={N} H={H} V={V} {str(dtype)[6:]}", impls=linear_impls(device, quick),
-            make=make, unit="TFLOP/s",
+            name=f"linear_logprobs N={N} H={H} V={V} {str(dtype)[6:]}",
+            impls=linear_impls(device, quick),
+            make=make,
+            unit="TFLOP/s",
             work={"forward": 2 * N * H * V / 1e12, "forward+backward": 6 * N * H * V / 1e12},
         )

@@ -28,8 +28,9 @@ POLICY_OPTIONS = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg="token-me
 
 def _policy_impls(device: str, quick: bool) -> dict:
     impls = {
-        f"ours:{name}": (lambda name: lambda lp, old, adv, m: rk.ppo_policy_loss(
-            lp, old, adv, m, backend=name, **POLICY_OPTIONS)[0])(name)
+        f"ours:{name}": (
+            lambda name: lambda lp, old, adv, m: rk.ppo_policy_loss(lp, old, adv, m, backend=name, **POLICY_OPTIONS)[0]
+        )(name)
         for name in backend.available("ppo_policy_loss", device)
     }
     if not quick:
@@ -52,13 +53,25 @@ def _value_impls(device: str, quick: bool) -> dict:
 def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
     bytes_per = torch.finfo(dtype).bits // 8
     for B, T in SHAPES[(device, quick)]:
+
         def make(B=B, T=T):
             lp = -torch.rand(B, T, device=device, dtype=dtype) * 3
             lengths = torch.randint(T // 2, T + 1, (B,), device=device)
             mask = (torch.arange(T, device=device) < lengths[:, None]).to(dtype)
             return (lp, lp + 0.3 * torch.randn_like(lp), torch.randn_like(lp), mask), (0,)
+
         work = {"forward": 4 * B * T * bytes_per / 1e9, "forward+backward": 5 * B * T * bytes_per / 1e9}
-        yield dict(name=f"ppo_policy_loss B={B} T={T} {str(dtype)[6:]}", impls=_policy_impls(device, quick),
-                   make=make, unit="GB/s", work=work)
-        yield dict(name=f"ppo_value_loss B={B} T={T} {str(dtype)[6:]}", impls=_value_impls(device, quick),
-                   make=make, unit="GB/s", work=work)
+        yield dict(
+            name=f"ppo_policy_loss B={B} T={T} {str(dtype)[6:]}",
+            impls=_policy_impls(device, quick),
+            make=make,
+            unit="GB/s",
+            work=work,
+        )
+        yield dict(
+            name=f"ppo_value_loss B={B} T={T} {str(dtype)[6:]}",
+            impls=_value_impls(device, quick),
+            make=make,
+            unit="GB/s",
+            work=work,
+        )

@@ -27,11 +27,15 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 def _runner(fn, args, grad_positions, mode):
     if mode == "forward":
+
         def run():
             with torch.no_grad():
                 fn(*args)
+
         return run
-    leaves = [a.detach().requires_grad_(i in grad_positions) if a.is_floating_point() else a for i, a in enumerate(args)]
+    leaves = [
+        a.detach().requires_grad_(i in grad_positions) if a.is_floating_point() else a for i, a in enumerate(args)
+    ]
 
     def reset():
         for leaf in leaves:
@@ -41,6 +45,7 @@ def _runner(fn, args, grad_positions, mode):
         reset()
         out = fn(*leaves)
         out.backward(torch.ones_like(out))
+
     run.reset = reset
     return run
 
@@ -67,11 +72,21 @@ def measure(family: str, device: str, quick: bool, dtype: torch.dtype) -> list[h
                     continue
                 rate = case["work"][mode] / (ms / 1e3)
                 print(f"{ms:.2f} ms, {peak if peak is not None else float('nan'):.0f} MiB", file=sys.stderr)
-                results.append(harness.Result(
-                    family, case["name"], impl, mode, round(ms, 3), round(peak, 1) if peak is not None else float("nan"),
-                    round(rate, 2), case["unit"], harness.device_name(device), torch.__version__,
-                    harness.triton_version(),
-                ))
+                results.append(
+                    harness.Result(
+                        family,
+                        case["name"],
+                        impl,
+                        mode,
+                        round(ms, 3),
+                        round(peak, 1) if peak is not None else float("nan"),
+                        round(rate, 2),
+                        case["unit"],
+                        harness.device_name(device),
+                        torch.__version__,
+                        harness.triton_version(),
+                    )
+                )
     return results
 
 
@@ -85,13 +100,18 @@ def write(results: list[harness.Result], stem: str) -> list[str]:
         writer.writerows(rows)
     first = results[0]
     with open(paths[1], "w") as out:
-        out.write(f"# {stem}\n\nDevice: {first.device}; torch {first.torch}; triton {first.triton}. "
-                  "Median of repeated runs after warm-up; peak = extra memory of one run.\n\n")
+        out.write(
+            f"# {stem}\n\nDevice: {first.device}; torch {first.torch}; triton {first.triton}. "
+            "Median of repeated runs after warm-up; peak = extra memory of one run.\n\n"
+        )
         out.write("| case | impl | mode | ms | peak MiB | rate |\n|---|---|---|---:|---:|---:|\n")
         for r in results:
-            out.write(f"| {r.case} | {r.impl} | {r.mode} | {r.ms:.2f} | {r.peak_mb:.0f} | {r.rate:.2f} {r.rate_unit} |\n")
+            out.write(
+                f"| {r.case} | {r.impl} | {r.mode} | {r.ms:.2f} | {r.peak_mb:.0f} | {r.rate:.2f} {r.rate_unit} |\n"
+            )
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -104,7 +124,9 @@ def write(results: list[harness.Result], stem: str) -> list[str]:
             subset = [r for r in results if r.case == case]
             labels = [f"{r.impl}\n{r.mode}" for r in subset]
             axes[row][col].barh(labels, [getattr(r, metric) for r in subset])
-            axes[row][col].set_title(f"{case}: {'time (ms)' if metric == 'ms' else 'peak extra memory (MiB)'}", fontsize=9)
+            axes[row][col].set_title(
+                f"{case}: {'time (ms)' if metric == 'ms' else 'peak extra memory (MiB)'}", fontsize=9
+            )
             axes[row][col].tick_params(labelsize=7)
     fig.tight_layout()
     paths.append(os.path.join(RESULTS, f"{stem}.png"))
@@ -117,10 +139,16 @@ def main() -> int:
     parser.add_argument("--family", choices=FAMILIES, required=True)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="one small shape per op, fewer repeats")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="default: the family's DEFAULT_DTYPE for the device")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="default: the family's DEFAULT_DTYPE for the device",
+    )
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype) if args.dtype else importlib.import_module(args.family).DEFAULT_DTYPE[args.device]
+    dtype = (
+        getattr(torch, args.dtype) if args.dtype else importlib.import_module(args.family).DEFAULT_DTYPE[args.device]
+    )
     results = measure(args.family, args.device, args.quick, dtype)
     stem = f"{args.family}-{args.device}-{str(dtype)[6:]}" + ("-quick" if args.quick else "")
     for path in write(results, stem):

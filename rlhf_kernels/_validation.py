@@ -52,8 +52,7 @@ def same_shape(reference_name: str, reference: torch.Tensor, **others: Optional[
     for name, x in others.items():
         if x is not None and x.shape != reference.shape:
             raise ValueError(
-                f"{name} must have the shape of {reference_name} {tuple(reference.shape)}, "
-                f"got {tuple(x.shape)}"
+                f"{name} must have the shape of {reference_name} {tuple(reference.shape)}, got {tuple(x.shape)}"
             )
 
 

@@ -1,8 +1,8 @@
 """The `rlhf-kernels` command.
 
-    rlhf-kernels info   versions, whether rlhf_kernels._C loaded, and per op the
-                        backends available on CPU / CUDA tensors and auto's pick
-    rlhf-kernels demo   one PPO step's math on random rollouts, printed
+rlhf-kernels info   versions, whether rlhf_kernels._C loaded, and per op the
+                    backends available on CPU / CUDA tensors and auto's pick
+rlhf-kernels demo   one PPO step's math on random rollouts, printed
 """
 
 from __future__ import annotations
@@ -32,8 +32,12 @@ def info() -> str:
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), triton {_triton_version()}",
         f"CUDA device: {torch.cuda.get_device_name() if cuda_ok else 'none'}",
         f"rlhf_kernels._C: {'loaded' if _extension.LOADED else 'NOT loaded: ' + _extension.LOAD_ERROR}"
-        + (f" (CPU kernels: {', '.join(sorted(backend.HAS_CPU)) or 'none'};"
-           f" CUDA kernels: {', '.join(sorted(backend.HAS_CUDA)) or 'none'})" if _extension.LOADED else ""),
+        + (
+            f" (CPU kernels: {', '.join(sorted(backend.HAS_CPU)) or 'none'};"
+            f" CUDA kernels: {', '.join(sorted(backend.HAS_CUDA)) or 'none'})"
+            if _extension.LOADED
+            else ""
+        ),
         f"{backend.ENV_VAR}={__import__('os').environ.get(backend.ENV_VAR, '')!r}",
         "",
         f"{'op':<20} {'family':<9} {'cpu tensors (auto first)':<26} cuda tensors (auto first)",
@@ -72,14 +76,16 @@ def demo(batch: int = 4, length: int = 16, vocab: int = 50, hidden: int = 32, se
     value_loss, value_stats = rk.ppo_value_loss(values, old_values, returns, mask)
     (policy_loss + 0.5 * value_loss).backward()
     picked = {op: backend.resolve(op, "cpu") for op in ("linear_logprobs", "gae", "ppo_policy_loss")}
-    return "\n".join([
-        f"backends on CPU: {picked}",
-        f"mean entropy {rk.masked_mean(entropy, mask).item():.4f}  mean KL {rk.masked_mean(kl, mask).item():.6f}",
-        f"mean advantage after whitening {rk.masked_mean(advantages, mask).item():+.2e}",
-        f"policy loss {policy_loss.item():.4f} (clipfrac {stats['clipfrac'].item():.3f})  "
-        f"value loss {value_loss.item():.4f} (vf_clipfrac {value_stats['vf_clipfrac'].item():.3f})",
-        f"|grad lm_head| {lm_head.grad.norm().item():.4f}  |grad values| {values.grad.norm().item():.4f}",
-    ])
+    return "\n".join(
+        [
+            f"backends on CPU: {picked}",
+            f"mean entropy {rk.masked_mean(entropy, mask).item():.4f}  mean KL {rk.masked_mean(kl, mask).item():.6f}",
+            f"mean advantage after whitening {rk.masked_mean(advantages, mask).item():+.2e}",
+            f"policy loss {policy_loss.item():.4f} (clipfrac {stats['clipfrac'].item():.3f})  "
+            f"value loss {value_loss.item():.4f} (vf_clipfrac {value_stats['vf_clipfrac'].item():.3f})",
+            f"|grad lm_head| {lm_head.grad.norm().item():.4f}  |grad values| {values.grad.norm().item():.4f}",
+        ]
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -59,9 +59,16 @@ def _check_token_grid(mask: Optional[Tensor], **tensors: Tensor) -> None:
 
 
 def token_logprobs(
-    logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
-    return_entropy: bool = False, softcap: Optional[float] = None, logit_scale: float = 1.0,
-    inplace_backward: bool = False, backend: Optional[str] = None,
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    inplace_backward: bool = False,
+    backend: Optional[str] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Per-token log p(label) (and entropy) under softmax(z), never a [..., V] fp32 copy at once.
 
@@ -92,10 +99,18 @@ def token_logprobs(
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     check.labels_in_range(labels, logits.shape[-1], ignore_index)
-    implementation = _pick("token_logprobs", logits.device, backend, reference.token_logprobs, _logprobs_ops.token_logprobs)
+    implementation = _pick(
+        "token_logprobs", logits.device, backend, reference.token_logprobs, _logprobs_ops.token_logprobs
+    )
     return implementation(
-        logits, labels, temperature=temperature, ignore_index=ignore_index,
-        return_entropy=return_entropy, softcap=softcap, logit_scale=logit_scale, inplace_backward=inplace_backward,
+        logits,
+        labels,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        return_entropy=return_entropy,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        inplace_backward=inplace_backward,
     )
 
 
@@ -116,9 +131,17 @@ def _check_linear(hidden, weight, bias) -> None:
 
 
 def linear_logprobs(
-    hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
-    temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-    softcap: Optional[float] = None, logit_scale: float = 1.0, backend: Optional[str] = None,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    backend: Optional[str] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """token_logprobs(hidden @ weight.T + bias, labels, ...) without materializing the logits.
 
@@ -139,10 +162,19 @@ def linear_logprobs(
     check.same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     _logit_options(temperature, ignore_index, return_entropy, softcap, logit_scale)
     check.labels_in_range(labels, weight.shape[0], ignore_index)
-    implementation = _pick("linear_logprobs", hidden.device, backend, reference.linear_logprobs, _logprobs_ops.linear_logprobs)
+    implementation = _pick(
+        "linear_logprobs", hidden.device, backend, reference.linear_logprobs, _logprobs_ops.linear_logprobs
+    )
     return implementation(
-        hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
-        return_entropy=return_entropy, softcap=softcap, logit_scale=logit_scale,
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        return_entropy=return_entropy,
+        softcap=softcap,
+        logit_scale=logit_scale,
     )
 
 
@@ -162,8 +194,14 @@ def _check_sequences(hidden, weight, labels, mask) -> None:
 
 
 def sequence_logprobs(
-    hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor, *, average: bool = False,
-    temperature: float = 1.0, backend: Optional[str] = None,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    *,
+    average: bool = False,
+    temperature: float = 1.0,
+    backend: Optional[str] = None,
 ) -> Tensor:
     """Per-sequence sum (average=True: mean) of log p(label) over positions with mask != 0.
 
@@ -177,7 +215,12 @@ def sequence_logprobs(
     check.labels_in_range(labels[mask != 0], weight.shape[0], ignore_index=-100)
     resolved = _backend.resolve("sequence_logprobs", hidden.device, backend)
     return reference.sequence_logprobs(
-        hidden, weight, labels, mask, average=average, temperature=temperature,
+        hidden,
+        weight,
+        labels,
+        mask,
+        average=average,
+        temperature=temperature,
         linear_logprobs=_linear_logprobs_on(resolved),
     )
 
@@ -186,7 +229,11 @@ def sequence_logprobs(
 
 
 def kl_penalty(
-    logprobs: Tensor, ref_logprobs: Tensor, *, estimator: str = "k1", clamp: Optional[float] = None,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    *,
+    estimator: str = "k1",
+    clamp: Optional[float] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Per-token KL estimate from the policy and reference log-probs of the sampled tokens.
@@ -206,14 +253,24 @@ def kl_penalty(
     check.optional_positive("clamp", clamp)
     implementation = _pick("kl_penalty", logprobs.device, backend, reference.kl_penalty, _kl_ops.kl_penalty)
     return implementation(
-        logprobs, ref_logprobs, estimator=estimator, clamp=clamp,
+        logprobs,
+        ref_logprobs,
+        estimator=estimator,
+        clamp=clamp,
         dtype=check.result_dtype(logprobs, ref_logprobs),
     )
 
 
 def kl_shaped_rewards(
-    scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, *, kl_coef: float,
-    estimator: str = "k1", clamp: Optional[float] = None, score_index: Optional[Tensor] = None,
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    kl_coef: float,
+    estimator: str = "k1",
+    clamp: Optional[float] = None,
+    score_index: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token rewards of RLHF-PPO: the KL penalty everywhere, the score at one position.
@@ -244,19 +301,30 @@ def kl_shaped_rewards(
     )
     with torch.no_grad():
         return implementation(
-            scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=estimator, clamp=clamp,
-            score_index=score_index, dtype=check.result_dtype(scores, logprobs, ref_logprobs),
+            scores,
+            logprobs,
+            ref_logprobs,
+            mask,
+            kl_coef=kl_coef,
+            estimator=estimator,
+            clamp=clamp,
+            score_index=score_index,
+            dtype=check.result_dtype(scores, logprobs, ref_logprobs),
         )
 
 
 # ---------------------------------------------------------------------- gae --
 
 
-
-
 def gae(
-    rewards: Tensor, values: Tensor, mask: Optional[Tensor] = None, *, gamma: float = 1.0,
-    lam: float = 0.95, mask_mode: str = "carry", backend: Optional[str] = None,
+    rewards: Tensor,
+    values: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    mask_mode: str = "carry",
+    backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
     """Generalized advantage estimation as one reverse scan per row.
 
@@ -297,8 +365,9 @@ def discounted_returns(
     return advantages
 
 
-def masked_mean(x: Tensor, mask: Tensor, dim: Optional[Union[int, tuple[int, ...]]] = None,
-                *, backend: Optional[str] = None) -> Tensor:
+def masked_mean(
+    x: Tensor, mask: Tensor, dim: Optional[Union[int, tuple[int, ...]]] = None, *, backend: Optional[str] = None
+) -> Tensor:
     """sum(x * mask) / sum(mask), over all elements (dim=None) or along dim.
 
     Args: x float [...], mask of x's shape (bool/int/float weights).
@@ -313,7 +382,12 @@ def masked_mean(x: Tensor, mask: Tensor, dim: Optional[Union[int, tuple[int, ...
 
 
 def masked_whiten(
-    x: Tensor, mask: Tensor, *, shift_mean: bool = True, unbiased: bool = True, eps: float = 1e-8,
+    x: Tensor,
+    mask: Tensor,
+    *,
+    shift_mean: bool = True,
+    unbiased: bool = True,
+    eps: float = 1e-8,
     backend: Optional[str] = None,
 ) -> Tensor:
     """(x - mean) / sqrt(var + eps) over the positions with mask != 0 (one global mean and var).
@@ -341,9 +415,17 @@ def _check_agg(agg: str) -> None:
 
 
 def ppo_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
-    clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
-    log_ratio_clamp: Optional[float] = None, agg: str = "token-mean", backend: Optional[str] = None,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    log_ratio_clamp: Optional[float] = None,
+    agg: str = "token-mean",
+    backend: Optional[str] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate loss, aggregated over valid tokens, with its statistics.
 
@@ -370,17 +452,32 @@ def ppo_policy_loss(
         if not dual_clip > 1:
             raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip!r}")
     _check_agg(agg)
-    implementation = _pick("ppo_policy_loss", logprobs.device, backend, reference.ppo_policy_loss, _ppo_ops.ppo_policy_loss)
+    implementation = _pick(
+        "ppo_policy_loss", logprobs.device, backend, reference.ppo_policy_loss, _ppo_ops.ppo_policy_loss
+    )
     return implementation(
-        logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-        dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, agg=agg,
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        log_ratio_clamp=log_ratio_clamp,
+        agg=agg,
         dtype=check.result_dtype(logprobs, old_logprobs, advantages),
     )
 
 
 def ppo_value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: Optional[float] = 0.2,
-    agg: str = "token-mean", backend: Optional[str] = None,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    *,
+    clip: Optional[float] = 0.2,
+    agg: str = "token-mean",
+    backend: Optional[str] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss 0.5 max((v - R)^2, (old + clip(v - old, -clip, clip) - R)^2).
 
@@ -395,7 +492,12 @@ def ppo_value_loss(
     _check_agg(agg)
     implementation = _pick("ppo_value_loss", values.device, backend, reference.ppo_value_loss, _ppo_ops.ppo_value_loss)
     return implementation(
-        values, old_values, returns, mask, clip=clip, agg=agg,
+        values,
+        old_values,
+        returns,
+        mask,
+        clip=clip,
+        agg=agg,
         dtype=check.result_dtype(values, old_values, returns),
     )
 
@@ -414,9 +516,16 @@ def _check_dpo_options(beta, loss_type, label_smoothing, reference_free) -> None
 
 
 def dpo_loss(
-    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0, reference_free: bool = False, backend: Optional[str] = None,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The DPO loss family on sequence log-probs, with TRL's formulas per loss_type.
 
@@ -439,17 +548,32 @@ def dpo_loss(
     _check_dpo_options(beta, loss_type, label_smoothing, reference_free)
     _backend.resolve("dpo_loss", policy_chosen_logps.device, backend)
     return reference.dpo_loss(
-        *tensors, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-        reference_free=reference_free, dtype=check.result_dtype(*tensors),
+        *tensors,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        reference_free=reference_free,
+        dtype=check.result_dtype(*tensors),
     )
 
 
 def linear_dpo_loss(
-    hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor, *,
-    ref_chosen_logps: Optional[Tensor] = None, ref_rejected_logps: Optional[Tensor] = None,
-    ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None, beta: float = 0.1,
-    loss_type: str = "sigmoid", label_smoothing: float = 0.0, reference_free: bool = False,
-    average: Optional[bool] = None, temperature: float = 1.0, backend: Optional[str] = None,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    *,
+    ref_chosen_logps: Optional[Tensor] = None,
+    ref_rejected_logps: Optional[Tensor] = None,
+    ref_hidden: Optional[Tensor] = None,
+    ref_weight: Optional[Tensor] = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    average: Optional[bool] = None,
+    temperature: float = 1.0,
+    backend: Optional[str] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DPO from final hidden states, never materializing the [2B, T, V] logits.
 
@@ -492,11 +616,22 @@ def linear_dpo_loss(
     check.labels_in_range(labels[mask != 0], weight.shape[0], ignore_index=-100)
     resolved = _backend.resolve("linear_dpo_loss", hidden.device, backend)
     return reference.linear_dpo_loss(
-        hidden, weight, labels, mask, ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, beta=beta,
-        loss_type=loss_type, label_smoothing=label_smoothing, reference_free=reference_free,
-        average=(loss_type == "ipo") if average is None else average, temperature=temperature,
-        dtype=check.result_dtype(hidden), linear_logprobs=_linear_logprobs_on(resolved),
+        hidden,
+        weight,
+        labels,
+        mask,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        reference_free=reference_free,
+        average=(loss_type == "ipo") if average is None else average,
+        temperature=temperature,
+        dtype=check.result_dtype(hidden),
+        linear_logprobs=_linear_logprobs_on(resolved),
     )
 
 
@@ -504,7 +639,10 @@ def linear_dpo_loss(
 
 
 def bradley_terry_loss(
-    chosen_rewards: Tensor, rejected_rewards: Tensor, *, margin: Optional[Union[Tensor, float]] = None,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    *,
+    margin: Optional[Union[Tensor, float]] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Pairwise reward-model loss: mean of -logsigmoid(r_chosen - r_rejected - margin).
@@ -524,7 +662,9 @@ def bradley_terry_loss(
     check.same_device(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
     _backend.resolve("bradley_terry_loss", chosen_rewards.device, backend)
     return reference.bradley_terry_loss(
-        chosen_rewards, rejected_rewards, margin=margin,
+        chosen_rewards,
+        rejected_rewards,
+        margin=margin,
         dtype=check.result_dtype(chosen_rewards, rejected_rewards),
     )
 

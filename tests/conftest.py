@@ -55,8 +55,12 @@ def backends_of(op: str) -> list:
     return [
         "reference",
         pytest.param("cpu", marks=pytest.mark.skipif(op not in backend.HAS_CPU, reason="rlhf_kernels._C not built")),
-        pytest.param("triton", marks=pytest.mark.skipif(
-            op not in backend.HAS_TRITON or not interpreted, reason="needs triton and TRITON_INTERPRET=1")),
+        pytest.param(
+            "triton",
+            marks=pytest.mark.skipif(
+                op not in backend.HAS_TRITON or not interpreted, reason="needs triton and TRITON_INTERPRET=1"
+            ),
+        ),
     ]
 
 

@@ -148,7 +148,8 @@ def dpo(pc, pr, rc, rr, beta, loss_type, ls=0.0, reference_free=False):
     elif loss_type == "exo_pair":
         e = ls or 1e-3
         loss = sigmoid(beta * h) * (log_sigmoid(beta * h) - math.log(1 - e)) + sigmoid(-beta * h) * (
-            log_sigmoid(-beta * h) - math.log(e))
+            log_sigmoid(-beta * h) - math.log(e)
+        )
     elif loss_type == "nca_pair":
         loss = -log_sigmoid(beta * a) - 0.5 * log_sigmoid(-beta * a) - 0.5 * log_sigmoid(-beta * b)
     elif loss_type == "sppo_hard":

@@ -7,29 +7,57 @@ import rlhf_kernels as rk
 # name -> positional parameters, then keyword-only parameters with their defaults
 # (backend=None last everywhere).
 CONTRACT = {
-    "token_logprobs": (["logits", "labels"], dict(
-        temperature=1.0, ignore_index=-100, return_entropy=False, softcap=None, logit_scale=1.0,
-        inplace_backward=False)),  # inplace_backward: the log-prob kernels issue's opt-in
-    "linear_logprobs": (["hidden", "weight", "labels"], dict(
-        bias=None, temperature=1.0, ignore_index=-100, return_entropy=False, softcap=None, logit_scale=1.0)),
+    "token_logprobs": (
+        ["logits", "labels"],
+        dict(
+            temperature=1.0,
+            ignore_index=-100,
+            return_entropy=False,
+            softcap=None,
+            logit_scale=1.0,
+            inplace_backward=False,
+        ),
+    ),  # inplace_backward: the log-prob kernels issue's opt-in
+    "linear_logprobs": (
+        ["hidden", "weight", "labels"],
+        dict(bias=None, temperature=1.0, ignore_index=-100, return_entropy=False, softcap=None, logit_scale=1.0),
+    ),
     "kl_penalty": (["logprobs", "ref_logprobs"], dict(estimator="k1", clamp=None)),
-    "kl_shaped_rewards": (["scores", "logprobs", "ref_logprobs", "mask"], dict(
-        kl_coef=inspect.Parameter.empty, estimator="k1", clamp=None, score_index=None)),
+    "kl_shaped_rewards": (
+        ["scores", "logprobs", "ref_logprobs", "mask"],
+        dict(kl_coef=inspect.Parameter.empty, estimator="k1", clamp=None, score_index=None),
+    ),
     "gae": (["rewards", "values", "mask"], dict(gamma=1.0, lam=0.95, mask_mode="carry")),
     "discounted_returns": (["rewards", "mask"], dict(gamma=1.0)),
     "masked_mean": (["x", "mask", "dim"], dict()),
     "masked_whiten": (["x", "mask"], dict(shift_mean=True, unbiased=True, eps=1e-8)),
-    "ppo_policy_loss": (["logprobs", "old_logprobs", "advantages", "mask"], dict(
-        clip_low=0.2, clip_high=None, dual_clip=None, log_ratio_clamp=None, agg="token-mean")),
+    "ppo_policy_loss": (
+        ["logprobs", "old_logprobs", "advantages", "mask"],
+        dict(clip_low=0.2, clip_high=None, dual_clip=None, log_ratio_clamp=None, agg="token-mean"),
+    ),
     "ppo_value_loss": (["values", "old_values", "returns", "mask"], dict(clip=0.2, agg="token-mean")),
-    "dpo_loss": (["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"], dict(
-        beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False)),
+    "dpo_loss": (
+        ["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"],
+        dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False),
+    ),
     "bradley_terry_loss": (["chosen_rewards", "rejected_rewards"], dict(margin=None)),
     "ranking_loss": (["rewards", "ranks"], dict()),
     "sequence_logprobs": (["hidden", "weight", "labels", "mask"], dict(average=False, temperature=1.0)),
-    "linear_dpo_loss": (["hidden", "weight", "labels", "mask"], dict(
-        ref_chosen_logps=None, ref_rejected_logps=None, ref_hidden=None, ref_weight=None, beta=0.1,
-        loss_type="sigmoid", label_smoothing=0.0, reference_free=False, average=None, temperature=1.0)),
+    "linear_dpo_loss": (
+        ["hidden", "weight", "labels", "mask"],
+        dict(
+            ref_chosen_logps=None,
+            ref_rejected_logps=None,
+            ref_hidden=None,
+            ref_weight=None,
+            beta=0.1,
+            loss_type="sigmoid",
+            label_smoothing=0.0,
+            reference_free=False,
+            average=None,
+            temperature=1.0,
+        ),
+    ),
 }
 
 

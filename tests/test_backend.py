@@ -31,11 +31,14 @@ def test_env_per_family_and_per_op(monkeypatch):
     assert backend.env_choice("kl_penalty") == "reference"  # the default
 
 
-@pytest.mark.parametrize("setting,words", [
-    ("fast", "RLHF_KERNELS_BACKEND must be one of ('triton', 'cuda', 'cpu', 'reference')"),
-    ("gae=fast", "entry 'gae=fast' must be one of"),
-    ("policy=cpu", "key must be an op family"),
-])
+@pytest.mark.parametrize(
+    "setting,words",
+    [
+        ("fast", "RLHF_KERNELS_BACKEND must be one of ('triton', 'cuda', 'cpu', 'reference')"),
+        ("gae=fast", "entry 'gae=fast' must be one of"),
+        ("policy=cpu", "key must be an op family"),
+    ],
+)
 def test_bad_env_setting_is_a_clear_error(monkeypatch, setting, words):
     monkeypatch.setenv(backend.ENV_VAR, setting)
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):

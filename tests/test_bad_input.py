@@ -11,29 +11,62 @@ def _valid():
     lp = -torch.rand(B, T)
     return {
         "token_logprobs": (rk.token_logprobs, dict(logits=torch.randn(B, T, V), labels=torch.randint(0, V, (B, T)))),
-        "linear_logprobs": (rk.linear_logprobs, dict(
-            hidden=torch.randn(B, T, H), weight=torch.randn(V, H), labels=torch.randint(0, V, (B, T)))),
-        "sequence_logprobs": (rk.sequence_logprobs, dict(
-            hidden=torch.randn(B, T, H), weight=torch.randn(V, H), labels=torch.randint(0, V, (B, T)),
-            mask=torch.ones(B, T))),
+        "linear_logprobs": (
+            rk.linear_logprobs,
+            dict(hidden=torch.randn(B, T, H), weight=torch.randn(V, H), labels=torch.randint(0, V, (B, T))),
+        ),
+        "sequence_logprobs": (
+            rk.sequence_logprobs,
+            dict(
+                hidden=torch.randn(B, T, H),
+                weight=torch.randn(V, H),
+                labels=torch.randint(0, V, (B, T)),
+                mask=torch.ones(B, T),
+            ),
+        ),
         "kl_penalty": (rk.kl_penalty, dict(logprobs=lp, ref_logprobs=lp.clone())),
-        "kl_shaped_rewards": (rk.kl_shaped_rewards, dict(
-            scores=torch.randn(B), logprobs=lp, ref_logprobs=lp.clone(), mask=torch.ones(B, T), kl_coef=0.1)),
+        "kl_shaped_rewards": (
+            rk.kl_shaped_rewards,
+            dict(scores=torch.randn(B), logprobs=lp, ref_logprobs=lp.clone(), mask=torch.ones(B, T), kl_coef=0.1),
+        ),
         "gae": (rk.gae, dict(rewards=torch.randn(B, T), values=torch.randn(B, T), mask=torch.ones(B, T))),
         "discounted_returns": (rk.discounted_returns, dict(rewards=torch.randn(B, T), mask=torch.ones(B, T))),
         "masked_mean": (rk.masked_mean, dict(x=torch.randn(B, T), mask=torch.ones(B, T))),
         "masked_whiten": (rk.masked_whiten, dict(x=torch.randn(B, T), mask=torch.ones(B, T))),
-        "ppo_policy_loss": (rk.ppo_policy_loss, dict(
-            logprobs=lp, old_logprobs=lp.clone(), advantages=torch.randn(B, T), mask=torch.ones(B, T))),
-        "ppo_value_loss": (rk.ppo_value_loss, dict(
-            values=torch.randn(B, T), old_values=torch.randn(B, T), returns=torch.randn(B, T), mask=torch.ones(B, T))),
-        "dpo_loss": (rk.dpo_loss, dict(
-            policy_chosen_logps=torch.randn(B), policy_rejected_logps=torch.randn(B),
-            ref_chosen_logps=torch.randn(B), ref_rejected_logps=torch.randn(B))),
-        "linear_dpo_loss": (rk.linear_dpo_loss, dict(
-            hidden=torch.randn(2 * B, T, H), weight=torch.randn(V, H), labels=torch.randint(0, V, (2 * B, T)),
-            mask=torch.ones(2 * B, T), ref_chosen_logps=torch.randn(B), ref_rejected_logps=torch.randn(B))),
-        "bradley_terry_loss": (rk.bradley_terry_loss, dict(chosen_rewards=torch.randn(B), rejected_rewards=torch.randn(B))),
+        "ppo_policy_loss": (
+            rk.ppo_policy_loss,
+            dict(logprobs=lp, old_logprobs=lp.clone(), advantages=torch.randn(B, T), mask=torch.ones(B, T)),
+        ),
+        "ppo_value_loss": (
+            rk.ppo_value_loss,
+            dict(
+                values=torch.randn(B, T), old_values=torch.randn(B, T), returns=torch.randn(B, T), mask=torch.ones(B, T)
+            ),
+        ),
+        "dpo_loss": (
+            rk.dpo_loss,
+            dict(
+                policy_chosen_logps=torch.randn(B),
+                policy_rejected_logps=torch.randn(B),
+                ref_chosen_logps=torch.randn(B),
+                ref_rejected_logps=torch.randn(B),
+            ),
+        ),
+        "linear_dpo_loss": (
+            rk.linear_dpo_loss,
+            dict(
+                hidden=torch.randn(2 * B, T, H),
+                weight=torch.randn(V, H),
+                labels=torch.randint(0, V, (2 * B, T)),
+                mask=torch.ones(2 * B, T),
+                ref_chosen_logps=torch.randn(B),
+                ref_rejected_logps=torch.randn(B),
+            ),
+        ),
+        "bradley_terry_loss": (
+            rk.bradley_terry_loss,
+            dict(chosen_rewards=torch.randn(B), rejected_rewards=torch.randn(B)),
+        ),
         "ranking_loss": (rk.ranking_loss, dict(rewards=torch.randn(B, 4), ranks=torch.randint(0, 4, (B, 4)))),
     }
 
@@ -50,13 +83,25 @@ CASES = [
     ("token_logprobs", "temperature", lambda k: 0.0, ValueError, "temperature must be a number > 0"),
     ("token_logprobs", "softcap", lambda k: -1.0, ValueError, "softcap"),
     ("token_logprobs", "logits", lambda k: [[1.0]], TypeError, "logits must be a torch.Tensor"),
-    ("linear_logprobs", "weight", lambda k: k["weight"][:, :3], ValueError, "weight must be [V, H] with H = hidden.shape[-1] = 4"),
+    (
+        "linear_logprobs",
+        "weight",
+        lambda k: k["weight"][:, :3],
+        ValueError,
+        "weight must be [V, H] with H = hidden.shape[-1] = 4",
+    ),
     ("linear_logprobs", "weight", lambda k: k["weight"].double(), TypeError, "weight must have hidden's dtype"),
     ("linear_logprobs", "bias", lambda k: torch.randn(4), ValueError, "bias must have shape [V]"),
     ("linear_logprobs", "labels", lambda k: k["labels"].T, ValueError, "labels must have shape hidden.shape[:-1]"),
     ("sequence_logprobs", "mask", lambda k: k["mask"][:1], ValueError, "mask must have the shape of labels"),
     ("sequence_logprobs", "hidden", lambda k: k["hidden"][0], ValueError, "hidden must have 3 dims [B, T, H]"),
-    ("kl_penalty", "ref_logprobs", lambda k: k["ref_logprobs"][:1], ValueError, "ref_logprobs must have the shape of logprobs"),
+    (
+        "kl_penalty",
+        "ref_logprobs",
+        lambda k: k["ref_logprobs"][:1],
+        ValueError,
+        "ref_logprobs must have the shape of logprobs",
+    ),
     ("kl_penalty", "estimator", lambda k: "k4", ValueError, "estimator must be one of"),
     ("kl_penalty", "clamp", lambda k: 0, ValueError, "clamp must be a number > 0"),
     ("kl_shaped_rewards", "scores", lambda k: torch.randn(3), ValueError, "scores must have shape [B]"),
@@ -72,7 +117,13 @@ CASES = [
     ("discounted_returns", "mask", lambda k: k["mask"].T, ValueError, "mask must have the shape of rewards"),
     ("masked_mean", "mask", lambda k: k["mask"][0], ValueError, "mask must have the shape of x"),
     ("masked_whiten", "eps", lambda k: 0.0, ValueError, "eps must be a number > 0"),
-    ("ppo_policy_loss", "advantages", lambda k: k["advantages"][:, :1], ValueError, "advantages must have the shape of logprobs"),
+    (
+        "ppo_policy_loss",
+        "advantages",
+        lambda k: k["advantages"][:, :1],
+        ValueError,
+        "advantages must have the shape of logprobs",
+    ),
     ("ppo_policy_loss", "agg", lambda k: "mean", ValueError, "agg must be one of"),
     ("ppo_policy_loss", "dual_clip", lambda k: 0.5, ValueError, "dual_clip must be > 1"),
     ("ppo_policy_loss", "clip_low", lambda k: -0.2, ValueError, "clip_low must be a number > 0"),
@@ -83,15 +134,29 @@ CASES = [
     ("dpo_loss", "beta", lambda k: 0, ValueError, "beta must be a number > 0"),
     ("linear_dpo_loss", "hidden", lambda k: k["hidden"][:3], ValueError, "odd number of rows"),
     ("linear_dpo_loss", "ref_rejected_logps", lambda k: None, ValueError, "must be given together"),
-    ("linear_dpo_loss", "ref_chosen_logps", lambda k: torch.randn(4), ValueError, "ref_chosen_logps must have shape [B]"),
-    ("bradley_terry_loss", "rejected_rewards", lambda k: torch.randn(3), ValueError, "rejected_rewards must have the shape"),
+    (
+        "linear_dpo_loss",
+        "ref_chosen_logps",
+        lambda k: torch.randn(4),
+        ValueError,
+        "ref_chosen_logps must have shape [B]",
+    ),
+    (
+        "bradley_terry_loss",
+        "rejected_rewards",
+        lambda k: torch.randn(3),
+        ValueError,
+        "rejected_rewards must have the shape",
+    ),
     ("bradley_terry_loss", "margin", lambda k: torch.randn(5), ValueError, "margin must have the shape"),
     ("ranking_loss", "rewards", lambda k: torch.randn(2, 1), ValueError, "K >= 2"),
     ("ranking_loss", "ranks", lambda k: torch.zeros(2, 3), ValueError, "ranks must have the shape of rewards"),
 ]
 
 
-@pytest.mark.parametrize("name,argument,bad,error,words", CASES, ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    "name,argument,bad,error,words", CASES, ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(CASES)]
+)
 def test_bad_input_names_the_argument(name, argument, bad, error, words):
     fn, kwargs = _valid()[name]
     fn(**kwargs)  # the valid call works

@@ -21,8 +21,9 @@ def test_dpo_loss_matches_oracle(loss_type, label_smoothing, reference_free):
     )
     want = [oracle.dpo(*pair, 0.3, loss_type, label_smoothing, reference_free) for pair in zip(*map(tolist, logps))]
     for got, index in ((losses, 0), (chosen, 1), (rejected, 2)):
-        torch.testing.assert_close(got.double(), torch.tensor([w[index] for w in want], dtype=torch.float64),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            got.double(), torch.tensor([w[index] for w in want], dtype=torch.float64), atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -48,7 +49,9 @@ def test_linear_dpo_loss_matches_naive_path(loss_type):
     B, T, H, V = 3, 5, 4, 23
     hidden, weight, labels, mask = _pairs(B, T, H, V)
     ref_hidden = hidden.detach() + 0.1 * torch.randn_like(hidden)
-    loss, metrics = rk.linear_dpo_loss(hidden, weight, labels, mask, ref_hidden=ref_hidden, beta=0.1, loss_type=loss_type)
+    loss, metrics = rk.linear_dpo_loss(
+        hidden, weight, labels, mask, ref_hidden=ref_hidden, beta=0.1, loss_type=loss_type
+    )
     loss.backward()
     got_grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None

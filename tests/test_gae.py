@@ -15,18 +15,23 @@ def _rollout(B, T, dtype=torch.float32):
 
 
 def _oracle(rewards, values, mask, gamma, lam, mode):
-    rows = [
-        oracle.gae_row(r, v, m, gamma, lam, mode)
-        for r, v, m in zip(tolist(rewards), tolist(values), tolist(mask))
-    ]
-    return (torch.tensor([a for a, _ in rows], dtype=torch.float64),
-            torch.tensor([r for _, r in rows], dtype=torch.float64))
+    rows = [oracle.gae_row(r, v, m, gamma, lam, mode) for r, v, m in zip(tolist(rewards), tolist(values), tolist(mask))]
+    return (
+        torch.tensor([a for a, _ in rows], dtype=torch.float64),
+        torch.tensor([r for _, r in rows], dtype=torch.float64),
+    )
 
 
 def test_hand_computed_case():
     # gamma = 0.5, lam = 1: A_1 = r_1 - V_1 = 1 - 2 = -1; A_0 = r_0 + 0.5 V_1 - V_0 + 0.5 A_1 = 1.
-    adv, ret = rk.gae(torch.tensor([[1.0, 1.0]]), torch.tensor([[0.5, 2.0]]), gamma=0.5, lam=1.0,
-                      mask_mode="ignore", backend="reference")
+    adv, ret = rk.gae(
+        torch.tensor([[1.0, 1.0]]),
+        torch.tensor([[0.5, 2.0]]),
+        gamma=0.5,
+        lam=1.0,
+        mask_mode="ignore",
+        backend="reference",
+    )
     torch.testing.assert_close(adv, torch.tensor([[1.0, -1.0]]))
     torch.testing.assert_close(ret, torch.tensor([[1.5, 1.0]]))
 
@@ -83,8 +88,10 @@ def test_long_row_keeps_fp32_precision(backend_name):
     for t in range(T - 1, -1, -1):  # the frameworks' loop, in fp32 (torch.cumsum is not sequential)
         running = rewards[:, t] + running
         sequential_fp32[:, t] = running - values[:, t]
-    bound = max((sequential_fp32.double() - exact).abs().max().item(),
-                8 * torch.finfo(torch.float32).eps * exact.abs().max().item())
+    bound = max(
+        (sequential_fp32.double() - exact).abs().max().item(),
+        8 * torch.finfo(torch.float32).eps * exact.abs().max().item(),
+    )
     assert (adv.double() - exact).abs().max().item() <= bound
 
 

@@ -54,9 +54,7 @@ def test_kl_shaped_rewards_matches_oracle(estimator, explicit_index):
     mask = random_mask(B, T)
     scores = torch.randn(B)
     score_index = torch.randint(0, T, (B,)) if explicit_index else None
-    rewards, kl = rk.kl_shaped_rewards(
-        scores, lp, ref, mask, kl_coef=0.1, estimator=estimator, score_index=score_index
-    )
+    rewards, kl = rk.kl_shaped_rewards(scores, lp, ref, mask, kl_coef=0.1, estimator=estimator, score_index=score_index)
     for b in range(B):
         m = tolist(mask[b])
         want_kl = [oracle.kl(x, y, estimator) * w for x, y, w in zip(tolist(lp[b]), tolist(ref[b]), m)]
@@ -95,21 +93,28 @@ def test_kl_shaped_rewards_matches_the_reference_with_holes_and_given_index(back
     mask = random_mask(7, 45)
     scores = torch.randn(7)
     for index in (None, torch.randint(0, 45, (7,))):
-        got = rk.kl_shaped_rewards(scores, lp, ref, mask, kl_coef=0.05, estimator=estimator, clamp=5.0, score_index=index)
-        want = rk.kl_shaped_rewards(scores, lp, ref, mask, kl_coef=0.05, estimator=estimator, clamp=5.0,
-                                    score_index=index, backend="reference")
+        got = rk.kl_shaped_rewards(
+            scores, lp, ref, mask, kl_coef=0.05, estimator=estimator, clamp=5.0, score_index=index
+        )
+        want = rk.kl_shaped_rewards(
+            scores, lp, ref, mask, kl_coef=0.05, estimator=estimator, clamp=5.0, score_index=index, backend="reference"
+        )
         torch.testing.assert_close(got, want)
 
 
 def test_opcheck(backend_name):
     if backend_name not in COMPILED:
         pytest.skip("opcheck is for the compiled ops")
-    ops = {"cpu": (torch.ops.rlhf_kernels.kl_penalty, torch.ops.rlhf_kernels.kl_shaped_rewards),
-           "triton": (torch.ops.rlhf_kernels.kl_penalty_triton, torch.ops.rlhf_kernels.kl_shaped_rewards_triton)}
+    ops = {
+        "cpu": (torch.ops.rlhf_kernels.kl_penalty, torch.ops.rlhf_kernels.kl_shaped_rewards),
+        "triton": (torch.ops.rlhf_kernels.kl_penalty_triton, torch.ops.rlhf_kernels.kl_shaped_rewards_triton),
+    }
     penalty, rewards = ops[backend_name]
     lp, ref = _logprobs(3, 10)
     for need_grad in (False, True):
-        torch.library.opcheck(penalty.default, (lp.clone().requires_grad_(need_grad), ref, "low_var_kl", 2.0, need_grad))
+        torch.library.opcheck(
+            penalty.default, (lp.clone().requires_grad_(need_grad), ref, "low_var_kl", 2.0, need_grad)
+        )
     mask = random_mask(3, 10)
     torch.library.opcheck(rewards.default, (torch.randn(3), lp, ref, mask, 0.1, "k3", None, None))
     torch.library.opcheck(rewards.default, (torch.randn(3), lp, ref, mask, 0.1, "k1", 1.0, torch.tensor([0, 9, 4])))

@@ -16,6 +16,7 @@ def backend_name(request, monkeypatch, _fresh_seed):
     interpreter here; tests/test_gpu.py runs it on CUDA tensors)."""
     return use_backend(request, monkeypatch, "logprobs")
 
+
 # bf16 logits carry 8 mantissa bits; fp32 accumulation of the reference then
 # agrees with the float64 oracle (fed the same rounded logits) to ~1e-5.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5, torch.float64: 1e-10}
@@ -79,9 +80,7 @@ def test_token_logprobs_gradcheck(opts):
     logits = torch.randn(3, 2, 9, dtype=torch.float64, requires_grad=True)
     labels = _labels((3, 2), 9)
     labels[0, 0] = 4  # at least one valid row
-    torch.autograd.gradcheck(
-        lambda x: rk.token_logprobs(x, labels, return_entropy=True, **opts), (logits,)
-    )
+    torch.autograd.gradcheck(lambda x: rk.token_logprobs(x, labels, return_entropy=True, **opts), (logits,))
 
 
 def test_chunked_forward_and_backward_match_unchunked(monkeypatch):
@@ -203,8 +202,10 @@ def test_opcheck(backend_name, softcap):
     logits, labels = torch.randn(5, 19, requires_grad=True), _labels((5,), 19)
     for inplace in (False, True):
         torch.library.opcheck(token_op[backend_name].default, (logits, labels, 0.9, softcap, 1.0, -100, True, inplace))
-    inplace_op = {"cpu": torch.ops.rlhf_kernels.token_logprobs_backward_,
-                  "triton": torch.ops.rlhf_kernels.token_logprobs_triton_backward_}[backend_name]
+    inplace_op = {
+        "cpu": torch.ops.rlhf_kernels.token_logprobs_backward_,
+        "triton": torch.ops.rlhf_kernels.token_logprobs_triton_backward_,
+    }[backend_name]
     _, entropy, lse = token_op[backend_name](logits.detach(), labels, 0.9, softcap, 1.0, -100, True, False)
     torch.library.opcheck(
         inplace_op.default,

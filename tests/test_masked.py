@@ -9,8 +9,9 @@ from conftest import random_mask, tolist
 def test_masked_mean_matches_oracle_global_and_per_row():
     x, mask = torch.randn(4, 9), random_mask(4, 9)
     torch.testing.assert_close(
-        rk.masked_mean(x, mask).double(), torch.tensor(oracle.masked_mean(
-            sum(tolist(x), []), sum(tolist(mask), [])), dtype=torch.float64))
+        rk.masked_mean(x, mask).double(),
+        torch.tensor(oracle.masked_mean(sum(tolist(x), []), sum(tolist(mask), [])), dtype=torch.float64),
+    )
     rows = [oracle.masked_mean(a, m) for a, m in zip(tolist(x), tolist(mask))]
     torch.testing.assert_close(rk.masked_mean(x, mask, dim=-1).double(), torch.tensor(rows, dtype=torch.float64))
     assert rk.masked_mean(x, mask, dim=-1)[0] == 0  # the all-masked row: 0, not NaN

@@ -16,6 +16,7 @@ def backend_name(request, monkeypatch, _fresh_seed):
     """Every test here runs on each backend of the ppo family."""
     return use_backend(request, monkeypatch, "ppo")
 
+
 POLICY_OPTIONS = [
     dict(clip_low=0.2, clip_high=None, dual_clip=None, log_ratio_clamp=None),
     dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, log_ratio_clamp=None),
@@ -38,8 +39,10 @@ def test_policy_loss_matches_oracle(agg, options, shape):
     loss, stats = rk.ppo_policy_loss(lp, old, adv, mask, agg=agg, **options)
     high = options["clip_high"] if options["clip_high"] is not None else options["clip_low"]
     per_token = [
-        [oracle.ppo_token_loss(a, b, c, options["clip_low"], high, options["dual_clip"], options["log_ratio_clamp"])
-         for a, b, c in zip(ra, rb, rc)]
+        [
+            oracle.ppo_token_loss(a, b, c, options["clip_low"], high, options["dual_clip"], options["log_ratio_clamp"])
+            for a, b, c in zip(ra, rb, rc)
+        ]
         for ra, rb, rc in zip(tolist(lp), tolist(old), tolist(adv))
     ]
     m = tolist(mask)
@@ -48,8 +51,15 @@ def test_policy_loss_matches_oracle(agg, options, shape):
     flat_m = sum(m, [])
     clipped = [float(t[1]) for row in per_token for t in row]
     k3 = [t[2] for row in per_token for t in row]
-    torch.testing.assert_close(stats["clipfrac"].double(), torch.tensor(oracle.masked_mean(clipped, flat_m), dtype=torch.float64))
-    torch.testing.assert_close(stats["approx_kl"].double(), torch.tensor(oracle.masked_mean(k3, flat_m), dtype=torch.float64), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        stats["clipfrac"].double(), torch.tensor(oracle.masked_mean(clipped, flat_m), dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        stats["approx_kl"].double(),
+        torch.tensor(oracle.masked_mean(k3, flat_m), dtype=torch.float64),
+        atol=1e-6,
+        rtol=1e-5,
+    )
 
 
 def test_dual_clip_bounds_negative_advantages():
@@ -72,8 +82,10 @@ def test_value_loss_matches_oracle(agg, clip):
     B, T = 4, 7
     values, old, returns, mask = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T), random_mask(B, T)
     loss, stats = rk.ppo_value_loss(values, old, returns, mask, clip=clip, agg=agg)
-    per_token = [[oracle.value_token_loss(a, b, c, clip) for a, b, c in zip(ra, rb, rc)]
-                 for ra, rb, rc in zip(tolist(values), tolist(old), tolist(returns))]
+    per_token = [
+        [oracle.value_token_loss(a, b, c, clip) for a, b, c in zip(ra, rb, rc)]
+        for ra, rb, rc in zip(tolist(values), tolist(old), tolist(returns))
+    ]
     m = tolist(mask)
     want = oracle.aggregate([[t[0] for t in row] for row in per_token], m, agg)
     torch.testing.assert_close(loss.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
@@ -152,11 +164,24 @@ def test_opcheck(backend_name, options):
     lp, old, adv, mask = _batch(4, 9)
     weight = ppo_ops.row_weights(mask, "seq-mean-token-mean")
     for need_grad in (False, True):
-        torch.library.opcheck(policy[backend_name].default, (
-            lp.clone().requires_grad_(need_grad), old, adv, mask, weight, options["clip_low"],
-            options["clip_high"], options["dual_clip"], options["log_ratio_clamp"], need_grad))
-        torch.library.opcheck(value[backend_name].default, (
-            lp.clone().requires_grad_(need_grad), old, adv, mask, weight, 0.2, need_grad))
+        torch.library.opcheck(
+            policy[backend_name].default,
+            (
+                lp.clone().requires_grad_(need_grad),
+                old,
+                adv,
+                mask,
+                weight,
+                options["clip_low"],
+                options["clip_high"],
+                options["dual_clip"],
+                options["log_ratio_clamp"],
+                need_grad,
+            ),
+        )
+        torch.library.opcheck(
+            value[backend_name].default, (lp.clone().requires_grad_(need_grad), old, adv, mask, weight, 0.2, need_grad)
+        )
 
 
 def test_torch_compile_fullgraph(backend_name):

@@ -22,7 +22,11 @@ if _extension.LOADED:
 
 @torch.library.custom_op("rlhf_kernels::gae_triton", mutates_args=())
 def _gae_triton(
-    rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], gamma: float, lam: float,
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    gamma: float,
+    lam: float,
     mask_mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return importlib.import_module("rlhf_kernels.triton.gae").gae(rewards, values, mask, gamma, lam, mask_mode)
@@ -34,8 +38,15 @@ def _(rewards, *args):
 
 
 def gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], *, gamma: float,
-    lam: float, mask_mode: str, dtype: torch.dtype, kernel: str,
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    *,
+    gamma: float,
+    lam: float,
+    mask_mode: str,
+    dtype: torch.dtype,
+    kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs `kernel` ("cpu"/"cuda": the C++ op of the tensors' device; "triton") on
     float32/float64 contiguous copies."""

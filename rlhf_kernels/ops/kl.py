@@ -28,8 +28,14 @@ def _kl_penalty_triton(
 
 @torch.library.custom_op("rlhf_kernels::kl_shaped_rewards_triton", mutates_args=())
 def _kl_shaped_rewards_triton(
-    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float,
-    estimator: str, clamp: Optional[float], score_index: Optional[torch.Tensor],
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: str,
+    clamp: Optional[float],
+    score_index: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _triton_kernels().kl_shaped_rewards(
         scores, logprobs, ref_logprobs, mask, kl_coef, estimator, clamp, score_index
@@ -72,8 +78,11 @@ def kl_penalty(logprobs, ref_logprobs, *, estimator, clamp, dtype, kernel):
     """Runs `kernel` ("cpu" or "triton"); arguments and result as functional.kl_penalty."""
     need_grad = torch.is_grad_enabled() and (logprobs.requires_grad or ref_logprobs.requires_grad)
     kl, _ = _PENALTY[kernel]()(
-        logprobs.to(dtype).contiguous(), ref_logprobs.to(dtype).contiguous(), estimator,
-        None if clamp is None else float(clamp), need_grad,
+        logprobs.to(dtype).contiguous(),
+        ref_logprobs.to(dtype).contiguous(),
+        estimator,
+        None if clamp is None else float(clamp),
+        need_grad,
     )
     return kl
 
@@ -81,7 +90,12 @@ def kl_penalty(logprobs, ref_logprobs, *, estimator, clamp, dtype, kernel):
 def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator, clamp, score_index, dtype, kernel):
     """Runs `kernel` ("cpu" or "triton"); arguments and results as functional.kl_shaped_rewards."""
     return _REWARDS[kernel]()(
-        scores.to(dtype).contiguous(), logprobs.to(dtype).contiguous(), ref_logprobs.to(dtype).contiguous(),
-        mask.to(dtype).contiguous(), float(kl_coef), estimator, None if clamp is None else float(clamp),
+        scores.to(dtype).contiguous(),
+        logprobs.to(dtype).contiguous(),
+        ref_logprobs.to(dtype).contiguous(),
+        mask.to(dtype).contiguous(),
+        float(kl_coef),
+        estimator,
+        None if clamp is None else float(clamp),
         None if score_index is None else score_index.long().contiguous(),
     )

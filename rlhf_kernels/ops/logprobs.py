@@ -64,8 +64,14 @@ def _backward_kernel(kernel: str):
 
 @torch.library.custom_op("rlhf_kernels::token_logprobs_triton", mutates_args=())
 def _token_logprobs_triton(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float, softcap: Optional[float],
-    logit_scale: float, ignore_index: int, return_entropy: bool, inplace_backward: bool,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    softcap: Optional[float],
+    logit_scale: float,
+    ignore_index: int,
+    return_entropy: bool,
+    inplace_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _triton_kernels().token_logprobs_forward(
         logits, labels, temperature, softcap, logit_scale, ignore_index, return_entropy
@@ -79,9 +85,16 @@ def _(logits, labels, *args):
 
 @torch.library.custom_op("rlhf_kernels::token_logprobs_triton_backward", mutates_args=())
 def _token_logprobs_triton_backward(
-    grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor], logits: torch.Tensor,
-    labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
-    softcap: Optional[float], logit_scale: float, ignore_index: int,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    softcap: Optional[float],
+    logit_scale: float,
+    ignore_index: int,
 ) -> torch.Tensor:
     return _triton_kernels().token_logprobs_backward(
         grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, softcap, logit_scale, ignore_index
@@ -95,13 +108,29 @@ def _(grad_logprobs, grad_entropy, logits, *args):
 
 @torch.library.custom_op("rlhf_kernels::token_logprobs_triton_backward_", mutates_args=("logits",))
 def _token_logprobs_triton_backward_inplace(
-    logits: torch.Tensor, grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor],
-    labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
-    softcap: Optional[float], logit_scale: float, ignore_index: int,
+    logits: torch.Tensor,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    softcap: Optional[float],
+    logit_scale: float,
+    ignore_index: int,
 ) -> None:
     _triton_kernels().token_logprobs_backward(
-        grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, softcap, logit_scale,
-        ignore_index, out=logits,
+        grad_logprobs,
+        grad_entropy,
+        logits,
+        labels,
+        lse,
+        entropy,
+        temperature,
+        softcap,
+        logit_scale,
+        ignore_index,
+        out=logits,
     )
 
 
@@ -153,7 +182,8 @@ if _extension.LOADED:
         return None
 
     _register_token_autograd(
-        "rlhf_kernels::token_logprobs", torch.ops.rlhf_kernels.token_logprobs_backward,
+        "rlhf_kernels::token_logprobs",
+        torch.ops.rlhf_kernels.token_logprobs_backward,
         torch.ops.rlhf_kernels.token_logprobs_backward_,
     )
 
@@ -166,9 +196,14 @@ def token_logprobs(
     """Runs `kernel` ("cpu" or "triton"); shapes as functional.token_logprobs."""
     batch_shape = labels.shape
     logprobs, entropy, _ = _TOKEN_OPS[kernel]()(
-        logits.reshape(-1, logits.shape[-1]).contiguous(), labels.reshape(-1).contiguous(),
-        float(temperature), None if softcap is None else float(softcap), float(logit_scale),
-        ignore_index, return_entropy, inplace_backward,
+        logits.reshape(-1, logits.shape[-1]).contiguous(),
+        labels.reshape(-1).contiguous(),
+        float(temperature),
+        None if softcap is None else float(softcap),
+        float(logit_scale),
+        ignore_index,
+        return_entropy,
+        inplace_backward,
     )
     logprobs = logprobs.reshape(batch_shape)
     return (logprobs, entropy.reshape(batch_shape)) if return_entropy else logprobs
@@ -184,16 +219,30 @@ def _chunk_logits(hidden, weight, bias, rows):
 
 @torch.library.custom_op("rlhf_kernels::linear_logprobs", mutates_args=())
 def _linear_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-    temperature: float, softcap: Optional[float], logit_scale: float, ignore_index: int, return_entropy: bool,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    temperature: float,
+    softcap: Optional[float],
+    logit_scale: float,
+    ignore_index: int,
+    return_entropy: bool,
     kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if kernel == "triton" and hidden.dtype != torch.float64:
         # One fused kernel, with or without autograd, so log-probs taken under no_grad
         # (old policy, reference) equal the ones trained on, bit for bit.
         return _triton_kernels().linear_logprobs_forward(
-            hidden.contiguous(), weight.contiguous(), bias, labels.contiguous(), temperature, softcap,
-            logit_scale, ignore_index, return_entropy,
+            hidden.contiguous(),
+            weight.contiguous(),
+            bias,
+            labels.contiguous(),
+            temperature,
+            softcap,
+            logit_scale,
+            ignore_index,
+            return_entropy,
         )
     n_rows = hidden.shape[0]
     forward = _forward_kernel(kernel)
@@ -202,8 +251,13 @@ def _linear_logprobs(
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
         outputs = forward(
-            _chunk_logits(hidden, weight, bias, rows), labels[rows].contiguous(), temperature, softcap,
-            logit_scale, ignore_index, return_entropy,
+            _chunk_logits(hidden, weight, bias, rows),
+            labels[rows].contiguous(),
+            temperature,
+            softcap,
+            logit_scale,
+            ignore_index,
+            return_entropy,
         )
         for stat, chunk in zip(stats, outputs):
             stat[rows] = chunk
@@ -217,10 +271,22 @@ def _(hidden, *args):
 
 @torch.library.custom_op("rlhf_kernels::linear_logprobs_backward", mutates_args=())
 def _linear_logprobs_backward(
-    grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor], hidden: torch.Tensor,
-    weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor, lse: torch.Tensor,
-    entropy: torch.Tensor, temperature: float, softcap: Optional[float], logit_scale: float,
-    ignore_index: int, kernel: str, need_hidden: bool, need_weight: bool, need_bias: bool,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    softcap: Optional[float],
+    logit_scale: float,
+    ignore_index: int,
+    kernel: str,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d hidden, d weight, d bias); an unneeded one is an empty tensor."""
     dtype = compute_dtype(hidden.dtype)
@@ -234,20 +300,48 @@ def _linear_logprobs_backward(
         rows = slice(start, start + step)
         # fp32 logits, so d logits (and with it d weight) is never rounded to bf16.
         grad_z = backward(
-            grad_logprobs[rows].contiguous(), None if grad_entropy is None else grad_entropy[rows].contiguous(),
-            _chunk_logits(hidden, weight, bias, rows).to(dtype), labels[rows].contiguous(),
-            lse[rows].contiguous(), entropy[rows].contiguous(), temperature, softcap, logit_scale, ignore_index,
+            grad_logprobs[rows].contiguous(),
+            None if grad_entropy is None else grad_entropy[rows].contiguous(),
+            _chunk_logits(hidden, weight, bias, rows).to(dtype),
+            labels[rows].contiguous(),
+            lse[rows].contiguous(),
+            entropy[rows].contiguous(),
+            temperature,
+            softcap,
+            logit_scale,
+            ignore_index,
         )
         backprop_linear_chunk(
-            grad_z, hidden, weight, rows, grad_hidden if need_hidden else None,
-            grad_weight if need_weight else None, grad_bias if need_bias else None,
+            grad_z,
+            hidden,
+            weight,
+            rows,
+            grad_hidden if need_hidden else None,
+            grad_weight if need_weight else None,
+            grad_bias if need_bias else None,
         )
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
 @_linear_logprobs_backward.register_fake
-def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, softcap,
-      logit_scale, ignore_index, kernel, need_hidden, need_weight, need_bias):
+def _(
+    grad_logprobs,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    labels,
+    lse,
+    entropy,
+    temperature,
+    softcap,
+    logit_scale,
+    ignore_index,
+    kernel,
+    need_hidden,
+    need_weight,
+    need_bias,
+):
     def maybe(needed, like):
         return torch.empty_like(like) if needed else like.new_empty(0)
 
@@ -265,8 +359,16 @@ def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
     needed = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
     grads = _linear_logprobs_backward(
-        grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
-        hidden, weight, bias, labels, lse, entropy, *ctx.options, *needed,
+        grad_logprobs.contiguous(),
+        None if grad_entropy is None else grad_entropy.contiguous(),
+        hidden,
+        weight,
+        bias,
+        labels,
+        lse,
+        entropy,
+        *ctx.options,
+        *needed,
     )
     return tuple(g if n else None for g, n in zip(grads, needed)) + (None,) * 7
 
@@ -274,13 +376,22 @@ def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
 _linear_logprobs.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
-def linear_logprobs(hidden, weight, labels, *, bias, temperature, ignore_index, return_entropy, softcap,
-                    logit_scale, kernel):
+def linear_logprobs(
+    hidden, weight, labels, *, bias, temperature, ignore_index, return_entropy, softcap, logit_scale, kernel
+):
     """Runs the chunked path on `kernel` ("cpu" or "triton"); shapes as functional.linear_logprobs."""
     batch_shape = labels.shape
     logprobs, entropy, _ = _linear_logprobs(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), float(temperature),
-        None if softcap is None else float(softcap), float(logit_scale), ignore_index, return_entropy, kernel,
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        labels.reshape(-1),
+        float(temperature),
+        None if softcap is None else float(softcap),
+        float(logit_scale),
+        ignore_index,
+        return_entropy,
+        kernel,
     )
     logprobs = logprobs.reshape(batch_shape)
     return (logprobs, entropy.reshape(batch_shape)) if return_entropy else logprobs

@@ -41,20 +41,40 @@ def _triton_kernels():
 
 @torch.library.custom_op("rlhf_kernels::ppo_policy_loss_triton", mutates_args=())
 def _ppo_policy_loss_triton(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    row_weight: torch.Tensor, clip_low: float, clip_high: float, dual_clip: Optional[float],
-    log_ratio_clamp: Optional[float], need_grad: bool,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    row_weight: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: Optional[float],
+    log_ratio_clamp: Optional[float],
+    need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _triton_kernels().ppo_policy_loss(
-        logprobs, old_logprobs, advantages, mask, row_weight, clip_low, clip_high, dual_clip, log_ratio_clamp,
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        row_weight,
+        clip_low,
+        clip_high,
+        dual_clip,
+        log_ratio_clamp,
         need_grad,
     )
 
 
 @torch.library.custom_op("rlhf_kernels::ppo_value_loss_triton", mutates_args=())
 def _ppo_value_loss_triton(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-    row_weight: torch.Tensor, clip: Optional[float], need_grad: bool,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    row_weight: torch.Tensor,
+    clip: Optional[float],
+    need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _triton_kernels().ppo_value_loss(values, old_values, returns, mask, row_weight, clip, need_grad)
 
@@ -116,9 +136,16 @@ def ppo_policy_loss(
     )
     need_grad = torch.is_grad_enabled() and logprobs.requires_grad
     row_stats, _ = _OPS[("policy", kernel)]()(
-        lp, old, adv, weights, row_weight, float(clip_low), float(clip_low if clip_high is None else clip_high),
+        lp,
+        old,
+        adv,
+        weights,
+        row_weight,
+        float(clip_low),
+        float(clip_low if clip_high is None else clip_high),
         None if dual_clip is None else float(dual_clip),
-        None if log_ratio_clamp is None else float(log_ratio_clamp), need_grad,
+        None if log_ratio_clamp is None else float(log_ratio_clamp),
+        need_grad,
     )
     sums = row_stats.detach()[:, 1:].sum(0)
     stats = {name: _masked_fraction(sums[i], weights) for i, name in enumerate(_POLICY_STATS)}

@@ -27,15 +27,30 @@ import torch.nn.functional as F
 from .logprobs import sequence_logprobs
 
 LOSS_TYPES = (
-    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down",
+    "sigmoid",
+    "robust",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
 )
 # TRL's default smoothing for exo_pair when label_smoothing == 0 (log 0 otherwise).
 EXO_DEFAULT_EPSILON = 1e-3
 
 
 def dpo_loss(
-    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-    beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta=0.1,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    reference_free=False,
     dtype: torch.dtype = torch.float32,
 ):
     pi_c, pi_r = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
@@ -54,9 +69,9 @@ def dpo_loss(
         losses = (h - 1 / (2 * beta)).square()
     elif loss_type == "exo_pair":
         eps = ls if ls > 0 else EXO_DEFAULT_EPSILON
-        losses = torch.sigmoid(beta * h) * (F.logsigmoid(beta * h) - math.log(1 - eps)) + torch.sigmoid(
-            -beta * h
-        ) * (F.logsigmoid(-beta * h) - math.log(eps))
+        losses = torch.sigmoid(beta * h) * (F.logsigmoid(beta * h) - math.log(1 - eps)) + torch.sigmoid(-beta * h) * (
+            F.logsigmoid(-beta * h) - math.log(eps)
+        )
     elif loss_type == "nca_pair":
         chosen, rejected = beta * rho_c_true, beta * rho_r_true
         losses = -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
@@ -72,10 +87,22 @@ def dpo_loss(
 
 
 def linear_dpo_loss(
-    hidden, weight, labels, mask, *, ref_chosen_logps: Optional[torch.Tensor] = None,
-    ref_rejected_logps: Optional[torch.Tensor] = None, ref_hidden: Optional[torch.Tensor] = None,
-    ref_weight: Optional[torch.Tensor] = None, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
-    reference_free=False, average: bool = False, temperature=1.0, dtype: torch.dtype = torch.float32,
+    hidden,
+    weight,
+    labels,
+    mask,
+    *,
+    ref_chosen_logps: Optional[torch.Tensor] = None,
+    ref_rejected_logps: Optional[torch.Tensor] = None,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    beta=0.1,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    reference_free=False,
+    average: bool = False,
+    temperature=1.0,
+    dtype: torch.dtype = torch.float32,
     linear_logprobs=None,
 ):
     """DPO from hidden states [2B, T, H]: rows [:B] chosen, [B:] rejected.
@@ -98,8 +125,15 @@ def linear_dpo_loss(
         ref_chosen_logps, ref_rejected_logps = ref_logps[:n_pairs], ref_logps[n_pairs:]
     chosen_logps, rejected_logps = policy_logps[:n_pairs], policy_logps[n_pairs:]
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta,
-        loss_type=loss_type, label_smoothing=label_smoothing, reference_free=reference_free, dtype=dtype,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        reference_free=reference_free,
+        dtype=dtype,
     )
     metrics = {
         "chosen_rewards": chosen_rewards.mean(),

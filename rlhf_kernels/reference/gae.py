@@ -21,8 +21,13 @@ MASK_MODES = ("ignore", "multiply", "carry")
 
 
 def gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
-    gamma: float = 1.0, lam: float = 0.95, mask_mode: str = "carry",
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    mask_mode: str = "carry",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # float64 whatever the inputs: the oracle must beat the kernels' rounding.
@@ -48,14 +53,15 @@ def gae(
 
 
 def discounted_returns(
-    rewards: torch.Tensor, mask: Optional[torch.Tensor] = None, *, gamma: float = 1.0,
+    rewards: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    gamma: float = 1.0,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """G_t = r_t + gamma G_{t+1}; mask-0 positions are skipped and carry G_{t+1}.
 
     It is gae with V = 0 and lam = 1 in "carry" mode, which is how it is computed.
     """
-    advantages, _ = gae(
-        rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0, mask_mode="carry", dtype=dtype
-    )
+    advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0, mask_mode="carry", dtype=dtype)
     return advantages

@@ -21,8 +21,12 @@ LOW_VAR_KL_OUTER_CLAMP = 10.0
 
 
 def kl_penalty(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator: str = "k1",
-    clamp: Optional[float] = None, dtype: torch.dtype = torch.float32,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    *,
+    estimator: str = "k1",
+    clamp: Optional[float] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     diff = logprobs.to(dtype) - ref_logprobs.to(dtype)
     if estimator == "k1":
@@ -54,9 +58,16 @@ def last_valid_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def kl_shaped_rewards(
-    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-    *, kl_coef: float, estimator: str = "k1", clamp: Optional[float] = None,
-    score_index: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kl_coef: float,
+    estimator: str = "k1",
+    clamp: Optional[float] = None,
+    score_index: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     weights = mask.to(dtype)
     kl = kl_penalty(logprobs, ref_logprobs, estimator=estimator, clamp=clamp, dtype=dtype) * weights

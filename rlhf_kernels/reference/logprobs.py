@@ -99,9 +99,7 @@ class _TokenLogprobs(torch.autograd.Function):
         ctx.opts = opts
         ctx.inplace_backward = inplace_backward
         ctx.mark_non_differentiable(labels)
-        return _forward_chunks(
-            n_rows, vocab, lambda rows: logits[rows].to(dtype), labels, opts, dtype, logits.device
-        )
+        return _forward_chunks(n_rows, vocab, lambda rows: logits[rows].to(dtype), labels, opts, dtype, logits.device)
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
@@ -113,8 +111,11 @@ class _TokenLogprobs(torch.autograd.Function):
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
             grad_logits[rows] = _chunk_grad(
-                logits[rows].to(dtype), labels[rows], grad_logprobs[rows],
-                None if grad_entropy is None else grad_entropy[rows], ctx.opts,
+                logits[rows].to(dtype),
+                labels[rows],
+                grad_logprobs[rows],
+                None if grad_entropy is None else grad_entropy[rows],
+                ctx.opts,
             )
         return grad_logits, None, None, None
 
@@ -127,8 +128,13 @@ class _LinearLogprobs(torch.autograd.Function):
         ctx.opts = opts
         ctx.mark_non_differentiable(labels)
         return _forward_chunks(
-            hidden.shape[0], weight.shape[0], lambda rows: _linear(hidden[rows], weight, bias).to(dtype),
-            labels, opts, dtype, hidden.device,
+            hidden.shape[0],
+            weight.shape[0],
+            lambda rows: _linear(hidden[rows], weight, bias).to(dtype),
+            labels,
+            opts,
+            dtype,
+            hidden.device,
         )
 
     @staticmethod
@@ -144,8 +150,11 @@ class _LinearLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], step):
             rows = slice(start, start + step)
             grad_z = _chunk_grad(
-                _linear(hidden[rows], weight, bias).to(dtype), labels[rows], grad_logprobs[rows],
-                None if grad_entropy is None else grad_entropy[rows], ctx.opts,
+                _linear(hidden[rows], weight, bias).to(dtype),
+                labels[rows],
+                grad_logprobs[rows],
+                None if grad_entropy is None else grad_entropy[rows],
+                ctx.opts,
             )
             backprop_linear_chunk(grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias)
         return (
@@ -180,8 +189,15 @@ def _finish(logprobs, entropy, batch_shape, return_entropy):
 
 
 def token_logprobs(
-    logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
-    softcap=None, logit_scale=1.0, inplace_backward=False,
+    logits,
+    labels,
+    *,
+    temperature=1.0,
+    ignore_index=-100,
+    return_entropy=False,
+    softcap=None,
+    logit_scale=1.0,
+    inplace_backward=False,
 ):
     opts = LogitTransform(temperature, softcap, logit_scale, ignore_index, return_entropy)
     batch_shape = labels.shape
@@ -192,8 +208,16 @@ def token_logprobs(
 
 
 def linear_logprobs(
-    hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-    return_entropy=False, softcap=None, logit_scale=1.0,
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    temperature=1.0,
+    ignore_index=-100,
+    return_entropy=False,
+    softcap=None,
+    logit_scale=1.0,
 ):
     opts = LogitTransform(temperature, softcap, logit_scale, ignore_index, return_entropy)
     batch_shape = labels.shape
@@ -204,7 +228,14 @@ def linear_logprobs(
 
 
 def sequence_logprobs(
-    hidden, weight, labels, mask, *, average=False, temperature=1.0, ignore_index=-100,
+    hidden,
+    weight,
+    labels,
+    mask,
+    *,
+    average=False,
+    temperature=1.0,
+    ignore_index=-100,
     linear_logprobs=linear_logprobs,
 ):
     """Per-sequence sum (average=True: mean) of token log-probs over mask != 0 positions.

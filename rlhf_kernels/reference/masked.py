@@ -34,7 +34,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) 
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, unbiased: bool = True,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    shift_mean: bool = True,
+    unbiased: bool = True,
     eps: float = 1e-8,
 ) -> torch.Tensor:
     weights = _as_weights(mask, x.dtype)

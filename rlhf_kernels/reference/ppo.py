@@ -41,9 +41,17 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
 
 
 def ppo_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    *, clip_low: float = 0.2, clip_high: Optional[float] = None, dual_clip: Optional[float] = None,
-    log_ratio_clamp: Optional[float] = None, agg: str = "token-mean", dtype: torch.dtype = torch.float32,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    log_ratio_clamp: Optional[float] = None,
+    agg: str = "token-mean",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     clip_high = clip_low if clip_high is None else clip_high
     lp = logprobs.to(dtype)
@@ -73,8 +81,14 @@ def ppo_policy_loss(
 
 
 def ppo_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
-    clip: Optional[float] = 0.2, agg: str = "token-mean", dtype: torch.dtype = torch.float32,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: Optional[float] = 0.2,
+    agg: str = "token-mean",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     v = values.to(dtype)
     old = old_values.detach().to(dtype)

@@ -1,11 +1,11 @@
 """Reference reward-model losses: Bradley-Terry pairs and InstructGPT's K-way rankings.
 
-    bradley_terry_loss = mean_b -logsigmoid(r_chosen - r_rejected - margin)
-    ranking_loss: for each prompt b, the mean of -logsigmoid(r_i - r_j) over every
-        pair with ranks[b, i] < ranks[b, j] (rank 0 is the best; equal ranks are
-        ties and skipped); then the mean over prompts that have at least one pair
-        (so each prompt weighs the same, as InstructGPT's 1 / C(K, 2) normalisation).
-        A batch with no ranked pair gives 0.
+bradley_terry_loss = mean_b -logsigmoid(r_chosen - r_rejected - margin)
+ranking_loss: for each prompt b, the mean of -logsigmoid(r_i - r_j) over every
+    pair with ranks[b, i] < ranks[b, j] (rank 0 is the best; equal ranks are
+    ties and skipped); then the mean over prompts that have at least one pair
+    (so each prompt weighs the same, as InstructGPT's 1 / C(K, 2) normalisation).
+    A batch with no ranked pair gives 0.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from .masked import masked_mean
 
 
 def bradley_terry_loss(
-    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, *,
-    margin: Optional[torch.Tensor | float] = None, dtype: torch.dtype = torch.float32,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    margin: Optional[torch.Tensor | float] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     diff = chosen_rewards.to(dtype) - rejected_rewards.to(dtype)
     if margin is not None:

@@ -40,8 +40,18 @@ def _first(x, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gae_kernel(
-    rewards_ptr, values_ptr, mask_ptr, advantages_ptr, returns_ptr, T, gamma, lam,
-    MODE: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    rewards_ptr,
+    values_ptr,
+    mask_ptr,
+    advantages_ptr,
+    returns_ptr,
+    T,
+    gamma,
+    lam,
+    MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * T
@@ -89,16 +99,25 @@ def _gae_kernel(
             carried_next_value = _first(next_value, BLOCK)
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], gamma: float, lam: float,
-        mask_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], gamma: float, lam: float, mask_mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] contiguous float32/float64 inputs of one dtype (mask too, or None) ->
     (advantages, returns) of that dtype."""
     advantages, returns = torch.empty_like(rewards), torch.empty_like(rewards)
     B, T = rewards.shape
     if B and T:
         _gae_kernel[(B,)](
-            rewards, values, mask if mask is not None else rewards, advantages, returns, T, float(gamma), float(lam),
-            MODE=MASK_MODE_CODES[mask_mode], HAS_MASK=mask is not None,
+            rewards,
+            values,
+            mask if mask is not None else rewards,
+            advantages,
+            returns,
+            T,
+            float(gamma),
+            float(lam),
+            MODE=MASK_MODE_CODES[mask_mode],
+            HAS_MASK=mask is not None,
             ACC=tl.float64 if rewards.dtype == torch.float64 else tl.float32,
             BLOCK=min(BLOCK_T, triton.next_power_of_2(T)),
         )

@@ -50,8 +50,18 @@ def _estimate(d, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
 
 
 @triton.jit
-def _kl_penalty_kernel(lp_ptr, ref_ptr, kl_ptr, grad_ptr, n, clamp,
-                       ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _kl_penalty_kernel(
+    lp_ptr,
+    ref_ptr,
+    kl_ptr,
+    grad_ptr,
+    n,
+    clamp,
+    ESTIMATOR: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
     d = tl.load(lp_ptr + i, mask=ok, other=0.0) - tl.load(ref_ptr + i, mask=ok, other=0.0)
@@ -62,9 +72,22 @@ def _kl_penalty_kernel(lp_ptr, ref_ptr, kl_ptr, grad_ptr, n, clamp,
 
 
 @triton.jit
-def _kl_shaped_rewards_kernel(scores_ptr, lp_ptr, ref_ptr, mask_ptr, index_ptr, rewards_ptr, kl_ptr, T, kl_coef, clamp,
-                              ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_INDEX: tl.constexpr,
-                              BLOCK: tl.constexpr):
+def _kl_shaped_rewards_kernel(
+    scores_ptr,
+    lp_ptr,
+    ref_ptr,
+    mask_ptr,
+    index_ptr,
+    rewards_ptr,
+    kl_ptr,
+    T,
+    kl_coef,
+    clamp,
+    ESTIMATOR: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     base = row * T
     last_valid = tl.full([BLOCK], -1, tl.int64)
@@ -103,21 +126,46 @@ def kl_penalty(logprobs, ref_logprobs, estimator: str, clamp: Optional[float], n
     n = logprobs.numel()
     if n:
         _kl_penalty_kernel[(triton.cdiv(n, BLOCK),)](
-            logprobs, ref_logprobs, kl, grad, n, clamp or 0.0, NEED_GRAD=need_grad, BLOCK=BLOCK,
+            logprobs,
+            ref_logprobs,
+            kl,
+            grad,
+            n,
+            clamp or 0.0,
+            NEED_GRAD=need_grad,
+            BLOCK=BLOCK,
             **_codes(estimator, clamp),
         )
     return kl, grad
 
 
-def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, estimator: str,
-                      clamp: Optional[float], score_index: Optional[torch.Tensor]):
+def kl_shaped_rewards(
+    scores,
+    logprobs,
+    ref_logprobs,
+    mask,
+    kl_coef: float,
+    estimator: str,
+    clamp: Optional[float],
+    score_index: Optional[torch.Tensor],
+):
     """[B, T] contiguous inputs of one dtype, scores [B], score_index int64 [B] or None -> (rewards, kl)."""
     rewards, kl = torch.empty_like(logprobs), torch.empty_like(logprobs)
     B, T = logprobs.shape
     if B:
         _kl_shaped_rewards_kernel[(B,)](
-            scores, logprobs, ref_logprobs, mask, score_index if score_index is not None else scores, rewards, kl,
-            T, kl_coef, clamp or 0.0, HAS_INDEX=score_index is not None,
-            BLOCK=min(BLOCK, triton.next_power_of_2(T)), **_codes(estimator, clamp),
+            scores,
+            logprobs,
+            ref_logprobs,
+            mask,
+            score_index if score_index is not None else scores,
+            rewards,
+            kl,
+            T,
+            kl_coef,
+            clamp or 0.0,
+            HAS_INDEX=score_index is not None,
+            BLOCK=min(BLOCK, triton.next_power_of_2(T)),
+            **_codes(estimator, clamp),
         )
     return rewards, kl

@@ -50,9 +50,21 @@ def _transform_derivative(x, scale, softcap, inv_temperature, HAS_SOFTCAP: tl.co
 
 @triton.jit
 def _token_logprobs_forward_kernel(
-    logits_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
-    V, stride_row, scale, softcap, inv_temperature, ignore_index,
-    HAS_SOFTCAP: tl.constexpr, RETURN_ENTROPY: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr,
+    labels_ptr,
+    logprobs_ptr,
+    entropy_ptr,
+    lse_ptr,
+    V,
+    stride_row,
+    scale,
+    softcap,
+    inv_temperature,
+    ignore_index,
+    HAS_SOFTCAP: tl.constexpr,
+    RETURN_ENTROPY: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -88,9 +100,24 @@ def _token_logprobs_forward_kernel(
 
 @triton.jit
 def _token_logprobs_backward_kernel(
-    logits_ptr, grad_ptr, labels_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
-    V, stride_row, grad_stride_row, scale, softcap, inv_temperature, ignore_index,
-    HAS_SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr,
+    grad_ptr,
+    labels_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logprobs_ptr,
+    grad_entropy_ptr,
+    V,
+    stride_row,
+    grad_stride_row,
+    scale,
+    softcap,
+    inv_temperature,
+    ignore_index,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -116,14 +143,21 @@ def _accumulation(dtype: torch.dtype):
 
 def _options(temperature: float, softcap: Optional[float], logit_scale: float) -> dict:
     return dict(
-        scale=float(logit_scale), softcap=float(softcap or 1.0), inv_temperature=1.0 / float(temperature),
+        scale=float(logit_scale),
+        softcap=float(softcap or 1.0),
+        inv_temperature=1.0 / float(temperature),
         HAS_SOFTCAP=softcap is not None,
     )
 
 
 def token_logprobs_forward(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float, softcap: Optional[float],
-    logit_scale: float, ignore_index: int, return_entropy: bool,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    softcap: Optional[float],
+    logit_scale: float,
+    ignore_index: int,
+    return_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N, V] (rows contiguous), labels [N] -> (logprobs, entropy, lse), each [N]
     float32 (float64 for float64 logits)."""
@@ -132,8 +166,16 @@ def token_logprobs_forward(
     logprobs, entropy, lse = (torch.empty(N, dtype=out_dtype, device=logits.device) for _ in range(3))
     if N:
         _token_logprobs_forward_kernel[(N,)](
-            logits, labels, logprobs, entropy, lse, V, logits.stride(0),
-            ignore_index=ignore_index, RETURN_ENTROPY=return_entropy, ACC=acc,
+            logits,
+            labels,
+            logprobs,
+            entropy,
+            lse,
+            V,
+            logits.stride(0),
+            ignore_index=ignore_index,
+            RETURN_ENTROPY=return_entropy,
+            ACC=acc,
             BLOCK_V=min(FORWARD_BLOCK_V, triton.next_power_of_2(V)),
             **_options(temperature, softcap, logit_scale),
         )
@@ -141,9 +183,17 @@ def token_logprobs_forward(
 
 
 def token_logprobs_backward(
-    grad_logprobs: torch.Tensor, grad_entropy: Optional[torch.Tensor], logits: torch.Tensor,
-    labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
-    softcap: Optional[float], logit_scale: float, ignore_index: int, out: Optional[torch.Tensor] = None,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    softcap: Optional[float],
+    logit_scale: float,
+    ignore_index: int,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """d logits [N, V] into `out` (default: a new tensor of logits' dtype). `out` may be
     `logits` itself: the in-place backward that needs no second [N, V] buffer."""
@@ -153,20 +203,52 @@ def token_logprobs_backward(
     block = min(BACKWARD_BLOCK_V, triton.next_power_of_2(V))
     if N:
         _token_logprobs_backward_kernel[(N, triton.cdiv(V, block))](
-            logits, grad, labels, lse, entropy, grad_logprobs, grad_entropy, V, logits.stride(0),
-            grad.stride(0), ignore_index=ignore_index, HAS_GRAD_ENTROPY=grad_entropy is not None, ACC=acc,
-            BLOCK_V=block, **_options(temperature, softcap, logit_scale),
+            logits,
+            grad,
+            labels,
+            lse,
+            entropy,
+            grad_logprobs,
+            grad_entropy,
+            V,
+            logits.stride(0),
+            grad.stride(0),
+            ignore_index=ignore_index,
+            HAS_GRAD_ENTROPY=grad_entropy is not None,
+            ACC=acc,
+            BLOCK_V=block,
+            **_options(temperature, softcap, logit_scale),
         )
     return grad
 
 
 @triton.jit
 def _linear_logprobs_forward_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
-    N, V, H, stride_hidden, stride_weight, scale, softcap, inv_temperature, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_ENTROPY: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT_INPUTS: tl.constexpr, ROUND_LOGITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    labels_ptr,
+    logprobs_ptr,
+    entropy_ptr,
+    lse_ptr,
+    N,
+    V,
+    H,
+    stride_hidden,
+    stride_weight,
+    scale,
+    softcap,
+    inv_temperature,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    RETURN_ENTROPY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT_INPUTS: tl.constexpr,
+    ROUND_LOGITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """One program per BLOCK_N rows: logits tiles [BLOCK_N, BLOCK_V] = hidden @ weight^T
     accumulated in fp32 over H, consumed at once by the online max / sum-exp / sum(e z)
@@ -225,8 +307,15 @@ def _linear_blocks(device: torch.device) -> tuple[int, int, int]:
 
 
 def linear_logprobs_forward(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-    temperature: float, softcap: Optional[float], logit_scale: float, ignore_index: int, return_entropy: bool,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    temperature: float,
+    softcap: Optional[float],
+    logit_scale: float,
+    ignore_index: int,
+    return_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward: hidden [N, H] (rows contiguous), weight [V, H] (rows contiguous),
     bias [V] or None, labels [N] -> (logprobs, entropy, lse), each [N] float32; never
@@ -239,12 +328,29 @@ def linear_logprobs_forward(
     block_n, block_v, block_h = _linear_blocks(hidden.device)
     if N:
         _linear_logprobs_forward_kernel[(triton.cdiv(N, block_n),)](
-            hidden, weight, bias if bias is not None else weight, labels, logprobs, entropy, lse,
-            N, V, H, hidden.stride(0), weight.stride(0), ignore_index=ignore_index, HAS_BIAS=bias is not None,
-            RETURN_ENTROPY=return_entropy, DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+            hidden,
+            weight,
+            bias if bias is not None else weight,
+            labels,
+            logprobs,
+            entropy,
+            lse,
+            N,
+            V,
+            H,
+            hidden.stride(0),
+            weight.stride(0),
+            ignore_index=ignore_index,
+            HAS_BIAS=bias is not None,
+            RETURN_ENTROPY=return_entropy,
+            DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
             # Triton's interpreter (CPU tensors) multiplies bf16 tiles wrongly (3.9: errors
             # of 1e10 on a 16 x 16 tile); upcast there, feed the tensor cores bf16 on a GPU.
-            UPCAST_DOT_INPUTS=hidden.device.type == "cpu", ROUND_LOGITS=hidden.dtype != torch.float32,
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, **_options(temperature, softcap, logit_scale),
+            UPCAST_DOT_INPUTS=hidden.device.type == "cpu",
+            ROUND_LOGITS=hidden.dtype != torch.float32,
+            BLOCK_N=block_n,
+            BLOCK_V=block_v,
+            BLOCK_H=block_h,
+            **_options(temperature, softcap, logit_scale),
         )
     return logprobs, entropy, lse

@@ -34,9 +34,22 @@ def _exp_minus_one_minus_x(x):
 
 @triton.jit
 def _ppo_policy_loss_kernel(
-    logprobs_ptr, old_ptr, advantages_ptr, mask_ptr, row_weight_ptr, stats_ptr, grad_ptr, T,
-    clip_low, clip_high, dual_clip, log_ratio_clamp,
-    HAS_DUAL_CLIP: tl.constexpr, HAS_CLAMP: tl.constexpr, NEED_GRAD: tl.constexpr, ACC: tl.constexpr,
+    logprobs_ptr,
+    old_ptr,
+    advantages_ptr,
+    mask_ptr,
+    row_weight_ptr,
+    stats_ptr,
+    grad_ptr,
+    T,
+    clip_low,
+    clip_high,
+    dual_clip,
+    log_ratio_clamp,
+    HAS_DUAL_CLIP: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -85,8 +98,19 @@ def _ppo_policy_loss_kernel(
 
 @triton.jit
 def _ppo_value_loss_kernel(
-    values_ptr, old_ptr, returns_ptr, mask_ptr, row_weight_ptr, stats_ptr, grad_ptr, T, clip,
-    HAS_CLIP: tl.constexpr, NEED_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    values_ptr,
+    old_ptr,
+    returns_ptr,
+    mask_ptr,
+    row_weight_ptr,
+    stats_ptr,
+    grad_ptr,
+    T,
+    clip,
+    HAS_CLIP: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * T
@@ -110,7 +134,10 @@ def _ppo_value_loss_kernel(
             clipped = clipped_error * clipped_error
             delta_grad = tl.where(tl.abs(delta) <= clip, 1.0, 0.0)
             loss = 0.5 * tl.maximum(unclipped, clipped)
-            dloss = _max_grad_first(unclipped, clipped) * error + _max_grad_first(clipped, unclipped) * clipped_error * delta_grad
+            dloss = (
+                _max_grad_first(unclipped, clipped) * error
+                + _max_grad_first(clipped, unclipped) * clipped_error * delta_grad
+            )
             clipped_sum += m * tl.where(clipped > unclipped, 1.0, 0.0)
         loss_sum += m * loss
         if NEED_GRAD:
@@ -134,16 +161,38 @@ def _acc(x: torch.Tensor):
 
 
 def ppo_policy_loss(
-    logprobs, old_logprobs, advantages, mask, row_weight, clip_low: float, clip_high: float,
-    dual_clip: Optional[float], log_ratio_clamp: Optional[float], need_grad: bool,
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    row_weight,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: Optional[float],
+    log_ratio_clamp: Optional[float],
+    need_grad: bool,
 ):
     """Inputs [B, T] contiguous float32/float64 of one dtype, row_weight [B] -> (row_stats [B, 4], grad)."""
     stats, grad = _outputs(logprobs, 4, need_grad)
     if logprobs.shape[0]:
         _ppo_policy_loss_kernel[(logprobs.shape[0],)](
-            logprobs, old_logprobs, advantages, mask, row_weight, stats, grad, logprobs.shape[1],
-            clip_low, clip_high, dual_clip or 0.0, log_ratio_clamp or 0.0, HAS_DUAL_CLIP=dual_clip is not None,
-            HAS_CLAMP=log_ratio_clamp is not None, NEED_GRAD=need_grad, ACC=_acc(logprobs), BLOCK=_block(logprobs.shape[1]),
+            logprobs,
+            old_logprobs,
+            advantages,
+            mask,
+            row_weight,
+            stats,
+            grad,
+            logprobs.shape[1],
+            clip_low,
+            clip_high,
+            dual_clip or 0.0,
+            log_ratio_clamp or 0.0,
+            HAS_DUAL_CLIP=dual_clip is not None,
+            HAS_CLAMP=log_ratio_clamp is not None,
+            NEED_GRAD=need_grad,
+            ACC=_acc(logprobs),
+            BLOCK=_block(logprobs.shape[1]),
         )
     return stats, grad
 
@@ -153,7 +202,18 @@ def ppo_value_loss(values, old_values, returns, mask, row_weight, clip: Optional
     stats, grad = _outputs(values, 2, need_grad)
     if values.shape[0]:
         _ppo_value_loss_kernel[(values.shape[0],)](
-            values, old_values, returns, mask, row_weight, stats, grad, values.shape[1], clip or 0.0,
-            HAS_CLIP=clip is not None, NEED_GRAD=need_grad, ACC=_acc(values), BLOCK=_block(values.shape[1]),
+            values,
+            old_values,
+            returns,
+            mask,
+            row_weight,
+            stats,
+            grad,
+            values.shape[1],
+            clip or 0.0,
+            HAS_CLIP=clip is not None,
+            NEED_GRAD=need_grad,
+            ACC=_acc(values),
+            BLOCK=_block(values.shape[1]),
         )
     return stats, grad
