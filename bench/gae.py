@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+import harness
 import rlhf_kernels as rk
 from rlhf_kernels import backend
 
@@ -73,8 +74,7 @@ def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
     for B, T in SHAPES[(device, quick)]:
 
         def make(B=B, T=T):
-            lengths = torch.randint(T // 2, T + 1, (B,), device=device)
-            mask = (torch.arange(T, device=device) < lengths[:, None]).to(dtype)
+            mask = harness.right_padded_mask(B, T, device, dtype)
             return (
                 torch.randn(B, T, device=device, dtype=dtype),
                 torch.randn(B, T, device=device, dtype=dtype),

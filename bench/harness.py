@@ -43,6 +43,12 @@ class Result:
         return row
 
 
+def right_padded_mask(B: int, T: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """A [B, T] 0/1 mask of responses between T/2 and T tokens long, right-padded."""
+    lengths = torch.randint(T // 2, T + 1, (B,), device=device)
+    return (torch.arange(T, device=device) < lengths[:, None]).to(dtype)
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()

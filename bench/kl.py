@@ -13,6 +13,7 @@ from typing import Iterator
 
 import torch
 
+import harness
 import rlhf_kernels as rk
 from rlhf_kernels import backend, reference
 
@@ -62,8 +63,7 @@ def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
 
         def make_rewards(B=B, T=T):
             lp = -torch.rand(B, T, device=device, dtype=dtype) * 3
-            lengths = torch.randint(T // 2, T + 1, (B,), device=device)
-            mask = (torch.arange(T, device=device) < lengths[:, None]).to(dtype)
+            mask = harness.right_padded_mask(B, T, device, dtype)
             return (torch.randn(B, device=device, dtype=dtype), lp, lp + torch.randn_like(lp), mask), ()
 
         n = B * T * bytes_per / 1e9

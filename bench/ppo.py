@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+import harness
 import rlhf_kernels as rk
 from rlhf_kernels import backend, reference
 
@@ -56,8 +57,7 @@ def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
 
         def make(B=B, T=T):
             lp = -torch.rand(B, T, device=device, dtype=dtype) * 3
-            lengths = torch.randint(T // 2, T + 1, (B,), device=device)
-            mask = (torch.arange(T, device=device) < lengths[:, None]).to(dtype)
+            mask = harness.right_padded_mask(B, T, device, dtype)
             return (lp, lp + 0.3 * torch.randn_like(lp), torch.randn_like(lp), mask), (0,)
 
         work = {"forward": 4 * B * T * bytes_per / 1e9, "forward+backward": 5 * B * T * bytes_per / 1e9}
