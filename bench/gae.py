@@ -1,9 +1,11 @@
 """Benchmark cases of the gae family: GAE as one reverse scan (ours, every available
-backend) against the Python loops over T that TRL, OpenRLHF and verl run.
+backend) against the Python loops over T that TRL, OpenRLHF and verl run, and
+masked_whiten against the eager reference and its torch.compile.
 
-Rate: GB/s of the useful traffic, read rewards, values, mask and write advantages and
-returns, 5 B T floats, the same for every implementation. Forward only: GAE is
-rollout data, not differentiated.
+Rate: GB/s of the useful traffic, the same for every implementation. GAE reads
+rewards, values, mask and writes advantages and returns, 5 B T floats, forward only
+(rollout data, not differentiated). masked_whiten reads x and mask and writes the
+result (3 B T floats); its backward reads the gradient, x and mask and writes one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 import harness
 import rlhf_kernels as rk
-from rlhf_kernels import backend
+from rlhf_kernels import backend, reference
 
 # Rewards and values are fp32 in every framework.
 DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.float32}
@@ -70,7 +72,18 @@ def impls(device: str) -> dict:
     return {**ours, "trl loop": trl_loop, "openrlhf loop": openrlhf_loop, "verl loop": verl_loop}
 
 
+def whiten_impls(device: str, quick: bool) -> dict:
+    impls = {
+        f"ours:{name}": (lambda name: lambda x, m: rk.masked_whiten(x, m, backend=name))(name)
+        for name in backend.available("masked_whiten", device)
+    }
+    if not quick:
+        impls["torch.compile(reference)"] = torch.compile(reference.masked_whiten)
+    return impls
+
+
 def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
+    bytes_per = torch.finfo(dtype).bits // 8
     for B, T in SHAPES[(device, quick)]:
 
         def make(B=B, T=T):
@@ -88,4 +101,16 @@ def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
             unit="GB/s",
             work={"forward": 5 * B * T * torch.finfo(dtype).bits / 8 / 1e9},
             modes=("forward",),
+        )
+
+        def make_whiten(B=B, T=T):
+            return (torch.randn(B, T, device=device, dtype=dtype), harness.right_padded_mask(B, T, device, dtype)), (0,)
+
+        n = B * T * bytes_per / 1e9
+        yield dict(
+            name=f"masked_whiten B={B} T={T} {str(dtype)[6:]}",
+            impls=whiten_impls(device, quick),
+            make=make_whiten,
+            unit="GB/s",
+            work={"forward": 3 * n, "forward+backward": 7 * n},
         )

@@ -63,6 +63,13 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def(
       "ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor row_weight,"
       " float? clip, bool need_grad) -> (Tensor row_stats, Tensor grad)");
+  // masked_sums: per row of [R, C] (sum mask * x, sum mask) as float64 [R, 2]
+  // (masked_mean divides in Python). masked_whiten: one mean and variance over all
+  // of x (mask as weights of x's dtype, float32/float64); stats float64 [5] is
+  // (count, mean, rstd, variance denominator, sum mask (x - mean)) for the backward.
+  m.def("masked_sums(Tensor x, Tensor mask) -> Tensor sums");
+  m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> (Tensor out, Tensor stats)");
+  m.def("masked_whiten_backward(Tensor grad, Tensor x, Tensor mask, Tensor stats, bool shift_mean) -> Tensor grad_x");
   m.def(
       "gae(Tensor rewards, Tensor values, Tensor? mask, float gamma, float lam, str mask_mode)"
       " -> (Tensor advantages, Tensor returns)");

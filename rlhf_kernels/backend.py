@@ -60,6 +60,8 @@ COMPILED_OPS: dict[str, tuple[str, ...]] = {
     "ppo_value_loss": ("ppo_value_loss",),
     "kl_penalty": ("kl_penalty",),
     "kl_shaped_rewards": ("kl_shaped_rewards",),
+    "masked_mean": ("masked_sums",),
+    "masked_whiten": ("masked_whiten", "masked_whiten_backward"),
 }
 
 # Auto's order on CUDA tensors, fastest first. Triton leads until an op's
@@ -96,6 +98,8 @@ TRITON_MODULES: dict[str, str] = {
     "kl_shaped_rewards": "kl",
     "gae": "gae",
     "discounted_returns": "gae",
+    "masked_mean": "masked",
+    "masked_whiten": "masked",
 }
 
 

@@ -19,6 +19,7 @@ from . import reference
 from .ops import gae as _gae_ops
 from .ops import kl as _kl_ops
 from .ops import logprobs as _logprobs_ops
+from .ops import masked as _masked_ops
 from .ops import ppo as _ppo_ops
 from .reference.dpo import LOSS_TYPES
 from .reference.gae import MASK_MODES
@@ -372,13 +373,14 @@ def masked_mean(
 
     Args: x float [...], mask of x's shape (bool/int/float weights).
     Returns: x's dtype; 0 where no element is valid (never NaN). Differentiable w.r.t. x.
+    Precision: the cpu kernel sums in float64, triton in fp32 per 16k-element split
+    and float64 across splits; 16-bit x is summed as fp32 and the mean rounded to x's dtype.
     """
     check.tensor("x", x)
     check.tensor("mask", mask, dtypes=check.MASK_DTYPES)
     check.same_shape("x", x, mask=mask)
     check.same_device(x=x, mask=mask)
-    _backend.resolve("masked_mean", x.device, backend)
-    return reference.masked_mean(x, mask, dim)
+    return _pick("masked_mean", x.device, backend, reference.masked_mean, _masked_ops.masked_mean)(x, mask, dim)
 
 
 def masked_whiten(
@@ -397,14 +399,16 @@ def masked_whiten(
     input gives all zeros (never NaN). shift_mean=False adds the mean back.
     Positions with mask 0 are set to 0.
     Args: x float [...], mask of x's shape. Returns: x's dtype, differentiable w.r.t. x.
+    Precision: mean and variance accumulate in float64 (cpu kernel; triton per split
+    in fp32, then float64), the elementwise write in fp32 (float64 for float64 x).
     """
     check.tensor("x", x)
     check.tensor("mask", mask, dtypes=check.MASK_DTYPES)
     check.same_shape("x", x, mask=mask)
     check.same_device(x=x, mask=mask)
     check.positive("eps", eps)
-    _backend.resolve("masked_whiten", x.device, backend)
-    return reference.masked_whiten(x, mask, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
+    implementation = _pick("masked_whiten", x.device, backend, reference.masked_whiten, _masked_ops.masked_whiten)
+    return implementation(x, mask, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
 
 
 # ---------------------------------------------------------------------- ppo --

@@ -95,6 +95,33 @@ def test_long_row_keeps_fp32_precision(backend_name):
     assert (adv.double() - exact).abs().max().item() <= bound
 
 
+@pytest.mark.parametrize("backend_name", backends_of("gae")[1:])
+@pytest.mark.parametrize("mode", MASK_MODES)
+def test_few_long_rows_scan_in_chained_chunks(backend_name, mode):
+    # Fewer rows than threads: the C++ kernel cuts each row into chunks of >= 4096
+    # reduced to affine maps and chained (4 threads: 3 chunks of this row).
+    T = 3 * 4096 + 5
+    rewards, values, mask = torch.randn(1, T), torch.randn(1, T), random_mask(1, T, all_masked_row=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        got = rk.gae(
+            rewards.double(),
+            values.double(),
+            mask.double(),
+            gamma=0.999,
+            lam=0.97,
+            mask_mode=mode,
+            backend=backend_name,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    want = rk.gae(
+        rewards.double(), values.double(), mask.double(), gamma=0.999, lam=0.97, mask_mode=mode, backend="reference"
+    )
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
 def test_auto_uses_the_cpu_kernel_when_built():
     assert backend.resolve("gae", "cpu") == ("cpu" if "gae" in backend.HAS_CPU else "reference")
 
