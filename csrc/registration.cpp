@@ -70,6 +70,22 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def("masked_sums(Tensor x, Tensor mask) -> Tensor sums");
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> (Tensor out, Tensor stats)");
   m.def("masked_whiten_backward(Tensor grad, Tensor x, Tensor mask, Tensor stats, bool shift_mean) -> Tensor grad_x");
+  // dpo_loss: the four [B] sequence log-prob tensors (contiguous, one float dtype);
+  // returns losses [B], rewards [2, B] (beta (pi - ref), chosen then rejected) and
+  // grad [2, B] = d losses / d (policy chosen, policy rejected) (empty unless need_grad).
+  m.def(
+      "dpo_loss(Tensor policy_chosen, Tensor policy_rejected, Tensor ref_chosen, Tensor ref_rejected, float beta,"
+      " str loss_type, float label_smoothing, bool reference_free, bool need_grad)"
+      " -> (Tensor losses, Tensor rewards, Tensor grad)");
+  // bradley_terry_loss: elementwise -logsigmoid(chosen - rejected - margin) and its
+  // derivative by chosen. ranking_loss: rewards, ranks [B, K] of one float dtype;
+  // per prompt the mean over pairs with rank_i < rank_j, the pair count, and
+  // d row_loss / d rewards [B, K].
+  m.def(
+      "bradley_terry_loss(Tensor chosen_rewards, Tensor rejected_rewards, Tensor? margin, bool need_grad)"
+      " -> (Tensor losses, Tensor grad)");
+  m.def(
+      "ranking_loss(Tensor rewards, Tensor ranks, bool need_grad) -> (Tensor row_loss, Tensor row_pairs, Tensor grad)");
   m.def(
       "gae(Tensor rewards, Tensor values, Tensor? mask, float gamma, float lam, str mask_mode)"
       " -> (Tensor advantages, Tensor returns)");

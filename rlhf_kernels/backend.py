@@ -53,7 +53,10 @@ COMPILED_OPS: dict[str, tuple[str, ...]] = {
     # (rlhf_kernels/ops/logprobs.py); the ops built on it follow it.
     "linear_logprobs": _LOGPROBS_OPS,
     "sequence_logprobs": _LOGPROBS_OPS,
-    "linear_dpo_loss": _LOGPROBS_OPS,
+    "linear_dpo_loss": (*_LOGPROBS_OPS, "dpo_loss"),
+    "dpo_loss": ("dpo_loss",),
+    "bradley_terry_loss": ("bradley_terry_loss",),
+    "ranking_loss": ("ranking_loss",),
     "gae": ("gae",),
     "discounted_returns": ("gae",),
     "ppo_policy_loss": ("ppo_policy_loss",),
@@ -100,6 +103,9 @@ TRITON_MODULES: dict[str, str] = {
     "discounted_returns": "gae",
     "masked_mean": "masked",
     "masked_whiten": "masked",
+    "dpo_loss": "dpo",
+    "bradley_terry_loss": "rm",
+    "ranking_loss": "rm",
 }
 
 

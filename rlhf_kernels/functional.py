@@ -16,11 +16,13 @@ import torch
 from . import _validation as check
 from . import backend as _backend
 from . import reference
+from .ops import dpo as _dpo_ops
 from .ops import gae as _gae_ops
 from .ops import kl as _kl_ops
 from .ops import logprobs as _logprobs_ops
 from .ops import masked as _masked_ops
 from .ops import ppo as _ppo_ops
+from .ops import rm as _rm_ops
 from .reference.dpo import LOSS_TYPES
 from .reference.gae import MASK_MODES
 from .reference.kl import ESTIMATORS
@@ -550,8 +552,8 @@ def dpo_loss(
     check.same_shape(names[0], tensors[0], **dict(zip(names[1:], tensors[1:])))
     check.same_device(**dict(zip(names, tensors)))
     _check_dpo_options(beta, loss_type, label_smoothing, reference_free)
-    _backend.resolve("dpo_loss", policy_chosen_logps.device, backend)
-    return reference.dpo_loss(
+    implementation = _pick("dpo_loss", policy_chosen_logps.device, backend, reference.dpo_loss, _dpo_ops.dpo_loss)
+    return implementation(
         *tensors,
         beta=beta,
         loss_type=loss_type,
@@ -636,6 +638,7 @@ def linear_dpo_loss(
         temperature=temperature,
         dtype=check.result_dtype(hidden),
         linear_logprobs=_linear_logprobs_on(resolved),
+        pair_loss=_pick("dpo_loss", hidden.device, resolved, reference.dpo_loss, _dpo_ops.dpo_loss),
     )
 
 
@@ -664,8 +667,10 @@ def bradley_terry_loss(
     elif margin is not None:
         check.number("margin", margin)
     check.same_device(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
-    _backend.resolve("bradley_terry_loss", chosen_rewards.device, backend)
-    return reference.bradley_terry_loss(
+    implementation = _pick(
+        "bradley_terry_loss", chosen_rewards.device, backend, reference.bradley_terry_loss, _rm_ops.bradley_terry_loss
+    )
+    return implementation(
         chosen_rewards,
         rejected_rewards,
         margin=margin,
@@ -687,5 +692,5 @@ def ranking_loss(rewards: Tensor, ranks: Tensor, *, backend: Optional[str] = Non
     check.tensor("ranks", ranks, dtypes=check.MASK_DTYPES, ndim=2, shape_doc="[B, K]")
     check.same_shape("rewards", rewards, ranks=ranks)
     check.same_device(rewards=rewards, ranks=ranks)
-    _backend.resolve("ranking_loss", rewards.device, backend)
-    return reference.ranking_loss(rewards, ranks, dtype=check.result_dtype(rewards))
+    implementation = _pick("ranking_loss", rewards.device, backend, reference.ranking_loss, _rm_ops.ranking_loss)
+    return implementation(rewards, ranks, dtype=check.result_dtype(rewards))

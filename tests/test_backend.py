@@ -13,8 +13,10 @@ CPU_GAE = "cpu" if "gae" in backend.HAS_CPU else "reference"
 
 def test_auto_on_cpu_tensors():
     assert backend.resolve("gae", "cpu") == CPU_GAE
-    assert backend.resolve("dpo_loss", "cpu") == "reference"
-    assert backend.available("dpo_loss", "cpu") == ("reference",)  # no kernel yet
+    for op in backend.OP_FAMILY:  # every op has a C++ CPU kernel
+        assert backend.resolve(op, "cpu") == CPU_GAE
+    if "dpo_loss" in backend.HAS_TRITON:  # the interpreter: offered after reference, explicit choice only
+        assert backend.available("dpo_loss", "cpu")[-2:] == ("reference", "triton")
 
 
 def test_explicit_beats_env_beats_auto(monkeypatch):
@@ -54,6 +56,7 @@ def test_unavailable_backend_names_what_is_available(monkeypatch):
     with pytest.raises(ValueError, match=r"backend='cuda' cannot run gae on cpu tensors.*available: \("):
         rk.gae(torch.randn(1, 2), torch.randn(1, 2), backend="cuda")
     monkeypatch.setenv(backend.ENV_VAR, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")  # no interpreter: no triton on CPU tensors
     with pytest.raises(ValueError, match="RLHF_KERNELS_BACKEND='triton' cannot run bradley_terry_loss"):
         rk.bradley_terry_loss(torch.randn(3), torch.randn(3))
 

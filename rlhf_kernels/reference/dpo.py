@@ -104,10 +104,12 @@ def linear_dpo_loss(
     temperature=1.0,
     dtype: torch.dtype = torch.float32,
     linear_logprobs=None,
+    pair_loss=None,
 ):
     """DPO from hidden states [2B, T, H]: rows [:B] chosen, [B:] rejected.
 
-    `linear_logprobs` is the token log-prob implementation (default: the reference's).
+    `linear_logprobs` is the token log-prob implementation and `pair_loss` the
+    dpo_loss implementation (default: the reference's).
     """
     n_pairs = hidden.shape[0] // 2
     sequence_options = dict(average=average, temperature=temperature)
@@ -124,7 +126,7 @@ def linear_dpo_loss(
                 )
         ref_chosen_logps, ref_rejected_logps = ref_logps[:n_pairs], ref_logps[n_pairs:]
     chosen_logps, rejected_logps = policy_logps[:n_pairs], policy_logps[n_pairs:]
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
+    losses, chosen_rewards, rejected_rewards = (pair_loss or dpo_loss)(
         chosen_logps,
         rejected_logps,
         ref_chosen_logps,
