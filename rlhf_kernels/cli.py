@@ -2,7 +2,10 @@
 
 rlhf-kernels info   versions, whether rlhf_kernels._C loaded, and per op the
                     backends available on CPU / CUDA tensors and auto's pick
-rlhf-kernels demo   one PPO step's math on random rollouts, printed
+rlhf-kernels demo   the bundled trainer's whole pipeline (SFT -> RM -> PPO, DPO, and
+                    PPO without a KL penalty) on the built-in task, with a report
+rlhf-kernels train  one trainer stage (sft, rm, ppo, dpo) on your model and data
+rlhf-kernels step   one PPO step's math on random rollouts, printed (no transformers needed)
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def info() -> str:
     return "\n".join(lines)
 
 
-def demo(batch: int = 4, length: int = 16, vocab: int = 50, hidden: int = 32, seed: int = 0) -> str:
+def step(batch: int = 4, length: int = 16, vocab: int = 50, hidden: int = 32, seed: int = 0) -> str:
     """Log-probs -> KL-shaped rewards -> GAE -> whitening -> PPO losses -> backward."""
     import rlhf_kernels as rk
 
@@ -92,14 +95,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-kernels", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, compiled kernels, backends per op")
-    demo_parser = commands.add_parser("demo", help="one PPO step's math on random rollouts")
+    step_parser = commands.add_parser("step", help="one PPO step's math on random rollouts")
+    step_parser.add_argument("--seed", type=int, default=0)
+    demo_parser = commands.add_parser("demo", help="SFT -> RM -> PPO, DPO and reward hacking on the built-in task")
+    demo_parser.add_argument("--output", default="rlhf-demo", help="folder for the data, metrics, plots and report")
+    demo_parser.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
     demo_parser.add_argument("--seed", type=int, default=0)
+    trainer_cli = _trainer_cli()
+    if trainer_cli is not None:
+        trainer_cli.add_train_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
-    elif args.command == "demo":
-        print(demo(seed=args.seed))
+    elif args.command == "step":
+        print(step(seed=args.seed))
+    elif args.command in ("demo", "train"):
+        if trainer_cli is None:
+            parser.error(f"`{args.command}` needs the trainer's dependencies: pip install 'rlhf-kernels[train]'")
+        if args.command == "train":
+            return trainer_cli.run_train(args)
+        from rlhf_trainer.demo import DemoConfig, run_demo
+
+        run_demo(args.output, DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed))
     return 0
+
+
+def _trainer_cli():
+    """rlhf_trainer.cli, or None without transformers / tokenizers."""
+    try:
+        return importlib.import_module("rlhf_trainer.cli")
+    except ImportError:
+        return None
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_info_lists_every_op(capsys):
 
 
 def test_demo_runs(capsys):
-    assert cli.main(["demo", "--seed", "3"]) == 0
+    assert cli.main(["step", "--seed", "3"]) == 0
     assert "policy loss" in capsys.readouterr().out
 
 

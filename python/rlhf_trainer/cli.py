@@ -1,0 +1,128 @@
+"""`rlhf-kernels train sft|rm|ppo|dpo` and `rlhf-kernels demo` (wired from rlhf_kernels.cli).
+
+train options come from flags or a JSON/YAML config file (flags win); a stage's
+config keys are its dataclass fields (SFTConfig, RMConfig, PPOConfig, DPOConfig).
+Without --model a tiny built-in model is used, without --data the built-in task's
+data; on a CUDA machine the device is cuda and, with --bf16, weights are bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+import torch
+
+from . import common, task
+from .data import read_jsonl, write_jsonl
+from .dpo import DPOConfig, train_dpo
+from .models import RewardModel, load_causal_lm, tiny_model
+from .ppo import PPOConfig, train_ppo
+from .rm import RMConfig, train_rm
+from .sft import SFTConfig, train_sft
+from .tokenizer import builtin_tokenizer
+
+CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig}
+
+
+def _read_config(path: str | None) -> dict:
+    if path is None:
+        return {}
+    with open(path) as source:
+        text = source.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml  # pyyaml comes with transformers
+
+        loaded = yaml.safe_load(text)
+    else:
+        loaded = json.loads(text)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: the config must be a mapping of option names to values")
+    return loaded
+
+
+def _stage_config(stage: str, file_options: dict, overrides: list[str]) -> object:
+    cls = CONFIGS[stage]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in file_options.items():
+        if key not in fields:
+            raise ValueError(f"unknown {stage} option {key!r}; known: {sorted(fields)}")
+        values[key] = value
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        if key not in fields:
+            raise ValueError(f"--set {item!r}: unknown {stage} option {key!r}; known: {sorted(fields)}")
+        default = fields[key].default
+        values[key] = raw.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(raw)
+    return cls(**values)
+
+
+def add_train_parser(commands) -> None:
+    train = commands.add_parser("train", help="train one stage: sft, rm, ppo or dpo")
+    train.add_argument("stage", choices=tuple(CONFIGS))
+    train.add_argument("--config", help="JSON or YAML file of the stage's options")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one option (repeatable)")
+    train.add_argument("--model", help="local Hugging Face causal LM (default: a tiny built-in model)")
+    train.add_argument("--reward-model", help="ppo: a reward model saved by `train rm` (its reward_model_hf folder)")
+    train.add_argument("--data", help="JSONL data (sft: prompt/response; rm, dpo: prompt/chosen/rejected; "
+                       "rm --rankings: prompt/responses/ranks; ppo: prompt)")  # fmt: skip
+    train.add_argument("--rankings", action="store_true", help="rm: K-way ranking data")
+    train.add_argument("--output", required=True, help="folder for the checkpoint and metrics.jsonl")
+    train.add_argument("--resume", help="a checkpoint folder written by an earlier run of this stage")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
+    train.add_argument("--seed", type=int, default=0)
+
+
+def _builtin_data(stage: str, seed: int, output: str) -> list[dict]:
+    if stage == "sft":
+        records = task.sft_records(4000, seed + 1)
+    elif stage in ("rm", "dpo"):
+        records = task.preference_records(4000, seed + 2)
+    else:
+        records = [{"prompt": p} for p in task.eval_prompts(4000, seed + 4)]
+    write_jsonl(os.path.join(output, f"builtin-{stage}.jsonl"), records)
+    return records
+
+
+def run_train(args) -> int:
+    stage = args.stage
+    config = _stage_config(stage, _read_config(args.config), args.set)
+    config.seed = args.seed
+    os.makedirs(args.output, exist_ok=True)
+    device = common.pick_device(args.device)
+    common.seed_everything(args.seed)
+    if args.model:
+        model, tokenizer = load_causal_lm(args.model)
+    else:
+        tokenizer = builtin_tokenizer()
+        model = tiny_model(len(tokenizer), args.seed)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = model.to(device=device, dtype=dtype)
+    if args.data:
+        kinds = {"sft": "sft", "rm": "rankings" if args.rankings else "preferences", "dpo": "preferences"}
+        records = read_jsonl(args.data, kinds.get(stage, "prompts"))
+    else:
+        records = _builtin_data(stage, args.seed, args.output)
+    log = common.MetricsLog(os.path.join(args.output, "metrics.jsonl"))
+    if stage == "sft":
+        train_sft(model, tokenizer, records, config, log, output=args.output, resume=args.resume)
+    elif stage == "rm":
+        _, accuracy = train_rm(RewardModel(model), tokenizer, records, config, log, output=args.output,
+                               resume=args.resume, kind="rankings" if args.rankings else "preferences")  # fmt: skip
+        if accuracy is not None:
+            print(f"held-out accuracy {accuracy:.1%}")
+    elif stage == "dpo":
+        train_dpo(model, tokenizer, records, config, log, output=args.output, resume=args.resume)
+    else:
+        if not args.reward_model:
+            raise ValueError("train ppo needs --reward-model (the reward_model_hf folder `train rm` writes)")
+        reward_model = RewardModel.load(args.reward_model).to(device=device, dtype=dtype)
+        train_ppo(model, reward_model, tokenizer, [r["prompt"] for r in records], config, log,
+                  gold_fn=None if args.data else task.gold_reward, output=args.output, resume=args.resume)  # fmt: skip
+    print(f"wrote {args.output}")
+    return 0
+

@@ -1,0 +1,116 @@
+"""`rlhf-kernels demo`: the whole pipeline on the built-in task, on a CPU in minutes.
+
+SFT on imperfect demonstrations -> a reward model on Bradley-Terry-labelled pairs ->
+PPO against it with a KL penalty to the SFT model, DPO from the same SFT model on
+the same pairs, and a reward-hacking run (PPO with kl_coef = 0, longer). Each policy
+is judged on held-out prompts by the hidden gold reward. Writes to the output folder:
+sft.jsonl and preferences.jsonl (the data), metrics.jsonl, curves.png and report.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+
+import torch
+
+from . import common, task
+from .dpo import DPOConfig, train_dpo
+from .evaluate import evaluate
+from .models import RewardModel, frozen_copy, tiny_model
+from .ppo import PPOConfig, train_ppo
+from .report import plot_curves, stage_table, write_report
+from .rm import RMConfig, train_rm
+from .sft import SFTConfig, train_sft
+from .tokenizer import builtin_tokenizer
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    seed: int = 0
+    noise: float = 0.05  # Bradley-Terry temperature of the simulated labeller
+    sft_examples: int = 4000
+    preference_pairs: int = 4000
+    eval_prompts: int = 256
+    sft: SFTConfig = dataclasses.field(default_factory=lambda: SFTConfig(steps=600))
+    rm: RMConfig = dataclasses.field(default_factory=lambda: RMConfig(steps=400))
+    ppo: PPOConfig = dataclasses.field(default_factory=lambda: PPOConfig(steps=40, kl_coef=0.1))
+    hacking_steps: int = 80  # PPO with kl_coef = 0 runs this long
+    dpo: DPOConfig = dataclasses.field(default_factory=lambda: DPOConfig(steps=200))
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> DemoConfig:
+        """A smaller run for tests and smoke checks (~1 minute on 2 cores)."""
+        return cls(
+            seed=seed, sft_examples=2000, preference_pairs=2000, eval_prompts=128,
+            sft=SFTConfig(steps=300), rm=RMConfig(steps=200), ppo=PPOConfig(steps=15), hacking_steps=25,
+            dpo=DPOConfig(steps=80),
+        )  # fmt: skip
+
+
+def run_demo(output: str, config: DemoConfig | None = None, *, show_progress: bool = True, echo=print) -> dict:
+    """Runs every stage; returns {"rows": stage table rows, "rm_accuracy": ..., "paths": ...}."""
+    config = config or DemoConfig()
+    os.makedirs(output, exist_ok=True)
+    metrics_path = os.path.join(output, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    log = common.MetricsLog(metrics_path)
+    common.seed_everything(config.seed)
+    tokenizer = builtin_tokenizer()
+    sft_data = task.sft_records(config.sft_examples, config.seed + 1)
+    preferences = task.preference_records(config.preference_pairs, config.seed + 2, noise=config.noise)
+    from .data import write_jsonl
+
+    write_jsonl(os.path.join(output, "sft.jsonl"), sft_data)
+    write_jsonl(os.path.join(output, "preferences.jsonl"), preferences)
+    prompts = task.eval_prompts(config.eval_prompts, config.seed + 3)
+    train_prompts = task.eval_prompts(4000, config.seed + 4)
+    rows, timings = [], {}
+
+    echo("[1/5] SFT on imperfect demonstrations")
+    start = time.perf_counter()
+    policy = train_sft(tiny_model(len(tokenizer), config.seed), tokenizer, sft_data, config.sft, log,
+                       show_progress=show_progress)  # fmt: skip
+    timings["sft"] = time.perf_counter() - start
+    reference = frozen_copy(policy)
+
+    echo("[2/5] reward model on Bradley-Terry preferences")
+    start = time.perf_counter()
+    reward_model, rm_accuracy = train_rm(
+        RewardModel(tiny_model(len(tokenizer), config.seed + 100)), tokenizer, preferences, config.rm, log,
+        show_progress=show_progress,
+    )  # fmt: skip
+    timings["rm"] = time.perf_counter() - start
+    reward_model.eval().requires_grad_(False)
+
+    judged = dict(gold_fn=task.gold_reward, max_new_tokens=config.ppo.max_new_tokens, seed=config.seed + 5)
+    sft_eval = evaluate(policy, reference, reward_model, tokenizer, prompts, **judged)
+    rows.append({"stage": "sft", **sft_eval, "win_rate": 0.5, "seconds": timings["sft"]})
+    baseline = sft_eval["responses"]
+
+    def ppo_run(name: str, ppo_config: PPOConfig, step: str):
+        echo(step)
+        begin = time.perf_counter()
+        trained = train_ppo(copy.deepcopy(policy), reward_model, tokenizer, train_prompts, ppo_config, log,
+                            reference=reference, gold_fn=task.gold_reward, stage=name, show_progress=show_progress)  # fmt: skip
+        result = evaluate(trained, reference, reward_model, tokenizer, prompts, baseline=baseline, **judged)
+        rows.append({"stage": name, **result, "seconds": time.perf_counter() - begin})
+
+    ppo_run("ppo", config.ppo, f"[3/5] PPO with a KL penalty (kl_coef={config.ppo.kl_coef})")
+    echo("[4/5] DPO from the SFT model on the same preferences")
+    start = time.perf_counter()
+    dpo_policy = train_dpo(copy.deepcopy(policy), tokenizer, preferences, config.dpo, log, show_progress=show_progress)
+    rows.append({"stage": "dpo", **evaluate(dpo_policy, reference, reward_model, tokenizer, prompts,
+                                            baseline=baseline, **judged), "seconds": time.perf_counter() - start})  # fmt: skip
+    hacking = dataclasses.replace(config.ppo, kl_coef=0.0, adaptive_kl=False, steps=config.hacking_steps)
+    ppo_run("ppo_kl0", hacking, f"[5/5] reward hacking: PPO with kl_coef=0 for {config.hacking_steps} steps")
+
+    table = stage_table(rows, rm_accuracy)
+    plot_path = plot_curves(log.rows, os.path.join(output, "curves.png"))
+    report_path = write_report(os.path.join(output, "report.md"), rows, rm_accuracy, table, plot_path, config)
+    echo(table)
+    echo(f"wrote {metrics_path}, {plot_path or '(no plot: matplotlib missing)'}, {report_path}")
+    return {"rows": rows, "rm_accuracy": rm_accuracy, "paths": [metrics_path, plot_path, report_path]}

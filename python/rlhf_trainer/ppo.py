@@ -1,0 +1,147 @@
+"""PPO with a KL penalty to the reference policy (Ziegler et al. 2019; InstructGPT).
+
+Each step: sample responses to a batch of prompts; score them with the reward model;
+per-token rewards = rlhf_kernels.kl_shaped_rewards (-kl_coef * KL to the reference,
+plus the score at the last response token); advantages and returns by
+rlhf_kernels.gae, whitened by masked_whiten; then epochs of minibatches of
+ppo_policy_loss + vf_coef * ppo_value_loss. The KL coefficient is fixed or adapted
+toward a target KL per sequence (Ziegler et al.'s controller).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import rlhf_kernels as rk
+
+from . import common
+from .models import ValueModel, final_hidden, frozen_copy, response_logprobs, shifted_targets
+from .sampling import decode_responses, sample_responses
+
+
+@dataclass
+class PPOConfig:
+    steps: int = 40
+    rollouts: int = 64  # prompts per step
+    minibatch: int = 32
+    epochs: int = 2
+    lr: float = 1e-3
+    kl_coef: float = 0.1
+    adaptive_kl: bool = False
+    kl_target: float = 1.0  # nats per sequence, for the adaptive controller
+    kl_horizon: int = 2000  # rollouts over which the controller closes the gap
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    temperature: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_new_tokens: int = 6
+    critic: str = "separate"  # or "shared": the value head on the policy's trunk
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 0
+
+
+class KLController:
+    """Fixed, or adaptive (Ziegler et al.): coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
+
+    def __init__(self, config: PPOConfig, value: float | None = None):
+        self.config = config
+        self.value = config.kl_coef if value is None else value
+
+    def update(self, kl: float, n_rollouts: int) -> None:
+        if self.config.adaptive_kl:
+            error = min(max(kl / self.config.kl_target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n_rollouts / self.config.kl_horizon
+
+
+def train_ppo(policy, reward_model, tokenizer, prompts: list[str], config: PPOConfig, log: common.MetricsLog, *,
+              reference=None, gold_fn=None, stage="ppo", output=None, resume=None, show_progress=True):  # fmt: skip
+    """gold_fn(prompt, response), when given, is only logged (evaluation), never trained on."""
+    device = next(policy.parameters()).device
+    reference = frozen_copy(policy) if reference is None else reference
+    reward_model.eval().requires_grad_(False)
+    value_model = ValueModel(policy, config.critic).to(device)
+    parameters = list(policy.parameters()) + list(value_model.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr)
+    controller = KLController(config)
+    start = 0
+    models = {"model": policy, "value_model": value_model}
+    if resume:
+        start, state = common.load_checkpoint(resume, models=models, optimizer=optimizer)
+        controller.value = state["kl_coef"]
+    bar = common.progress(config.steps - start, stage, show_progress)
+    for step in range(start, config.steps):
+        generator = common.step_generator(config.seed, step)
+        picked = [prompts[i] for i in common.batch_indices(len(prompts), config.rollouts, config.seed, step)]
+        policy.eval()
+        rollout = sample_responses(
+            policy, tokenizer, picked, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+            generator=generator,
+        )  # fmt: skip
+        _, mask = shifted_targets(rollout)
+        mask = mask.float()
+        with torch.no_grad():
+            hidden = final_hidden(policy, rollout)
+            old_logprobs = response_logprobs(policy, rollout, temperature=config.temperature, hidden=hidden)
+            ref_logprobs = response_logprobs(reference, rollout, temperature=config.temperature)
+            old_values = value_model(rollout, hidden)
+            scores = reward_model(rollout)
+            rewards, kl = rk.kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef=controller.value)
+            advantages, returns = rk.gae(rewards, old_values, mask, gamma=config.gamma, lam=config.lam)
+            advantages = rk.masked_whiten(advantages, mask)
+        policy.train()
+        totals = {"clipfrac": 0.0, "value_loss": 0.0, "entropy": 0.0}
+        updates = 0
+        for _ in range(config.epochs):
+            order = torch.randperm(config.rollouts, generator=generator).to(device)
+            for begin in range(0, config.rollouts, config.minibatch):
+                index = order[begin : begin + config.minibatch]
+                sub = rollout.select(index)
+                hidden = final_hidden(policy, sub)
+                logprobs, entropy = response_logprobs(
+                    policy, sub, temperature=config.temperature, return_entropy=True, hidden=hidden
+                )
+                values = value_model(sub, hidden)
+                policy_loss, stats = rk.ppo_policy_loss(
+                    logprobs, old_logprobs[index], advantages[index], mask[index], clip_low=config.clip
+                )
+                value_loss, _ = rk.ppo_value_loss(
+                    values, old_values[index], returns[index], mask[index], clip=config.value_clip
+                )
+                optimizer.zero_grad()
+                (policy_loss + config.vf_coef * value_loss).backward()
+                torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+                optimizer.step()
+                totals["clipfrac"] += stats["clipfrac"].item()
+                totals["value_loss"] += value_loss.item()
+                totals["entropy"] += rk.masked_mean(entropy.detach(), mask[index]).item()
+                updates += 1
+        sequence_kl = kl.sum(-1).mean().item()
+        metrics = {
+            "rm_reward": scores.mean().item(),
+            "kl": sequence_kl,
+            "kl_coef": controller.value,
+            **{name: total / updates for name, total in totals.items()},
+        }
+        if gold_fn is not None:
+            texts = decode_responses(tokenizer, rollout)
+            metrics["gold_reward"] = sum(gold_fn(p, t) for p, t in zip(picked, texts)) / len(texts)
+        controller.update(sequence_kl, config.rollouts)
+        log.log(stage, step + 1, **metrics)
+        bar.update(1)
+        bar.set_postfix(rm=f"{metrics['rm_reward']:.2f}", kl=f"{sequence_kl:.2f}")
+        if output and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            common.save_checkpoint(
+                output, models=models, optimizer=optimizer, step=step + 1, state={"kl_coef": controller.value}
+            )
+    bar.close()
+    if output:
+        common.save_checkpoint(
+            output, models=models, optimizer=optimizer, step=config.steps, state={"kl_coef": controller.value}
+        )
+        tokenizer.save_pretrained(f"{output}/model")
+    return policy

@@ -1,0 +1,102 @@
+"""Reward model: Bradley-Terry on preference pairs (rlhf_kernels.bradley_terry_loss,
+with an optional per-pair margin) or InstructGPT's K-way loss on rankings
+(rlhf_kernels.ranking_loss); held-out accuracy = how often the chosen response
+scores higher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import rlhf_kernels as rk
+
+from . import common
+from .data import encode_pairs
+
+
+@dataclass
+class RMConfig:
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    max_response_tokens: int = 6
+    seed: int = 0
+    eval_fraction: float = 0.1
+    checkpoint_every: int = 0
+
+
+def _pair_scores(reward_model, tokenizer, records, max_tokens, device) -> tuple[torch.Tensor, torch.Tensor]:
+    prompts = [r["prompt"] for r in records]
+    batch = encode_pairs(
+        tokenizer, prompts * 2, [r["chosen"] for r in records] + [r["rejected"] for r in records], max_tokens
+    ).to(device)
+    scores = reward_model(batch)
+    return scores[: len(records)], scores[len(records) :]
+
+
+def _ranking_scores(reward_model, tokenizer, records, max_tokens, device) -> torch.Tensor:
+    K = len(records[0]["responses"])
+    if any(len(r["responses"]) != K for r in records):
+        raise ValueError("ranking batches need the same number K of responses per prompt")
+    prompts = [r["prompt"] for r in records for _ in range(K)]
+    responses = [text for r in records for text in r["responses"]]
+    return reward_model(encode_pairs(tokenizer, prompts, responses, max_tokens).to(device)).view(len(records), K)
+
+
+@torch.no_grad()
+def accuracy(reward_model, tokenizer, records, max_tokens: int = 6, batch_size: int = 256) -> float:
+    """Fraction of pairs whose chosen response scores higher (ties count half)."""
+    device = next(reward_model.parameters()).device
+    reward_model.eval()
+    wins = 0.0
+    for start in range(0, len(records), batch_size):
+        chosen, rejected = _pair_scores(reward_model, tokenizer, records[start : start + batch_size], max_tokens, device)
+        wins += (chosen > rejected).sum().item() + 0.5 * (chosen == rejected).sum().item()
+    return wins / max(len(records), 1)
+
+
+def split(records: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    n_eval = int(len(records) * eval_fraction)
+    return records[n_eval:], records[:n_eval]
+
+
+def train_rm(reward_model, tokenizer, records, config: RMConfig, log: common.MetricsLog, *, kind="preferences",
+             output=None, resume=None, show_progress=True):  # fmt: skip
+    """kind: "preferences" (margin from an optional "margin" field) or "rankings"."""
+    device = next(reward_model.parameters()).device
+    train, held_out = split(records, config.eval_fraction) if kind == "preferences" else (records, [])
+    optimizer = torch.optim.AdamW(reward_model.parameters(), lr=config.lr)
+    start = 0
+    if resume:
+        start, _ = common.load_checkpoint(resume, models={"reward_model": reward_model}, optimizer=optimizer)
+    bar = common.progress(config.steps - start, "rm", show_progress)
+    for step in range(start, config.steps):
+        reward_model.train()
+        picked = [train[i] for i in common.batch_indices(len(train), config.batch_size, config.seed, step)]
+        if kind == "rankings":
+            rewards = _ranking_scores(reward_model, tokenizer, picked, config.max_response_tokens, device)
+            ranks = torch.tensor([r["ranks"] for r in picked], dtype=torch.float32, device=device)
+            loss = rk.ranking_loss(rewards, ranks)
+        else:
+            chosen, rejected = _pair_scores(reward_model, tokenizer, picked, config.max_response_tokens, device)
+            margins = [float(r.get("margin", 0.0)) for r in picked]
+            margin = torch.tensor(margins, device=device) if any(margins) else None
+            loss = rk.bradley_terry_loss(chosen, rejected, margin=margin)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        log.log("rm", step + 1, loss=loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if output and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            common.save_checkpoint(output, models={"reward_model": reward_model}, optimizer=optimizer, step=step + 1)
+    bar.close()
+    held_out_accuracy = accuracy(reward_model, tokenizer, held_out, config.max_response_tokens) if held_out else None
+    if held_out_accuracy is not None:
+        log.log("rm", config.steps, held_out_accuracy=held_out_accuracy)
+    if output:
+        common.save_checkpoint(output, models={"reward_model": reward_model}, optimizer=optimizer, step=config.steps)
+        reward_model.save(f"{output}/reward_model_hf")
+        tokenizer.save_pretrained(f"{output}/reward_model_hf")
+    return reward_model, held_out_accuracy

@@ -1,0 +1,57 @@
+"""SFT: the masked next-token loss on the response tokens (prompt tokens are context).
+
+loss = -masked_mean(log p(response token)), log-probs from rlhf_kernels.linear_logprobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import rlhf_kernels as rk
+
+from . import common
+from .data import encode_pairs
+from .models import response_logprobs, shifted_targets
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    max_response_tokens: int = 6
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: only at the end (when an output directory is given)
+
+
+def train_sft(policy, tokenizer, records, config: SFTConfig, log: common.MetricsLog, *, output=None, resume=None,
+              show_progress=True):  # fmt: skip
+    device = next(policy.parameters()).device
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
+    start = 0
+    if resume:
+        start, _ = common.load_checkpoint(resume, models={"model": policy}, optimizer=optimizer)
+    policy.train()
+    bar = common.progress(config.steps - start, "sft", show_progress)
+    for step in range(start, config.steps):
+        picked = [records[i] for i in common.batch_indices(len(records), config.batch_size, config.seed, step)]
+        batch = encode_pairs(
+            tokenizer, [r["prompt"] for r in picked], [r["response"] for r in picked], config.max_response_tokens
+        ).to(device)
+        _, mask = shifted_targets(batch)
+        loss = -rk.masked_mean(response_logprobs(policy, batch), mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        log.log("sft", step + 1, loss=loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if output and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            common.save_checkpoint(output, models={"model": policy}, optimizer=optimizer, step=step + 1)
+    bar.close()
+    if output:
+        common.save_checkpoint(output, models={"model": policy}, optimizer=optimizer, step=config.steps)
+        tokenizer.save_pretrained(f"{output}/model")
+    return policy
