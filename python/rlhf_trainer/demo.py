@@ -34,19 +34,18 @@ class DemoConfig:
     sft_examples: int = 4000
     preference_pairs: int = 4000
     eval_prompts: int = 256
-    sft: SFTConfig = dataclasses.field(default_factory=lambda: SFTConfig(steps=600))
-    rm: RMConfig = dataclasses.field(default_factory=lambda: RMConfig(steps=400))
-    ppo: PPOConfig = dataclasses.field(default_factory=lambda: PPOConfig(steps=40, kl_coef=0.1))
-    hacking_steps: int = 80  # PPO with kl_coef = 0 runs this long
-    dpo: DPOConfig = dataclasses.field(default_factory=lambda: DPOConfig(steps=200))
+    sft: SFTConfig = dataclasses.field(default_factory=lambda: SFTConfig(steps=2000))
+    rm: RMConfig = dataclasses.field(default_factory=lambda: RMConfig(steps=2000, lr=1e-3))
+    ppo: PPOConfig = dataclasses.field(default_factory=lambda: PPOConfig(steps=100, kl_coef=0.5))
+    hacking_steps: int = 400  # PPO with kl_coef = 0 runs this long
+    dpo: DPOConfig = dataclasses.field(default_factory=lambda: DPOConfig(steps=400))
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoConfig:
         """A smaller run for tests and smoke checks (~1 minute on 2 cores)."""
         return cls(
-            seed=seed, sft_examples=2000, preference_pairs=2000, eval_prompts=128,
-            sft=SFTConfig(steps=300), rm=RMConfig(steps=200), ppo=PPOConfig(steps=15), hacking_steps=25,
-            dpo=DPOConfig(steps=80),
+            seed=seed, eval_prompts=128, sft=SFTConfig(steps=1000), rm=RMConfig(steps=1500, lr=1e-3),
+            ppo=PPOConfig(steps=40, kl_coef=0.5), hacking_steps=150, dpo=DPOConfig(steps=200),
         )  # fmt: skip
 
 
