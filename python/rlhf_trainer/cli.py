@@ -125,4 +125,3 @@ def run_train(args) -> int:
                   gold_fn=None if args.data else task.gold_reward, output=args.output, resume=args.resume)  # fmt: skip
     print(f"wrote {args.output}")
     return 0
-

@@ -47,7 +47,9 @@ def conclusions(rows: list[dict], rm_accuracy: float | None) -> list[str]:
         if hack["rm_reward"] > ppo["rm_reward"] and hack["gold_reward"] < ppo["gold_reward"]:
             out.append("That is reward hacking: the proxy went up while the gold reward went down.")
         elif hack["gold_reward"] >= ppo["gold_reward"]:
-            out.append("On this run the unpenalised policy did not lose gold reward: no reward hacking is visible here.")
+            out.append(
+                "On this run the unpenalised policy did not lose gold reward: no reward hacking is visible here."
+            )
     return out
 
 
@@ -69,7 +71,9 @@ def plot_curves(rows: list[dict], path: str) -> str | None:
         axes[1].plot(x, [r["kl"] for r in steps], label=stage)
     dpo = [r for r in rows if r["stage"] == "dpo"]
     if dpo:
-        axes[2].plot([r["step"] for r in dpo], [r["reward_accuracy"] for r in dpo], label="DPO implicit-reward accuracy")
+        axes[2].plot(
+            [r["step"] for r in dpo], [r["reward_accuracy"] for r in dpo], label="DPO implicit-reward accuracy"
+        )
     rm = [r for r in rows if r["stage"] == "rm" and "loss" in r]
     if rm:
         axes[2].plot([r["step"] for r in rm], [r["loss"] for r in rm], label="RM loss")

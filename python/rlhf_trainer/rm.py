@@ -51,7 +51,9 @@ def accuracy(reward_model, tokenizer, records, max_tokens: int = 6, batch_size: 
     reward_model.eval()
     wins = 0.0
     for start in range(0, len(records), batch_size):
-        chosen, rejected = _pair_scores(reward_model, tokenizer, records[start : start + batch_size], max_tokens, device)
+        chosen, rejected = _pair_scores(
+            reward_model, tokenizer, records[start : start + batch_size], max_tokens, device
+        )
         wins += (chosen > rejected).sum().item() + 0.5 * (chosen == rejected).sum().item()
     return wins / max(len(records), 1)
 

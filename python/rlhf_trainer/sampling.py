@@ -19,9 +19,11 @@ def sample_responses(
     prompt_length = ids.shape[1]
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(max_new_tokens + 1):
-        logits = model(
-            input_ids=ids, attention_mask=attention, position_ids=positions(attention), logits_to_keep=1
-        ).logits[:, -1].float()
+        logits = (
+            model(input_ids=ids, attention_mask=attention, position_ids=positions(attention), logits_to_keep=1)
+            .logits[:, -1]
+            .float()
+        )
         if step == max_new_tokens:
             token = torch.full_like(finished, tokenizer.eos_token_id, dtype=torch.long)
         elif greedy:
