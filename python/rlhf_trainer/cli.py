@@ -8,7 +8,6 @@ data; on a CUDA machine the device is cuda and, with --bf16, weights are bf16.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os

@@ -14,9 +14,9 @@ import dataclasses
 import os
 import time
 
-import torch
 
 from . import common, task
+from .data import write_jsonl
 from .dpo import DPOConfig, train_dpo
 from .evaluate import evaluate
 from .models import RewardModel, frozen_copy, tiny_model
@@ -61,8 +61,6 @@ def run_demo(output: str, config: DemoConfig | None = None, *, show_progress: bo
     tokenizer = builtin_tokenizer()
     sft_data = task.sft_records(config.sft_examples, config.seed + 1)
     preferences = task.preference_records(config.preference_pairs, config.seed + 2, noise=config.noise)
-    from .data import write_jsonl
-
     write_jsonl(os.path.join(output, "sft.jsonl"), sft_data)
     write_jsonl(os.path.join(output, "preferences.jsonl"), preferences)
     prompts = task.eval_prompts(config.eval_prompts, config.seed + 3)
