@@ -43,6 +43,16 @@ class Result:
         return row
 
 
+def copy_bandwidth_gbs(device: str, mib: int = 256) -> float:
+    """Measured memory bandwidth: bytes read + written by a copy of a `mib` MiB tensor
+    (large enough to leave every cache), median of repeated runs, in GB/s. The
+    memory-bound kernels' GB/s are reported as a fraction of it."""
+    source = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    target = torch.empty_like(source)
+    ms = time_ms(lambda: target.copy_(source), device, warmup=2, repeats=9)
+    return 2 * source.numel() * 4 / (ms / 1e3) / 1e9
+
+
 def right_padded_mask(B: int, T: int, device: str, dtype: torch.dtype) -> torch.Tensor:
     """A [B, T] 0/1 mask of responses between T/2 and T tokens long, right-padded."""
     lengths = torch.randint(T // 2, T + 1, (B,), device=device)

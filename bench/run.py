@@ -90,7 +90,7 @@ def measure(family: str, device: str, quick: bool, dtype: torch.dtype) -> list[h
     return results
 
 
-def write(results: list[harness.Result], stem: str) -> list[str]:
+def write(results: list[harness.Result], stem: str, bandwidth_gbs: float | None = None) -> list[str]:
     os.makedirs(RESULTS, exist_ok=True)
     rows = [r.row() for r in results]
     paths = [os.path.join(RESULTS, f"{stem}.csv"), os.path.join(RESULTS, f"{stem}.md")]
@@ -104,10 +104,17 @@ def write(results: list[harness.Result], stem: str) -> list[str]:
             f"# {stem}\n\nDevice: {first.device}; torch {first.torch}; triton {first.triton}. "
             "Median of repeated runs after warm-up; peak = extra memory of one run.\n\n"
         )
-        out.write("| case | impl | mode | ms | peak MiB | rate |\n|---|---|---|---:|---:|---:|\n")
-        for r in results:
+        if bandwidth_gbs is not None:
             out.write(
-                f"| {r.case} | {r.impl} | {r.mode} | {r.ms:.2f} | {r.peak_mb:.0f} | {r.rate:.2f} {r.rate_unit} |\n"
+                f"Measured copy bandwidth: {bandwidth_gbs:.1f} GB/s (read + write of a 256 MiB copy); "
+                "'of bw' is a GB/s rate as a fraction of it.\n\n"
+            )
+        out.write("| case | impl | mode | ms | peak MiB | rate | of bw |\n|---|---|---|---:|---:|---:|---:|\n")
+        for r in results:
+            share = f"{r.rate / bandwidth_gbs:.0%}" if bandwidth_gbs and r.rate_unit == "GB/s" else ""
+            out.write(
+                f"| {r.case} | {r.impl} | {r.mode} | {r.ms:.2f} | {r.peak_mb:.0f} | {r.rate:.2f} {r.rate_unit} "
+                f"| {share} |\n"
             )
     try:
         import matplotlib
@@ -149,9 +156,11 @@ def main() -> int:
     dtype = (
         getattr(torch, args.dtype) if args.dtype else importlib.import_module(args.family).DEFAULT_DTYPE[args.device]
     )
+    bandwidth = harness.copy_bandwidth_gbs(args.device)
+    print(f"copy bandwidth: {bandwidth:.1f} GB/s", file=sys.stderr)
     results = measure(args.family, args.device, args.quick, dtype)
     stem = f"{args.family}-{args.device}-{str(dtype)[6:]}" + ("-quick" if args.quick else "")
-    for path in write(results, stem):
+    for path in write(results, stem, bandwidth):
         print(path)
     return 0
 

@@ -68,8 +68,13 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // of x (mask as weights of x's dtype, float32/float64); stats float64 [5] is
   // (count, mean, rstd, variance denominator, sum mask (x - mean)) for the backward.
   m.def("masked_sums(Tensor x, Tensor mask) -> Tensor sums");
-  m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> (Tensor out, Tensor stats)");
-  m.def("masked_whiten_backward(Tensor grad, Tensor x, Tensor mask, Tensor stats, bool shift_mean) -> Tensor grad_x");
+  // fill_masked: outputs where mask == 0 are 0 (else whitened like the rest).
+  m.def(
+      "masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps, bool fill_masked)"
+      " -> (Tensor out, Tensor stats)");
+  m.def(
+      "masked_whiten_backward(Tensor grad, Tensor x, Tensor mask, Tensor stats, bool shift_mean, bool fill_masked)"
+      " -> Tensor grad_x");
   // dpo_loss: the four [B] sequence log-prob tensors (contiguous, one float dtype);
   // returns losses [B], rewards [2, B] (beta (pi - ref), chosen then rejected) and
   // grad [2, B] = d losses / d (policy chosen, policy rejected) (empty unless need_grad).

@@ -392,6 +392,7 @@ def masked_whiten(
     shift_mean: bool = True,
     unbiased: bool = True,
     eps: float = 1e-8,
+    fill_masked: bool = True,
     backend: Optional[str] = None,
 ) -> Tensor:
     """(x - mean) / sqrt(var + eps) over the positions with mask != 0 (one global mean and var).
@@ -399,7 +400,8 @@ def masked_whiten(
     var = sum(mask (x - mean)^2) / (count - 1) (unbiased) or / count; a denominator
     <= 0 is replaced by 1, so a single valid element whitens to 0 and an all-masked
     input gives all zeros (never NaN). shift_mean=False adds the mean back.
-    Positions with mask 0 are set to 0.
+    Positions with mask 0 are set to 0 (fill_masked=False: whitened like the others,
+    as TRL's and verl's masked_whiten return them; an argument beyond the contract).
     Args: x float [...], mask of x's shape. Returns: x's dtype, differentiable w.r.t. x.
     Precision: mean and variance accumulate in float64 (cpu kernel; triton per split
     in fp32, then float64), the elementwise write in fp32 (float64 for float64 x).
@@ -409,8 +411,10 @@ def masked_whiten(
     check.same_shape("x", x, mask=mask)
     check.same_device(x=x, mask=mask)
     check.positive("eps", eps)
+    if not isinstance(fill_masked, bool):
+        raise TypeError(f"fill_masked must be a bool, got {fill_masked!r}")
     implementation = _pick("masked_whiten", x.device, backend, reference.masked_whiten, _masked_ops.masked_whiten)
-    return implementation(x, mask, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
+    return implementation(x, mask, shift_mean=shift_mean, unbiased=unbiased, eps=eps, fill_masked=fill_masked)
 
 
 # ---------------------------------------------------------------------- ppo --

@@ -84,7 +84,7 @@ def masked_mean(xs, ms) -> float:
     return sum(x * m for x, m in zip(xs, ms)) / n if n else 0.0
 
 
-def masked_whiten(xs, ms, shift_mean=True, unbiased=True, eps=1e-8):
+def masked_whiten(xs, ms, shift_mean=True, unbiased=True, eps=1e-8, fill_masked=True):
     n = sum(ms)
     mean = masked_mean(xs, ms)
     denom = n - 1 if unbiased else n
@@ -92,7 +92,7 @@ def masked_whiten(xs, ms, shift_mean=True, unbiased=True, eps=1e-8):
     out = []
     for x, m in zip(xs, ms):
         w = (x - mean) / math.sqrt(var + eps) + (0 if shift_mean else mean)
-        out.append(w if m else 0.0)
+        out.append(w if m or not fill_masked else 0.0)
     return out
 
 

@@ -30,7 +30,10 @@ CONTRACT = {
     "gae": (["rewards", "values", "mask"], dict(gamma=1.0, lam=0.95, mask_mode="carry")),
     "discounted_returns": (["rewards", "mask"], dict(gamma=1.0)),
     "masked_mean": (["x", "mask", "dim"], dict()),
-    "masked_whiten": (["x", "mask"], dict(shift_mean=True, unbiased=True, eps=1e-8)),
+    "masked_whiten": (
+        ["x", "mask"],
+        dict(shift_mean=True, unbiased=True, eps=1e-8, fill_masked=True),
+    ),  # fill_masked: the drop-ins issue (TRL and verl leave masked positions whitened)
     "ppo_policy_loss": (
         ["logprobs", "old_logprobs", "advantages", "mask"],
         dict(clip_low=0.2, clip_high=None, dual_clip=None, log_ratio_clamp=None, agg="token-mean"),

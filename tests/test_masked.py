@@ -51,10 +51,11 @@ def test_masked_mean_on_a_long_row_splits_the_reduction():
 @pytest.mark.parametrize("shift_mean", [True, False])
 @pytest.mark.parametrize("unbiased", [True, False])
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
-def test_masked_whiten_matches_oracle(shift_mean, unbiased, mask_dtype):
+@pytest.mark.parametrize("fill_masked", [True, False])
+def test_masked_whiten_matches_oracle(shift_mean, unbiased, mask_dtype, fill_masked):
     x, mask = 3 * torch.randn(5, 8) + 1, random_mask(5, 8)
-    got = rk.masked_whiten(x, mask.to(mask_dtype), shift_mean=shift_mean, unbiased=unbiased)
-    want = oracle.masked_whiten(_flat(x), _flat(mask), shift_mean, unbiased)
+    got = rk.masked_whiten(x, mask.to(mask_dtype), shift_mean=shift_mean, unbiased=unbiased, fill_masked=fill_masked)
+    want = oracle.masked_whiten(_flat(x), _flat(mask), shift_mean, unbiased, fill_masked=fill_masked)
     torch.testing.assert_close(got.double().flatten(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
 
 
@@ -90,12 +91,15 @@ def test_masked_whiten_degenerate_inputs_are_finite(valid):
 
 @pytest.mark.parametrize("shift_mean", [True, False])
 @pytest.mark.parametrize("unbiased", [True, False])
-def test_gradients_match_the_reference(shift_mean, unbiased):
+@pytest.mark.parametrize("fill_masked", [True, False])
+def test_gradients_match_the_reference(shift_mean, unbiased, fill_masked):
     x, mask, upstream = torch.randn(4, 11), random_mask(4, 11), torch.randn(4, 11)
     grads = []
     for backend in (None, "reference"):
         leaf = x.clone().requires_grad_(True)
-        out = rk.masked_whiten(leaf, mask, shift_mean=shift_mean, unbiased=unbiased, backend=backend)
+        out = rk.masked_whiten(
+            leaf, mask, shift_mean=shift_mean, unbiased=unbiased, fill_masked=fill_masked, backend=backend
+        )
         mean = rk.masked_mean(leaf, mask, dim=1, backend=backend)
         ((out * upstream).sum() + (mean * upstream[:, 0]).sum()).backward()
         grads.append(leaf.grad)
@@ -109,6 +113,7 @@ def test_gradcheck(shift_mean):
     torch.autograd.gradcheck(lambda a: rk.masked_mean(a, mask, dim=1), (x,))
     torch.autograd.gradcheck(lambda a: rk.masked_mean(a, mask), (x,))
     torch.autograd.gradcheck(lambda a: rk.masked_whiten(a, mask, shift_mean=shift_mean), (x,))
+    torch.autograd.gradcheck(lambda a: rk.masked_whiten(a, mask, shift_mean=shift_mean, fill_masked=False), (x,))
 
 
 def test_opcheck(backend_name):
@@ -119,11 +124,11 @@ def test_opcheck(backend_name):
     x, mask = torch.randn(4, 7), random_mask(4, 7)
     torch.library.opcheck(getattr(ops, "masked_sums" + suffix).default, (x.clone().requires_grad_(True), mask))
     whiten = getattr(ops, "masked_whiten" + suffix).default
-    for shift_mean, unbiased in ((True, True), (False, False)):
-        torch.library.opcheck(whiten, (x.clone().requires_grad_(True), mask, shift_mean, unbiased, 1e-8))
-    _, stats = whiten(x, mask, True, True, 1e-8)
+    for shift_mean, unbiased, fill in ((True, True, True), (False, False, False)):
+        torch.library.opcheck(whiten, (x.clone().requires_grad_(True), mask, shift_mean, unbiased, 1e-8, fill))
+    _, stats = whiten(x, mask, True, True, 1e-8, True)
     backward = getattr(ops, "masked_whiten_backward" + suffix).default
-    torch.library.opcheck(backward, (torch.randn(4, 7), x, mask, stats, False))
+    torch.library.opcheck(backward, (torch.randn(4, 7), x, mask, stats, False, True))
 
 
 def test_torch_compile_fullgraph(backend_name):

@@ -26,9 +26,9 @@ struct Sums {
 };
 
 // The reductions over x, mask w (and the gradient g), as (first, second):
-//   kSums (w x, w); kCentered (w c^2, w c); kGrad (g', g' c)
-// with c = x - mean and g' = g where w != 0, else 0.
-enum class Pass { kSums, kCentered, kGrad };
+//   kSums (w x, w); kCentered (w c^2, w c); kGrad (g', g' c); kGradAll (g, g c)
+// with c = x - mean and g' = g where w != 0, else 0 (those outputs were filled with 0).
+enum class Pass { kSums, kCentered, kGrad, kGradAll };
 
 template <Pass P, typename T>
 RLHF_INLINE Sums pass_sums(const T* x, const T* w, const T* g, int64_t n, double mean) {
@@ -44,7 +44,7 @@ RLHF_INLINE Sums pass_sums(const T* x, const T* w, const T* g, int64_t n, double
       a += wi * c * c;
       b += wi * c;
     } else {
-      const double live = wi != 0.0 ? double(g[i]) : 0.0;
+      const double live = (P == Pass::kGradAll || wi != 0.0) ? double(g[i]) : 0.0;
       a += live;
       b += live * (xi - mean);
     }
@@ -57,7 +57,8 @@ RLHF_INLINE Sums pass_any(Pass p, const T* x, const T* w, const T* g, int64_t n,
   switch (p) {
     case Pass::kSums: return pass_sums<Pass::kSums>(x, w, g, n, mean);
     case Pass::kCentered: return pass_sums<Pass::kCentered>(x, w, g, n, mean);
-    default: return pass_sums<Pass::kGrad>(x, w, g, n, mean);
+    case Pass::kGrad: return pass_sums<Pass::kGrad>(x, w, g, n, mean);
+    default: return pass_sums<Pass::kGradAll>(x, w, g, n, mean);
   }
 }
 
@@ -72,38 +73,51 @@ RLHF_VECTORIZED static Sums run_pass(Pass p, const double* x, const double* w, c
   return pass_any(p, x, w, g, n, mean);
 }
 
-// y = (x - mean) rstd + shift where w != 0, else 0, in T's precision.
+// y = (x - mean) rstd + shift, set to 0 where w == 0 when kFill, in T's precision.
+template <bool kFill, typename T>
+RLHF_INLINE void whiten_rows(const T* x, const T* w, T* y, int64_t n, T mean, T rstd, T shift) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T value = (x[i] - mean) * rstd + shift;
+    y[i] = (!kFill || w[i] != T(0)) ? value : T(0);
+  }
+}
 template <typename T>
-RLHF_INLINE void whiten_any(const T* x, const T* w, T* y, int64_t n, T mean, T rstd, T shift) {
-  for (int64_t i = 0; i < n; ++i) y[i] = w[i] != T(0) ? (x[i] - mean) * rstd + shift : T(0);
+RLHF_INLINE void whiten_any(bool fill, const T* x, const T* w, T* y, int64_t n, T mean, T rstd, T shift) {
+  fill ? whiten_rows<true>(x, w, y, n, mean, rstd, shift) : whiten_rows<false>(x, w, y, n, mean, rstd, shift);
 }
-RLHF_VECTORIZED static void write_whiten(const float* x, const float* w, float* y, int64_t n, float mean, float rstd,
-                                         float shift) {
-  whiten_any(x, w, y, n, mean, rstd, shift);
+RLHF_VECTORIZED static void write_whiten(bool fill, const float* x, const float* w, float* y, int64_t n, float mean,
+                                         float rstd, float shift) {
+  whiten_any(fill, x, w, y, n, mean, rstd, shift);
 }
-RLHF_VECTORIZED static void write_whiten(const double* x, const double* w, double* y, int64_t n, double mean,
-                                         double rstd, double shift) {
-  whiten_any(x, w, y, n, mean, rstd, shift);
+RLHF_VECTORIZED static void write_whiten(bool fill, const double* x, const double* w, double* y, int64_t n,
+                                         double mean, double rstd, double shift) {
+  whiten_any(fill, x, w, y, n, mean, rstd, shift);
 }
 
 // dx = r g' + w mean_coef - var_coef w (c - centered_mean) (see masked_whiten_backward_cpu).
-template <typename T>
-RLHF_INLINE void whiten_grad_any(const T* g, const T* x, const T* w, T* dx, int64_t n, T mean, T rstd, T mean_coef,
-                                 T var_coef, T centered_mean) {
+template <bool kFill, typename T>
+RLHF_INLINE void whiten_grad_rows(const T* g, const T* x, const T* w, T* dx, int64_t n, T mean, T rstd, T mean_coef,
+                                  T var_coef, T centered_mean) {
   for (int64_t i = 0; i < n; ++i) {
-    const T live = w[i] != T(0) ? g[i] : T(0);
+    const T live = (!kFill || w[i] != T(0)) ? g[i] : T(0);
     dx[i] = rstd * live + w[i] * mean_coef - var_coef * w[i] * (x[i] - mean - centered_mean);
   }
 }
-RLHF_VECTORIZED static void write_whiten_grad(const float* g, const float* x, const float* w, float* dx, int64_t n,
-                                              float mean, float rstd, float mean_coef, float var_coef,
-                                              float centered_mean) {
-  whiten_grad_any(g, x, w, dx, n, mean, rstd, mean_coef, var_coef, centered_mean);
+template <typename T>
+RLHF_INLINE void whiten_grad_any(bool fill, const T* g, const T* x, const T* w, T* dx, int64_t n, T mean, T rstd,
+                                 T mean_coef, T var_coef, T centered_mean) {
+  fill ? whiten_grad_rows<true>(g, x, w, dx, n, mean, rstd, mean_coef, var_coef, centered_mean)
+       : whiten_grad_rows<false>(g, x, w, dx, n, mean, rstd, mean_coef, var_coef, centered_mean);
 }
-RLHF_VECTORIZED static void write_whiten_grad(const double* g, const double* x, const double* w, double* dx,
-                                              int64_t n, double mean, double rstd, double mean_coef,
+RLHF_VECTORIZED static void write_whiten_grad(bool fill, const float* g, const float* x, const float* w, float* dx,
+                                              int64_t n, float mean, float rstd, float mean_coef, float var_coef,
+                                              float centered_mean) {
+  whiten_grad_any(fill, g, x, w, dx, n, mean, rstd, mean_coef, var_coef, centered_mean);
+}
+RLHF_VECTORIZED static void write_whiten_grad(bool fill, const double* g, const double* x, const double* w,
+                                              double* dx, int64_t n, double mean, double rstd, double mean_coef,
                                               double var_coef, double centered_mean) {
-  whiten_grad_any(g, x, w, dx, n, mean, rstd, mean_coef, var_coef, centered_mean);
+  whiten_grad_any(fill, g, x, w, dx, n, mean, rstd, mean_coef, var_coef, centered_mean);
 }
 
 // One pass over [0, n) in parallel chunks (at::parallel_reduce: deterministic for a
@@ -167,7 +181,7 @@ at::Tensor masked_sums_cpu(const at::Tensor& x, const at::Tensor& mask) {
 enum Stat { kCount, kMean, kRstd, kDenominator, kCenteredSum, kNumStats };
 
 std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(
-    const at::Tensor& x, const at::Tensor& mask, bool shift_mean, bool unbiased, double eps) {
+    const at::Tensor& x, const at::Tensor& mask, bool shift_mean, bool unbiased, double eps, bool fill_masked) {
   check_pair("masked_whiten", x, mask);
   at::Tensor out = at::empty_like(x);
   at::Tensor stats = at::empty({kNumStats}, x.options().dtype(at::kDouble));
@@ -186,7 +200,8 @@ std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(
     const double rstd = 1.0 / std::sqrt(second.first / denominator + eps);
     const double shift = shift_mean ? 0.0 : mean;
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      write_whiten(xs + begin, ws + begin, ys + begin, end - begin, scalar_t(mean), scalar_t(rstd), scalar_t(shift));
+      write_whiten(fill_masked, xs + begin, ws + begin, ys + begin, end - begin, scalar_t(mean), scalar_t(rstd),
+                   scalar_t(shift));
     });
     st[kCount] = count;
     st[kMean] = mean;
@@ -198,10 +213,11 @@ std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(
 }
 
 // d x_j = r g_j + (w_j / C) G (shift - r) - (r^3 / D) S w_j (c_j - Swc / C), with g
-// zeroed where mask is 0 (those outputs are constants), G = sum g, S = sum g c,
+// zeroed where mask is 0 when fill_masked (those outputs are constants), G = sum g, S = sum g c,
 // c = x - mean, r = rstd, D the variance denominator, shift = 0 or 1 (shift_mean off).
 at::Tensor masked_whiten_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& stats, bool shift_mean) {
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& stats, bool shift_mean,
+    bool fill_masked) {
   check_pair("masked_whiten_backward", x, mask);
   check_pair("masked_whiten_backward", grad, mask);
   TORCH_CHECK(stats.scalar_type() == at::kDouble && stats.numel() == kNumStats && stats.is_contiguous(),
@@ -216,12 +232,12 @@ at::Tensor masked_whiten_backward_cpu(
     const scalar_t* xs = x.const_data_ptr<scalar_t>();
     const scalar_t* ws = mask.const_data_ptr<scalar_t>();
     scalar_t* dx = grad_x.mutable_data_ptr<scalar_t>();
-    const Sums sums = sum_pass(Pass::kGrad, xs, ws, gs, n, mean);
+    const Sums sums = sum_pass(fill_masked ? Pass::kGrad : Pass::kGradAll, xs, ws, gs, n, mean);
     const double mean_coef = sums.first / count * ((shift_mean ? 0.0 : 1.0) - rstd);
     const double var_coef = rstd * rstd * rstd / denominator * sums.second;
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      write_whiten_grad(gs + begin, xs + begin, ws + begin, dx + begin, end - begin, scalar_t(mean), scalar_t(rstd),
-                        scalar_t(mean_coef), scalar_t(var_coef), scalar_t(centered_mean));
+      write_whiten_grad(fill_masked, gs + begin, xs + begin, ws + begin, dx + begin, end - begin, scalar_t(mean),
+                        scalar_t(rstd), scalar_t(mean_coef), scalar_t(var_coef), scalar_t(centered_mean));
     });
   });
   return grad_x;

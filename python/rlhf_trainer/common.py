@@ -79,7 +79,11 @@ def load_checkpoint(directory: str, *, models: dict, optimizer) -> tuple[int, di
 
 
 def progress(total: int, description: str, enabled: bool = True):
-    """A tqdm bar (tqdm comes with transformers) showing the key metrics."""
+    """A tqdm bar (tqdm comes with transformers) showing the key metrics; off when
+    stderr is not a terminal (a CI log would get one line per refresh)."""
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=description, disable=not enabled, leave=False, dynamic_ncols=True)
+    disable = not enabled or not sys.stderr.isatty()
+    return tqdm(total=total, desc=description, disable=disable, leave=False, dynamic_ncols=True)

@@ -28,23 +28,23 @@ def _masked_sums_triton(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("rlhf_kernels::masked_whiten_triton", mutates_args=())
 def _masked_whiten_triton(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, unbiased: bool, eps: float
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, unbiased: bool, eps: float, fill_masked: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _triton_kernels().masked_whiten(x, mask, shift_mean, unbiased, eps)
+    return _triton_kernels().masked_whiten(x, mask, shift_mean, unbiased, eps, fill_masked)
 
 
 @torch.library.custom_op("rlhf_kernels::masked_whiten_backward_triton", mutates_args=())
 def _masked_whiten_backward_triton(
-    grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, shift_mean: bool
+    grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, shift_mean: bool, fill_masked: bool
 ) -> torch.Tensor:
-    return _triton_kernels().masked_whiten_backward(grad, x, mask, stats, shift_mean)
+    return _triton_kernels().masked_whiten_backward(grad, x, mask, stats, shift_mean, fill_masked)
 
 
 def _sums_fake(x, mask):
     return x.new_empty(x.shape[0], 2, dtype=torch.float64)
 
 
-def _whiten_fake(x, mask, shift_mean, unbiased, eps):
+def _whiten_fake(x, mask, shift_mean, unbiased, eps, fill_masked):
     return torch.empty_like(x), x.new_empty(5, dtype=torch.float64)
 
 
@@ -63,13 +63,14 @@ def _sums_backward(ctx, grad_sums):
 
 def _register(sums_op: str, whiten_op: str, whiten_backward) -> None:
     def setup_context(ctx, inputs, output):
-        x, mask, shift_mean, *_ = inputs
+        x, mask, shift_mean, _unbiased, _eps, fill_masked = inputs
         ctx.save_for_backward(x, mask, output[1])
-        ctx.shift_mean = shift_mean
+        ctx.shift_mean, ctx.fill_masked = shift_mean, fill_masked
 
     def backward(ctx, grad_out, _grad_stats):
         x, mask, stats = ctx.saved_tensors
-        return whiten_backward(grad_out.contiguous(), x, mask, stats, ctx.shift_mean), None, None, None, None
+        grad_x = whiten_backward(grad_out.contiguous(), x, mask, stats, ctx.shift_mean, ctx.fill_masked)
+        return grad_x, None, None, None, None, None
 
     torch.library.register_fake(sums_op, _sums_fake)
     torch.library.register_autograd(sums_op, _sums_backward, setup_context=_sums_setup_context)
@@ -121,9 +122,18 @@ def masked_mean(
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool, unbiased: bool, eps: float, kernel: str
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    shift_mean: bool,
+    unbiased: bool,
+    eps: float,
+    fill_masked: bool,
+    kernel: str,
 ) -> torch.Tensor:
     """Runs `kernel` ("cpu" or "triton"); arguments and result as functional.masked_whiten."""
     dtype = _compute_dtype(x)
-    out, _ = _WHITEN[kernel]()(x.to(dtype).contiguous(), mask.to(dtype).contiguous(), shift_mean, unbiased, eps)
+    out, _ = _WHITEN[kernel]()(
+        x.to(dtype).contiguous(), mask.to(dtype).contiguous(), shift_mean, unbiased, eps, fill_masked
+    )
     return out.to(x.dtype)

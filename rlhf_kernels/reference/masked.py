@@ -4,7 +4,8 @@ Mask values act as weights (0/1 in practice). No NaN from finite input:
   - a mean over no valid position is 0;
   - the variance's denominator (count - 1 unbiased, count biased) is replaced
     by 1 when it is <= 0, so one valid element whitens to 0;
-  - whitened positions with mask 0 are set to 0.
+  - whitened positions with mask 0 are set to 0 (fill_masked=True; False leaves
+    them whitened like the rest, as TRL's and verl's masked_whiten do).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def masked_whiten(
     shift_mean: bool = True,
     unbiased: bool = True,
     eps: float = 1e-8,
+    fill_masked: bool = True,
 ) -> torch.Tensor:
     weights = _as_weights(mask, x.dtype)
     count = weights.sum()
@@ -50,4 +52,6 @@ def masked_whiten(
     whitened = centered * torch.rsqrt(variance + eps)
     if not shift_mean:
         whitened = whitened + mean
+    if not fill_masked:
+        return whitened
     return torch.where(weights != 0, whitened, torch.zeros_like(whitened))

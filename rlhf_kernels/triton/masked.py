@@ -18,8 +18,8 @@ import triton.language as tl
 # and [8 x 8192] fp32 already gives 8 programs' worth of parallel rows.
 BLOCK = 1024
 SPLIT = 16 * BLOCK
-# Pass codes of _partial_sums_kernel.
-SUMS, CENTERED, GRAD = 0, 1, 2
+# Pass codes of _partial_sums_kernel (GRAD_ALL: every position's output was whitened).
+SUMS, CENTERED, GRAD, GRAD_ALL = 0, 1, 2, 3
 # The float64 statistics vector shared with the C++ kernel.
 COUNT, MEAN, RSTD, DENOMINATOR, CENTERED_SUM = range(5)
 
@@ -29,8 +29,8 @@ def _partial_sums_kernel(
     x_ptr, w_ptr, g_ptr, stats_ptr, out_ptr, C, n_splits, PASS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr
 ):
     """out[row, split] = (sum u, sum v) over the split's columns, where (u, v) is
-    (w x, w) for SUMS, (w c^2, w c) for CENTERED and (g', g' c) for GRAD, with
-    c = x - mean and g' = g where w != 0, else 0."""
+    (w x, w) for SUMS, (w c^2, w c) for CENTERED, (g', g' c) for GRAD and (g, g c)
+    for GRAD_ALL, with c = x - mean and g' = g where w != 0, else 0."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     if PASS != SUMS:
@@ -51,7 +51,7 @@ def _partial_sums_kernel(
             acc_v += w * c
         else:
             g = tl.load(g_ptr + row * C + col, mask=ok, other=0.0)
-            live = tl.where(w != 0, g, 0.0)
+            live = g if PASS == GRAD_ALL else tl.where(w != 0, g, 0.0)
             acc_u += live
             acc_v += live * (x - mean)
     out = out_ptr + (row * n_splits + split) * 2
@@ -60,7 +60,9 @@ def _partial_sums_kernel(
 
 
 @triton.jit
-def _whiten_kernel(x_ptr, w_ptr, stats_ptr, out_ptr, n, SHIFT_BACK: tl.constexpr, BLOCK: tl.constexpr):
+def _whiten_kernel(
+    x_ptr, w_ptr, stats_ptr, out_ptr, n, SHIFT_BACK: tl.constexpr, FILL: tl.constexpr, BLOCK: tl.constexpr
+):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
     mean = tl.load(stats_ptr + 1).to(x_ptr.dtype.element_ty)
@@ -70,11 +72,15 @@ def _whiten_kernel(x_ptr, w_ptr, stats_ptr, out_ptr, n, SHIFT_BACK: tl.constexpr
     y = (x - mean) * rstd
     if SHIFT_BACK:
         y += mean
-    tl.store(out_ptr + i, tl.where(w != 0, y, 0.0), mask=ok)
+    if FILL:
+        y = tl.where(w != 0, y, 0.0)
+    tl.store(out_ptr + i, y, mask=ok)
 
 
 @triton.jit
-def _whiten_backward_kernel(g_ptr, x_ptr, w_ptr, stats_ptr, coef_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _whiten_backward_kernel(
+    g_ptr, x_ptr, w_ptr, stats_ptr, coef_ptr, out_ptr, n, FILL: tl.constexpr, BLOCK: tl.constexpr
+):
     """d x = r g' + w mean_coef - var_coef w (c - centered_mean); coef = (mean_coef,
     var_coef, centered_mean) as in csrc/cpu/masked.cpp."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -88,7 +94,7 @@ def _whiten_backward_kernel(g_ptr, x_ptr, w_ptr, stats_ptr, coef_ptr, out_ptr, n
     g = tl.load(g_ptr + i, mask=ok, other=0.0)
     x = tl.load(x_ptr + i, mask=ok, other=0.0)
     w = tl.load(w_ptr + i, mask=ok, other=0.0)
-    live = tl.where(w != 0, g, 0.0)
+    live = tl.where(w != 0, g, 0.0) if FILL else g
     tl.store(out_ptr + i, rstd * live + w * mean_coef - var_coef * w * (x - mean - centered_mean), mask=ok)
 
 
@@ -114,7 +120,7 @@ def masked_sums(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, unbiased: bool, eps: float
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, unbiased: bool, eps: float, fill_masked: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     flat_x, flat_w = x.view(1, -1), mask.view(1, -1)
     weighted, count = _pair_sums(flat_x, flat_w, SUMS)[0].unbind()
@@ -126,14 +132,17 @@ def masked_whiten(
     out = torch.empty_like(x)
     n = x.numel()
     if n > 0:
-        _whiten_kernel[(triton.cdiv(n, BLOCK),)](x, mask, stats, out, n, SHIFT_BACK=not shift_mean, BLOCK=BLOCK)
+        _whiten_kernel[(triton.cdiv(n, BLOCK),)](
+            x, mask, stats, out, n, SHIFT_BACK=not shift_mean, FILL=fill_masked, BLOCK=BLOCK
+        )
     return out, stats
 
 
 def masked_whiten_backward(
-    grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, shift_mean: bool
+    grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor, shift_mean: bool, fill_masked: bool
 ) -> torch.Tensor:
-    grad_sum, grad_centered = _pair_sums(x.view(1, -1), mask.view(1, -1), GRAD, stats=stats, grad=grad)[0].unbind()
+    pass_code = GRAD if fill_masked else GRAD_ALL
+    grad_sum, grad_centered = _pair_sums(x.view(1, -1), mask.view(1, -1), pass_code, stats=stats, grad=grad)[0].unbind()
     count, rstd = _safe(stats[COUNT]), stats[RSTD]
     shift = 0.0 if shift_mean else 1.0
     coef = torch.stack(
@@ -142,5 +151,7 @@ def masked_whiten_backward(
     grad_x = torch.empty_like(x)
     n = x.numel()
     if n > 0:
-        _whiten_backward_kernel[(triton.cdiv(n, BLOCK),)](grad, x, mask, stats, coef, grad_x, n, BLOCK=BLOCK)
+        _whiten_backward_kernel[(triton.cdiv(n, BLOCK),)](
+            grad, x, mask, stats, coef, grad_x, n, FILL=fill_masked, BLOCK=BLOCK
+        )
     return grad_x
