@@ -167,20 +167,21 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_cpu(
 }
 
 // One token of the value loss: adds to the sums, returns d(loss * mask) / d value
-// before the row weight. Without a clip the clipped term is the unclipped one
-// (old + (v - old) - R would differ from v - R by rounding).
+// before the row weight. The clipped prediction is clamp(v, old - clip, old + clip)
+// (TRL's and verl's clip_by_value): inside the band it is v itself, so the clipped
+// and unclipped errors are equal there and never count as clipped by rounding
+// (old + (v - old) can differ from v in the last bit).
 template <typename T, bool kHasClip>
 RLHF_INLINE T value_token(T v, T old, T ret, T m, T clip, T& loss_sum, T& clipped_sum) {
   const T error = v - ret;
   const T unclipped = error * error;
-  const T delta = v - old;
-  T delta_clipped = select(delta < -clip, -clip, delta);
-  delta_clipped = select(delta_clipped > clip, clip, delta_clipped);
+  const T low = old - clip, high = old + clip;
   // A compile-time choice: a select on a run-time bool kept GCC from vectorising.
-  T clipped_error = error;
-  if constexpr (kHasClip) clipped_error = old + delta_clipped - ret;
+  T clipped_value = v;
+  if constexpr (kHasClip) clipped_value = select(v < low, low, select(v > high, high, v));
+  const T clipped_error = clipped_value - ret;
   const T clipped = clipped_error * clipped_error;
-  const T delta_grad = select((delta < T(0) ? -delta : delta) <= clip, T(1), T(0));
+  const T delta_grad = select(v < low, T(0), select(v > high, T(0), T(1)));
   loss_sum += m * T(0.5) * select(unclipped > clipped, unclipped, clipped);
   clipped_sum += m * select(clipped > unclipped, T(1), T(0));
   return m * (max_grad_first(unclipped, clipped) * error + max_grad_first(clipped, unclipped) * clipped_error * delta_grad);

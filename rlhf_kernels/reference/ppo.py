@@ -4,7 +4,9 @@ Policy, per token (old_logprobs and advantages are constants):
     log_ratio = lp - old   (clamped to +-log_ratio_clamp when set), ratio = exp(log_ratio)
     l = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))
     dual clip c (A < 0 only): l = min(l, -A c)
-Value, per token: 0.5 max((v - R)^2, (old + clip(v - old, -clip, clip) - R)^2).
+Value, per token: 0.5 max((v - R)^2, (clamp(v, old - clip, old + clip) - R)^2)
+    (TRL's and verl's clip_by_value; OpenRLHF's old + clamp(v - old) differs only
+    in rounding).
 Aggregations over [B, T] with mask (verl's agg_loss; a sequence with no valid
 token is left out of seq-mean-token-mean):
     token-mean               sum(l m) / sum(m)
@@ -98,7 +100,7 @@ def ppo_value_loss(
         loss = 0.5 * unclipped
         clipped_more = torch.zeros_like(unclipped, dtype=torch.bool)
     else:
-        clipped = (old + (v - old).clamp(-clip, clip) - target).square()
+        clipped = (torch.clamp(v, old - clip, old + clip) - target).square()
         loss = 0.5 * torch.maximum(unclipped, clipped)
         clipped_more = clipped > unclipped
     with torch.no_grad():

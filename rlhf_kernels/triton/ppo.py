@@ -129,10 +129,12 @@ def _ppo_value_loss_kernel(
         dloss = error
         if HAS_CLIP:
             old = tl.load(old_ptr + base + t, mask=ok, other=0.0)
-            delta = v - old
-            clipped_error = old + tl.minimum(tl.maximum(delta, -clip), clip) - ret
+            low = old - clip
+            high = old + clip
+            # clamp(v, old - clip, old + clip): exactly v inside the band (csrc/cpu/ppo.cpp)
+            clipped_error = tl.minimum(tl.maximum(v, low), high) - ret
             clipped = clipped_error * clipped_error
-            delta_grad = tl.where(tl.abs(delta) <= clip, 1.0, 0.0)
+            delta_grad = tl.where((v >= low) & (v <= high), 1.0, 0.0)
             loss = 0.5 * tl.maximum(unclipped, clipped)
             dloss = (
                 _max_grad_first(unclipped, clipped) * error
