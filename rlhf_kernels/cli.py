@@ -101,6 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo_parser.add_argument("--output", default="rlhf-demo", help="folder for the data, metrics, plots and report")
     demo_parser.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
     demo_parser.add_argument("--seed", type=int, default=0)
+    demo_parser.add_argument("--noise", type=float, default=0.05, help="Bradley-Terry noise of the simulated labeller")
     trainer_cli = _trainer_cli()
     if trainer_cli is not None:
         trainer_cli.add_train_parser(commands)
@@ -116,7 +117,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return trainer_cli.run_train(args)
         from rlhf_trainer.demo import DemoConfig, run_demo
 
-        run_demo(args.output, DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed))
+        config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
+        config.noise = args.noise
+        run_demo(args.output, config)
     return 0
 
 

@@ -137,3 +137,39 @@ def test_train_cli_runs_every_stage(tmp_path):
                      "--resume", str(out / "sft")]) == 0  # fmt: skip
     rows = [json.loads(line) for line in open(out / "sft" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # resumed after step 3
+
+
+def test_adaptive_kl_controller_moves_toward_the_target():
+    from rlhf_trainer.ppo import KLController, PPOConfig
+
+    controller = KLController(PPOConfig(kl_coef=0.1, adaptive_kl=True, kl_target=1.0, kl_horizon=100))
+    controller.update(kl=3.0, n_rollouts=10)  # KL above target: the error clips at +0.2
+    assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    controller.update(kl=0.5, n_rollouts=10)  # below the target: 0.5 / 1 - 1 = -0.5, clipped to -0.2
+    assert controller.value == pytest.approx(0.1 * 1.02 * (1 - 0.2 * 0.1))
+    fixed = KLController(PPOConfig(kl_coef=0.1))
+    fixed.update(kl=3.0, n_rollouts=10)
+    assert fixed.value == 0.1
+
+
+def test_rm_trains_on_k_way_rankings():
+    import random
+
+    from rlhf_trainer.models import RewardModel
+    from rlhf_trainer.rm import RMConfig, train_rm
+
+    rng = random.Random(0)
+    records = []
+    for _ in range(300):
+        prompt = task.sample_prompt(rng)
+        responses = [task.demonstrate(prompt, rng, skill=rng.uniform(0.2, 0.9)) for _ in range(3)]
+        gold = [task.gold_reward(prompt, r) for r in responses]
+        records.append(
+            {"prompt": prompt, "responses": responses, "ranks": [sorted(gold, reverse=True).index(g) for g in gold]}
+        )
+    tokenizer = builtin_tokenizer()
+    log = common.MetricsLog(None)
+    train_rm(RewardModel(tiny_model(len(tokenizer), 0)), tokenizer, records, RMConfig(steps=60, lr=1e-3), log,
+             kind="rankings", show_progress=False)  # fmt: skip
+    losses = [row["loss"] for row in log.rows]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10  # ranking_loss falls
