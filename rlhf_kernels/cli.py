@@ -5,6 +5,7 @@ rlhf-kernels info   versions, whether rlhf_kernels._C loaded, and per op the
 rlhf-kernels demo   the bundled trainer's whole pipeline (SFT -> RM -> PPO, DPO, and
                     PPO without a KL penalty) on the built-in task, with a report
 rlhf-kernels train  one trainer stage (sft, rm, ppo, dpo) on your model and data
+rlhf-kernels label  compare two responses per prompt in the terminal -> preference JSONL
 rlhf-kernels step   one PPO step's math on random rollouts, printed (no transformers needed)
 """
 
@@ -105,16 +106,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     trainer_cli = _trainer_cli()
     if trainer_cli is not None:
         trainer_cli.add_train_parser(commands)
+        importlib.import_module("rlhf_trainer.label").add_label_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
     elif args.command == "step":
         print(step(seed=args.seed))
-    elif args.command in ("demo", "train"):
+    elif args.command in ("demo", "train", "label"):
         if trainer_cli is None:
             parser.error(f"`{args.command}` needs the trainer's dependencies: pip install 'rlhf-kernels[train]'")
         if args.command == "train":
             return trainer_cli.run_train(args)
+        if args.command == "label":
+            return importlib.import_module("rlhf_trainer.label").run_label(args)
         from rlhf_trainer.demo import DemoConfig, run_demo
 
         config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)

@@ -5,7 +5,10 @@ Formats, one JSON object per line:
   preferences  {"prompt": str, "chosen": str, "rejected": str}  (extra keys allowed)
   rankings     {"prompt": str, "responses": [str, ...], "ranks": [int, ...]} (rank 0 best)
   prompts      {"prompt": str}  (PPO)
-A malformed record raises DataError naming the file and line.
+A malformed record raises DataError naming the file and line. Preference files
+written by `rlhf-kernels label` carry skips ("skipped": true) and ties ("tie": true):
+both are left out of training (a tie says nothing about which response is better;
+the labelled strength reaches the reward model as "margin").
 
 Sequences are laid out as [left-padded prompt | response <eos> right-padded], so every
 prompt ends at the same column and generation appends after it.
@@ -63,6 +66,8 @@ def read_jsonl(path: str, kind: str) -> list[dict]:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+                if kind == "preferences" and isinstance(record, dict) and (record.get("skipped") or record.get("tie")):
+                    continue
                 records.append(_check_record(record, kind, where))
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror})") from None
