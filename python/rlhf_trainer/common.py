@@ -87,3 +87,32 @@ def progress(total: int, description: str, enabled: bool = True):
 
     disable = not enabled or not sys.stderr.isatty()
     return tqdm(total=total, desc=description, disable=disable, leave=False, dynamic_ncols=True)
+
+
+class StageRun:
+    """The bookkeeping every stage repeats: the progress bar, the metrics line of each
+    step, periodic checkpoints and the final one (with the tokenizer beside the model)."""
+
+    def __init__(self, stage: str, config, log: MetricsLog, *, models: dict, optimizer, output=None, start=0,
+                 show_progress=True):  # fmt: skip
+        self.stage, self.config, self.log = stage, config, log
+        self.models, self.optimizer, self.output = models, optimizer, output
+        self.bar = progress(config.steps - start, stage, show_progress)
+
+    def step_done(self, step: int, shown: dict, state: dict | None = None, **metrics) -> None:
+        """step: the 1-based step just finished; shown: the metrics on the bar."""
+        self.log.log(self.stage, step, **metrics)
+        self.bar.update(1)
+        self.bar.set_postfix({name: f"{value:.3f}" for name, value in shown.items()})
+        every = self.config.checkpoint_every
+        if self.output and every and step % every == 0:
+            save_checkpoint(self.output, models=self.models, optimizer=self.optimizer, step=step, state=state)
+
+    def finish(self, tokenizer=None, state: dict | None = None) -> None:
+        self.bar.close()
+        if self.output:
+            save_checkpoint(
+                self.output, models=self.models, optimizer=self.optimizer, step=self.config.steps, state=state
+            )
+            if tokenizer is not None and "model" in self.models:
+                tokenizer.save_pretrained(f"{self.output}/model")

@@ -61,7 +61,8 @@ def train_dpo(policy, tokenizer, records, config: DPOConfig, log: common.Metrics
     if resume:
         start, _ = common.load_checkpoint(resume, models={"model": policy}, optimizer=optimizer)
     policy.train()
-    bar = common.progress(config.steps - start, "dpo", show_progress)
+    run = common.StageRun("dpo", config, log, models={"model": policy}, optimizer=optimizer, output=output,
+                          start=start, show_progress=show_progress)  # fmt: skip
     for step in range(start, config.steps):
         index = common.batch_indices(len(records), config.batch_size, config.seed, step)
         batch = _pair_batch(tokenizer, [records[i] for i in index], config.max_response_tokens, device)
@@ -75,14 +76,7 @@ def train_dpo(policy, tokenizer, records, config: DPOConfig, log: common.Metrics
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        log.log("dpo", step + 1, loss=loss.item(), reward_accuracy=metrics["reward_accuracy"].item(),
-                reward_margin=metrics["reward_margin"].item())  # fmt: skip
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if output and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            common.save_checkpoint(output, models={"model": policy}, optimizer=optimizer, step=step + 1)
-    bar.close()
-    if output:
-        common.save_checkpoint(output, models={"model": policy}, optimizer=optimizer, step=config.steps)
-        tokenizer.save_pretrained(f"{output}/model")
+        accuracy, margin = metrics["reward_accuracy"].item(), metrics["reward_margin"].item()
+        run.step_done(step + 1, {"loss": loss.item()}, loss=loss.item(), reward_accuracy=accuracy, reward_margin=margin)
+    run.finish(tokenizer)
     return policy

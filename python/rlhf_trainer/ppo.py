@@ -73,7 +73,8 @@ def train_ppo(policy, reward_model, tokenizer, prompts: list[str], config: PPOCo
     if resume:
         start, state = common.load_checkpoint(resume, models=models, optimizer=optimizer)
         controller.value = state["kl_coef"]
-    bar = common.progress(config.steps - start, stage, show_progress)
+    run = common.StageRun(stage, config, log, models=models, optimizer=optimizer, output=output, start=start,
+                          show_progress=show_progress)  # fmt: skip
     for step in range(start, config.steps):
         generator = common.step_generator(config.seed, step)
         picked = [prompts[i] for i in common.batch_indices(len(prompts), config.rollouts, config.seed, step)]
@@ -131,17 +132,7 @@ def train_ppo(policy, reward_model, tokenizer, prompts: list[str], config: PPOCo
             texts = decode_responses(tokenizer, rollout)
             metrics["gold_reward"] = sum(gold_fn(p, t) for p, t in zip(picked, texts)) / len(texts)
         controller.update(sequence_kl, config.rollouts)
-        log.log(stage, step + 1, **metrics)
-        bar.update(1)
-        bar.set_postfix(rm=f"{metrics['rm_reward']:.2f}", kl=f"{sequence_kl:.2f}")
-        if output and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            common.save_checkpoint(
-                output, models=models, optimizer=optimizer, step=step + 1, state={"kl_coef": controller.value}
-            )
-    bar.close()
-    if output:
-        common.save_checkpoint(
-            output, models=models, optimizer=optimizer, step=config.steps, state={"kl_coef": controller.value}
-        )
-        tokenizer.save_pretrained(f"{output}/model")
+        shown = {"rm": metrics["rm_reward"], "kl": sequence_kl}
+        run.step_done(step + 1, shown, state={"kl_coef": controller.value}, **metrics)
+    run.finish(tokenizer, state={"kl_coef": controller.value})
     return policy

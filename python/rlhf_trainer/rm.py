@@ -72,7 +72,8 @@ def train_rm(reward_model, tokenizer, records, config: RMConfig, log: common.Met
     start = 0
     if resume:
         start, _ = common.load_checkpoint(resume, models={"reward_model": reward_model}, optimizer=optimizer)
-    bar = common.progress(config.steps - start, "rm", show_progress)
+    run = common.StageRun("rm", config, log, models={"reward_model": reward_model}, optimizer=optimizer,
+                          output=output, start=start, show_progress=show_progress)  # fmt: skip
     for step in range(start, config.steps):
         reward_model.train()
         picked = [train[i] for i in common.batch_indices(len(train), config.batch_size, config.seed, step)]
@@ -88,17 +89,12 @@ def train_rm(reward_model, tokenizer, records, config: RMConfig, log: common.Met
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        log.log("rm", step + 1, loss=loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if output and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            common.save_checkpoint(output, models={"reward_model": reward_model}, optimizer=optimizer, step=step + 1)
-    bar.close()
+        run.step_done(step + 1, {"loss": loss.item()}, loss=loss.item())
+    run.finish()
     held_out_accuracy = accuracy(reward_model, tokenizer, held_out, config.max_response_tokens) if held_out else None
     if held_out_accuracy is not None:
         log.log("rm", config.steps, held_out_accuracy=held_out_accuracy)
     if output:
-        common.save_checkpoint(output, models={"reward_model": reward_model}, optimizer=optimizer, step=config.steps)
         reward_model.save(f"{output}/reward_model_hf")
         tokenizer.save_pretrained(f"{output}/reward_model_hf")
     return reward_model, held_out_accuracy

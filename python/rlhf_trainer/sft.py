@@ -34,7 +34,8 @@ def train_sft(policy, tokenizer, records, config: SFTConfig, log: common.Metrics
     if resume:
         start, _ = common.load_checkpoint(resume, models={"model": policy}, optimizer=optimizer)
     policy.train()
-    bar = common.progress(config.steps - start, "sft", show_progress)
+    run = common.StageRun("sft", config, log, models={"model": policy}, optimizer=optimizer, output=output,
+                          start=start, show_progress=show_progress)  # fmt: skip
     for step in range(start, config.steps):
         picked = [records[i] for i in common.batch_indices(len(records), config.batch_size, config.seed, step)]
         batch = encode_pairs(
@@ -45,13 +46,6 @@ def train_sft(policy, tokenizer, records, config: SFTConfig, log: common.Metrics
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        log.log("sft", step + 1, loss=loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if output and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            common.save_checkpoint(output, models={"model": policy}, optimizer=optimizer, step=step + 1)
-    bar.close()
-    if output:
-        common.save_checkpoint(output, models={"model": policy}, optimizer=optimizer, step=config.steps)
-        tokenizer.save_pretrained(f"{output}/model")
+        run.step_done(step + 1, {"loss": loss.item()}, loss=loss.item())
+    run.finish(tokenizer)
     return policy
