@@ -107,7 +107,8 @@ def write(results: list[harness.Result], stem: str, bandwidth_gbs: float | None 
         if bandwidth_gbs is not None:
             out.write(
                 f"Measured copy bandwidth: {bandwidth_gbs:.1f} GB/s (read + write of a 256 MiB copy); "
-                "'of bw' is a GB/s rate as a fraction of it.\n\n"
+                "'of bw' is a GB/s rate as a fraction of it (above 100%: the inputs fit in the "
+                "last-level cache).\n\n"
             )
         out.write("| case | impl | mode | ms | peak MiB | rate | of bw |\n|---|---|---|---:|---:|---:|---:|\n")
         for r in results:
