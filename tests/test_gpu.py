@@ -100,3 +100,54 @@ def test_triton_kl(estimator):
         results[name] = (lp.grad.clone(), rewards, kl)
     for got, want in zip(results["triton"], results["reference"]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["cuda", "triton"])
+@pytest.mark.parametrize("mode", ["ignore", "carry"])
+def test_gpu_gae_few_long_rows(kernel, mode):
+    # B = 2 rows of 128k: the CUDA kernel cuts each row into chained chunks.
+    if kernel not in backend.available("gae", "cuda"):
+        pytest.skip(f"no {kernel} gae kernel in this build")
+    T = 131072 + 3
+    rewards, values = torch.randn(2, T, device="cuda"), torch.randn(2, T, device="cuda")
+    mask = (torch.rand(2, T, device="cuda") > 0.1).float()
+    got = rk.gae(rewards, values, mask, gamma=0.999, lam=0.95, mask_mode=mode, backend=kernel)
+    want = rk.gae(rewards.double(), values.double(), mask.double(), gamma=0.999, lam=0.95, mask_mode=mode,
+                  backend="reference")  # fmt: skip
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif("masked_whiten" not in backend.HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("fill_masked", [True, False])
+def test_triton_masked_statistics(fill_masked):
+    x = (3 * torch.randn(129, 4099, device="cuda") + 1).requires_grad_(True)
+    mask = (torch.rand_like(x) > 0.3).float()
+    upstream = torch.randn_like(x)
+    results = {}
+    for name in ("triton", "reference"):
+        x.grad = None
+        out = rk.masked_whiten(x, mask, shift_mean=False, fill_masked=fill_masked, backend=name)
+        rows = rk.masked_mean(x, mask, dim=1, backend=name)
+        ((out * upstream).sum() + rows.sum()).backward()
+        results[name] = (out, rows, x.grad.clone())
+    for got, want in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif("dpo_loss" not in backend.HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "exo_pair", "nca_pair", "apo_down"])
+def test_triton_dpo_and_rm_losses(loss_type):
+    logps = [-torch.rand(1000, device="cuda") * 40 for _ in range(4)]
+    rewards, ranks = torch.randn(300, 7, device="cuda"), torch.randint(0, 4, (300, 7), device="cuda")
+    results = {}
+    for name in ("triton", "reference"):
+        pc, pr = (x.clone().requires_grad_(True) for x in logps[:2])
+        r = rewards.clone().requires_grad_(True)
+        losses, chosen, rejected = rk.dpo_loss(pc, pr, *logps[2:], loss_type=loss_type, label_smoothing=0.1,
+                                               backend=name)  # fmt: skip
+        rm = rk.ranking_loss(r, ranks, backend=name) + rk.bradley_terry_loss(r[:, 0], r[:, 1], margin=0.5, backend=name)
+        (losses.sum() + rm).backward()
+        results[name] = (losses, chosen, rejected, rm, pc.grad, pr.grad, r.grad)
+    for got, want in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
