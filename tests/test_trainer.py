@@ -173,3 +173,27 @@ def test_rm_trains_on_k_way_rankings():
              kind="rankings", show_progress=False)  # fmt: skip
     losses = [row["loss"] for row in log.rows]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10  # ranking_loss falls
+
+
+def test_ppo_resume_continues_with_the_same_state(tmp_path):
+    from rlhf_trainer.models import RewardModel
+    from rlhf_trainer.ppo import PPOConfig, train_ppo
+
+    tokenizer = builtin_tokenizer()
+    prompts = task.eval_prompts(50, 0)
+    reward_model = RewardModel(tiny_model(len(tokenizer), 1))
+    config = {"rollouts": 8, "minibatch": 4, "adaptive_kl": True, "kl_target": 0.01, "kl_horizon": 10}
+
+    def run(steps, resume=None, output=None):
+        policy = tiny_model(len(tokenizer), 0)
+        log = common.MetricsLog(None)
+        trained = train_ppo(policy, reward_model, tokenizer, prompts, PPOConfig(steps=steps, **config), log,
+                            output=output, resume=resume, show_progress=False)  # fmt: skip
+        return trained, log.rows
+
+    straight, rows = run(4)
+    run(2, output=str(tmp_path / "half"))
+    resumed, resumed_rows = run(4, resume=str(tmp_path / "half"))
+    assert resumed_rows[-1]["kl_coef"] == rows[-1]["kl_coef"] != 0.1  # the adaptive coefficient was restored
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)

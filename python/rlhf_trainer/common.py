@@ -90,14 +90,16 @@ def progress(total: int, description: str, enabled: bool = True):
 
 
 class StageRun:
-    """The bookkeeping every stage repeats: the progress bar, the metrics line of each
-    step, periodic checkpoints and the final one (with the tokenizer beside the model)."""
+    """The bookkeeping every stage repeats: resuming from a checkpoint (`start`, the
+    trainer `state`), the progress bar, the metrics line of each step, periodic
+    checkpoints and the final one (with the tokenizer beside the model)."""
 
-    def __init__(self, stage: str, config, log: MetricsLog, *, models: dict, optimizer, output=None, start=0,
+    def __init__(self, stage: str, config, log: MetricsLog, *, models: dict, optimizer, output=None, resume=None,
                  show_progress=True):  # fmt: skip
         self.stage, self.config, self.log = stage, config, log
         self.models, self.optimizer, self.output = models, optimizer, output
-        self.bar = progress(config.steps - start, stage, show_progress)
+        self.start, self.state = load_checkpoint(resume, models=models, optimizer=optimizer) if resume else (0, {})
+        self.bar = progress(config.steps - self.start, stage, show_progress)
 
     def step_done(self, step: int, shown: dict, state: dict | None = None, **metrics) -> None:
         """step: the 1-based step just finished; shown: the metrics on the bar."""

@@ -57,13 +57,10 @@ def train_dpo(policy, tokenizer, records, config: DPOConfig, log: common.Metrics
     device = next(policy.parameters()).device
     ref = reference_logps(frozen_copy(policy), tokenizer, records, config)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
-    start = 0
-    if resume:
-        start, _ = common.load_checkpoint(resume, models={"model": policy}, optimizer=optimizer)
-    policy.train()
     run = common.StageRun("dpo", config, log, models={"model": policy}, optimizer=optimizer, output=output,
-                          start=start, show_progress=show_progress)  # fmt: skip
-    for step in range(start, config.steps):
+                          resume=resume, show_progress=show_progress)  # fmt: skip
+    policy.train()
+    for step in range(run.start, config.steps):
         index = common.batch_indices(len(records), config.batch_size, config.seed, step)
         batch = _pair_batch(tokenizer, [records[i] for i in index], config.max_response_tokens, device)
         labels, mask = shifted_targets(batch)

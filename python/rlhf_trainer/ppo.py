@@ -67,15 +67,11 @@ def train_ppo(policy, reward_model, tokenizer, prompts: list[str], config: PPOCo
     value_model = ValueModel(policy, config.critic).to(device)
     parameters = list(policy.parameters()) + list(value_model.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr)
-    controller = KLController(config)
-    start = 0
     models = {"model": policy, "value_model": value_model}
-    if resume:
-        start, state = common.load_checkpoint(resume, models=models, optimizer=optimizer)
-        controller.value = state["kl_coef"]
-    run = common.StageRun(stage, config, log, models=models, optimizer=optimizer, output=output, start=start,
+    run = common.StageRun(stage, config, log, models=models, optimizer=optimizer, output=output, resume=resume,
                           show_progress=show_progress)  # fmt: skip
-    for step in range(start, config.steps):
+    controller = KLController(config, run.state.get("kl_coef"))
+    for step in range(run.start, config.steps):
         generator = common.step_generator(config.seed, step)
         picked = [prompts[i] for i in common.batch_indices(len(prompts), config.rollouts, config.seed, step)]
         policy.eval()

@@ -69,12 +69,9 @@ def train_rm(reward_model, tokenizer, records, config: RMConfig, log: common.Met
     device = next(reward_model.parameters()).device
     train, held_out = split(records, config.eval_fraction) if kind == "preferences" else (records, [])
     optimizer = torch.optim.AdamW(reward_model.parameters(), lr=config.lr)
-    start = 0
-    if resume:
-        start, _ = common.load_checkpoint(resume, models={"reward_model": reward_model}, optimizer=optimizer)
     run = common.StageRun("rm", config, log, models={"reward_model": reward_model}, optimizer=optimizer,
-                          output=output, start=start, show_progress=show_progress)  # fmt: skip
-    for step in range(start, config.steps):
+                          output=output, resume=resume, show_progress=show_progress)  # fmt: skip
+    for step in range(run.start, config.steps):
         reward_model.train()
         picked = [train[i] for i in common.batch_indices(len(train), config.batch_size, config.seed, step)]
         if kind == "rankings":

@@ -30,13 +30,10 @@ def train_sft(policy, tokenizer, records, config: SFTConfig, log: common.Metrics
               show_progress=True):  # fmt: skip
     device = next(policy.parameters()).device
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
-    start = 0
-    if resume:
-        start, _ = common.load_checkpoint(resume, models={"model": policy}, optimizer=optimizer)
-    policy.train()
     run = common.StageRun("sft", config, log, models={"model": policy}, optimizer=optimizer, output=output,
-                          start=start, show_progress=show_progress)  # fmt: skip
-    for step in range(start, config.steps):
+                          resume=resume, show_progress=show_progress)  # fmt: skip
+    policy.train()
+    for step in range(run.start, config.steps):
         picked = [records[i] for i in common.batch_indices(len(records), config.batch_size, config.seed, step)]
         batch = encode_pairs(
             tokenizer, [r["prompt"] for r in picked], [r["response"] for r in picked], config.max_response_tokens
