@@ -186,3 +186,22 @@ def test_unreadable_model_path_is_a_one_line_error(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2 and "--model" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_label_samples_two_responses_from_a_model(tmp_path):
+    from rlhf_kernels import cli
+
+    assert cli.main(["train", "sft", "--output", str(tmp_path / "sft"), "--set", "steps=5"]) == 0
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a c f :"}\n{"prompt": "b d :"}\n')
+    out = str(tmp_path / "prefs.jsonl")
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhf_kernels.cli", "label", "--prompts", str(prompts), "--model",
+         str(tmp_path / "sft" / "model"), "--out", out, "--labeler", "me", "--max-new-tokens", "6"],
+        input="1\n3\n", capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = _records(out)
+    assert [r["prompt_index"] for r in records] == [0, 1]
+    assert all(len(r["response_a"].split()) <= 6 and len(r["response_b"].split()) <= 6 for r in records)
+    assert [r["preferred_position"] for r in records] == [1, 2]
