@@ -103,6 +103,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo_parser.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
     demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.add_argument("--noise", type=float, default=0.05, help="Bradley-Terry noise of the simulated labeller")
+    demo_parser.add_argument(
+        "--length-bias", type=float, default=0.0, help="the simulated labeller's verbosity bias per token (e.g. 0.15)"
+    )
     trainer_cli = _trainer_cli()
     if trainer_cli is not None:
         trainer_cli.add_train_parser(commands)
@@ -122,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from rlhf_trainer.demo import DemoConfig, run_demo
 
         config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
-        config.noise = args.noise
+        config.noise, config.length_bias = args.noise, args.length_bias
         run_demo(args.output, config)
     return 0
 

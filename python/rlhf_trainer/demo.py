@@ -31,6 +31,7 @@ from .tokenizer import builtin_tokenizer
 class DemoConfig:
     seed: int = 0
     noise: float = 0.05  # Bradley-Terry temperature of the simulated labeller
+    length_bias: float = 0.0  # the labeller's verbosity bias per token (task.preference_records)
     sft_examples: int = 4000
     preference_pairs: int = 4000
     eval_prompts: int = 256
@@ -60,7 +61,9 @@ def run_demo(output: str, config: DemoConfig | None = None, *, show_progress: bo
     common.seed_everything(config.seed)
     tokenizer = builtin_tokenizer()
     sft_data = task.sft_records(config.sft_examples, config.seed + 1)
-    preferences = task.preference_records(config.preference_pairs, config.seed + 2, noise=config.noise)
+    preferences = task.preference_records(
+        config.preference_pairs, config.seed + 2, noise=config.noise, length_bias=config.length_bias
+    )
     write_jsonl(os.path.join(output, "sft.jsonl"), sft_data)
     write_jsonl(os.path.join(output, "preferences.jsonl"), preferences)
     prompts = task.eval_prompts(config.eval_prompts, config.seed + 3)

@@ -13,11 +13,15 @@ def sample_responses(
     generator: torch.Generator | None = None, greedy: bool = False,
 ) -> Batch:  # fmt: skip
     """Appends up to max_new_tokens sampled tokens, then <eos>, after the left-padded
-    prompts. Only the next token's logits are computed per step (logits_to_keep=1)."""
+    prompts. Only the next token's logits are computed per step (logits_to_keep=1).
+    An <eos> forced after max_new_tokens is context, not an action the policy took:
+    it is attended to (the reward model reads it) but left out of response_mask, so
+    PPO neither trains on it nor counts its log-prob in the KL."""
     device = next(model.parameters()).device
     ids, attention = encode_prompts(tokenizer, prompts, device)
     prompt_length = ids.shape[1]
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    actions = []
     for step in range(max_new_tokens + 1):
         logits = (
             model(input_ids=ids, attention_mask=attention, position_ids=positions(attention), logits_to_keep=1)
@@ -34,11 +38,11 @@ def sample_responses(
         token = torch.where(finished, torch.full_like(token, tokenizer.pad_token_id), token)
         ids = torch.cat([ids, token[:, None]], 1)
         attention = torch.cat([attention, (~finished).long()[:, None]], 1)
+        actions.append(torch.zeros_like(finished) if step == max_new_tokens else ~finished)
         finished |= token == tokenizer.eos_token_id
         if finished.all():
             break
-    response_mask = attention.clone()
-    response_mask[:, :prompt_length] = 0
+    response_mask = torch.cat([torch.zeros_like(ids[:, :prompt_length]), torch.stack(actions, 1).long()], 1)
     return Batch(ids, attention, positions(attention), response_mask, prompt_length)
 
 

@@ -71,10 +71,12 @@ def sft_records(n: int, seed: int) -> list[dict]:
     return records
 
 
-def preference_records(n: int, seed: int, noise: float = 0.1) -> list[dict]:
-    """Pairs of demonstrations of mixed skill for one prompt, labelled by the gold
-    reward with Bradley-Terry noise: P(a preferred) = sigmoid((gold_a - gold_b) / noise)
-    (noise = 0: always the better one; equal gold: a coin flip)."""
+def preference_records(n: int, seed: int, noise: float = 0.1, length_bias: float = 0.0) -> list[dict]:
+    """Pairs of demonstrations of mixed skill for one prompt, labelled by a simulated
+    person through Bradley-Terry: P(a preferred) = sigmoid((judged_a - judged_b) / noise)
+    with judged = gold + length_bias * number of tokens (noise = 0: always the better
+    one; equal: a coin flip). length_bias > 0 is the verbosity bias real labellers show:
+    the gold reward does not share it, so a reward model that learns it can be hacked."""
     rng = random.Random(seed)
     records = []
     while len(records) < n:
@@ -82,7 +84,7 @@ def preference_records(n: int, seed: int, noise: float = 0.1) -> list[dict]:
         a, b = (demonstrate(prompt, rng, skill=rng.uniform(0.2, 0.9)) for _ in range(2))
         if a == b:
             continue
-        gap = gold_reward(prompt, a) - gold_reward(prompt, b)
+        gap = gold_reward(prompt, a) - gold_reward(prompt, b) + length_bias * (len(a.split()) - len(b.split()))
         if noise > 0:
             p_a = 1 / (1 + math.exp(-max(min(gap / noise, 50.0), -50.0)))
         else:
