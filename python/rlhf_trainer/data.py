@@ -30,7 +30,7 @@ FIELDS = {
 
 
 class DataError(ValueError):
-    pass
+    """A malformed or unreadable data file; the message names the file (and line)."""
 
 
 def _check_record(record, kind: str, where: str) -> dict:

@@ -81,6 +81,14 @@ def _agg(token_level_loss: bool) -> str:
     return "token-mean" if token_level_loss else "seq-mean-token-mean"
 
 
+def _to_global(loss: torch.Tensor, mask: torch.Tensor, agg: str, dp_size, batch_num_tokens, global_batch_size):
+    """OpenRLHF's aggregate_loss normalisation applied to the kernels' `agg` result."""
+    scale = global_scale(
+        mask, agg, dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size
+    )
+    return loss * scale.to(loss.dtype)
+
+
 class PolicyLoss(nn.Module):
     """PPO clipped policy loss; forward returns (loss, clip_ratio, ppo_kl, vllm_kl=None)."""
 
@@ -126,11 +134,9 @@ class PolicyLoss(nn.Module):
             log_probs, old_log_probs, advantages, mask, clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
             dual_clip=self.dual_clip, log_ratio_clamp=LOG_RATIO_CLAMP, agg=agg,
         )  # fmt: skip
-        scale = global_scale(
-            mask, agg, dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size
-        )
         ppo_kl = rk.masked_mean((old_log_probs - log_probs).detach(), mask)
-        return loss * scale.to(loss.dtype), stats["clipfrac"], ppo_kl, None
+        loss = _to_global(loss, mask, agg, dp_size, batch_num_tokens, global_batch_size)
+        return loss, stats["clipfrac"], ppo_kl, None
 
 
 class ValueLoss(nn.Module):
@@ -154,10 +160,7 @@ class ValueLoss(nn.Module):
         mask = torch.ones_like(values) if action_mask is None else action_mask
         agg = _agg(self.token_level_loss)
         loss, _ = rk.ppo_value_loss(values, old_values, returns, mask, clip=self.clip_eps, agg=agg)
-        scale = global_scale(
-            mask, agg, dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size
-        )
-        return loss * scale.to(loss.dtype)
+        return _to_global(loss, mask, agg, dp_size, batch_num_tokens, global_batch_size)
 
 
 class DPOLoss(nn.Module):
