@@ -12,6 +12,7 @@ import importlib
 import torch
 
 from .. import _extension
+from . import needs_grad
 
 
 @torch.library.custom_op("rlhf_kernels::dpo_loss_triton", mutates_args=())
@@ -63,7 +64,7 @@ def dpo_loss(
     beta, loss_type, label_smoothing, reference_free, dtype, kernel,
 ):  # fmt: skip
     """Runs `kernel` ("cpu" or "triton"); arguments and results as functional.dpo_loss."""
-    need_grad = torch.is_grad_enabled() and (policy_chosen_logps.requires_grad or policy_rejected_logps.requires_grad)
+    need_grad = needs_grad(policy_chosen_logps, policy_rejected_logps)
     losses, rewards, _ = _OPS[kernel]()(
         policy_chosen_logps.to(dtype).contiguous(),
         policy_rejected_logps.to(dtype).contiguous(),

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _extension
+from . import needs_grad
 
 
 def _triton_kernels():
@@ -76,7 +77,7 @@ _REWARDS = {"cpu": lambda: torch.ops.rlhf_kernels.kl_shaped_rewards, "triton": l
 
 def kl_penalty(logprobs, ref_logprobs, *, estimator, clamp, dtype, kernel):
     """Runs `kernel` ("cpu" or "triton"); arguments and result as functional.kl_penalty."""
-    need_grad = torch.is_grad_enabled() and (logprobs.requires_grad or ref_logprobs.requires_grad)
+    need_grad = needs_grad(logprobs, ref_logprobs)
     kl, _ = _PENALTY[kernel]()(
         logprobs.to(dtype).contiguous(),
         ref_logprobs.to(dtype).contiguous(),

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .. import _extension
+from . import needs_grad
 
 _POLICY_STATS = ("clipfrac", "dual_clipfrac", "approx_kl")
 
@@ -134,7 +135,7 @@ def ppo_policy_loss(
     (lp, old, adv), weights, row_weight = _prepare(
         dtype, mask, agg, logprobs, old_logprobs.detach(), advantages.detach()
     )
-    need_grad = torch.is_grad_enabled() and logprobs.requires_grad
+    need_grad = needs_grad(logprobs)
     row_stats, _ = _OPS[("policy", kernel)]()(
         lp,
         old,
@@ -155,7 +156,7 @@ def ppo_policy_loss(
 def ppo_value_loss(values, old_values, returns, mask, *, clip, agg, dtype, kernel):
     """Runs `kernel` ("cpu" or "triton"); arguments and results as functional.ppo_value_loss."""
     (v, old, ret), weights, row_weight = _prepare(dtype, mask, agg, values, old_values.detach(), returns.detach())
-    need_grad = torch.is_grad_enabled() and values.requires_grad
+    need_grad = needs_grad(values)
     row_stats, _ = _OPS[("value", kernel)]()(
         v, old, ret, weights, row_weight, None if clip is None else float(clip), need_grad
     )

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .. import _extension
+from . import needs_grad
 
 
 def _triton_kernels():
@@ -76,10 +77,6 @@ _BT = {"cpu": lambda: torch.ops.rlhf_kernels.bradley_terry_loss, "triton": lambd
 _RANKING = {"cpu": lambda: torch.ops.rlhf_kernels.ranking_loss, "triton": lambda: _ranking_loss_triton}
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin, dtype, kernel):
     """Runs `kernel` ("cpu" or "triton"); arguments and result as functional.bradley_terry_loss."""
     if margin is not None:
@@ -89,7 +86,7 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin, dtype, kerne
         chosen_rewards.to(dtype).contiguous(),
         rejected_rewards.to(dtype).contiguous(),
         margin,
-        _needs_grad(chosen_rewards, rejected_rewards),
+        needs_grad(chosen_rewards, rejected_rewards),
     )
     return losses.mean()
 
@@ -97,7 +94,7 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin, dtype, kerne
 def ranking_loss(rewards, ranks, *, dtype, kernel):
     """Runs `kernel` ("cpu" or "triton"); arguments and result as functional.ranking_loss."""
     row_loss, row_pairs, _ = _RANKING[kernel]()(
-        rewards.to(dtype).contiguous(), ranks.detach().to(dtype).contiguous(), _needs_grad(rewards)
+        rewards.to(dtype).contiguous(), ranks.detach().to(dtype).contiguous(), needs_grad(rewards)
     )
     has_pairs = (row_pairs > 0).to(dtype)
     return (row_loss * has_pairs).sum() / has_pairs.sum().clamp(min=1)
