@@ -50,11 +50,12 @@ def _runner(fn, args, grad_positions, mode):
     return run
 
 
-def measure(family: str, device: str, quick: bool, dtype: torch.dtype) -> list[harness.Result]:
+def measure(family: str, device: str, quick: bool, dtype: torch.dtype, cases=None) -> list[harness.Result]:
+    """cases: the family's cases to run; default module.cases(device, quick, dtype)."""
     module = importlib.import_module(family)
     results = []
     repeats = 3 if quick else 7
-    all_cases = list(module.cases(device, quick, dtype))
+    all_cases = list(module.cases(device, quick, dtype) if cases is None else cases)
     total = sum(len(case["impls"]) * len(case.get("modes", MODES)) for case in all_cases)
     step = 0
     for case in all_cases:
@@ -90,10 +91,12 @@ def measure(family: str, device: str, quick: bool, dtype: torch.dtype) -> list[h
     return results
 
 
-def write(results: list[harness.Result], stem: str, bandwidth_gbs: float | None = None) -> list[str]:
-    os.makedirs(RESULTS, exist_ok=True)
+def write(
+    results: list[harness.Result], stem: str, bandwidth_gbs: float | None = None, directory: str = RESULTS
+) -> list[str]:
+    os.makedirs(directory, exist_ok=True)
     rows = [r.row() for r in results]
-    paths = [os.path.join(RESULTS, f"{stem}.csv"), os.path.join(RESULTS, f"{stem}.md")]
+    paths = [os.path.join(directory, f"{stem}.csv"), os.path.join(directory, f"{stem}.md")]
     with open(paths[0], "w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -137,7 +140,7 @@ def write(results: list[harness.Result], stem: str, bandwidth_gbs: float | None 
             )
             axes[row][col].tick_params(labelsize=7)
     fig.tight_layout()
-    paths.append(os.path.join(RESULTS, f"{stem}.png"))
+    paths.append(os.path.join(directory, f"{stem}.png"))
     fig.savefig(paths[-1], dpi=110)
     return paths
 
