@@ -87,6 +87,20 @@ def test_kl_penalty_gradients_match_the_reference(backend_name, estimator, clamp
     torch.testing.assert_close(got, (lp.grad, ref.grad), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kl_penalty_gradient_at_the_clamp_bound(backend_name, dtype):
+    # Estimates exactly on the clamp's bounds, on purpose: the clamp passes the gradient
+    # on its closed interval on every backend (rlhf_kernels/reference/bounds.py), not
+    # torch.clamp's rule at the bound (which changed in torch 2.14). Exact in bf16.
+    lp = torch.tensor([[0.5, -0.5, 0.25, 0.75, 1.0, -1.0]], dtype=dtype, requires_grad=True)
+    ref = torch.zeros(1, 6, dtype=dtype)
+    rk.kl_penalty(lp[:, :4], ref[:, :4], estimator="k1", clamp=0.5).sum().backward()
+    # k2 = d^2 / 2 is 0.5 exactly at d = +-1: on the bound, so d passes
+    rk.kl_penalty(lp[:, 4:], ref[:, 4:], estimator="k2", clamp=0.5).sum().backward()
+    want = torch.tensor([[1.0, 1.0, 1.0, 0.0, 1.0, -1.0]], dtype=dtype)
+    torch.testing.assert_close(lp.grad, want, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("estimator", ["k3", "low_var_kl"])
 def test_kl_shaped_rewards_matches_the_reference_with_holes_and_given_index(backend_name, estimator):
     lp, ref = _logprobs(7, 45, spread=3.0)

@@ -130,6 +130,69 @@ def test_policy_loss_and_gradient_match_the_reference(backend_name, agg, options
         torch.testing.assert_close(stats[name], value, atol=1e-6, rtol=1e-5)
 
 
+# Values exactly on a clamp's bound, on purpose: every backend passes the gradient
+# on the closed interval (rlhf_kernels/reference/bounds.py). The expected gradients
+# are written out, not taken from torch.clamp, whose rule at the bound changed in
+# torch 2.14 (0 there, where torch <= 2.13 gives 1). All inputs are exact in bf16.
+BOUND_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def _bound_tolerance(dtype):
+    return dict(atol=0, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", BOUND_DTYPES)
+def test_policy_gradient_at_the_log_ratio_clamp_bound(backend_name, dtype):
+    # log ratios on both bounds (+-0.5), inside, and outside; the clip range is wide
+    # enough that only log_ratio_clamp acts (ratio clip's max is a tie: full gradient).
+    lp = torch.tensor([[0.5, -0.5, 0.25, 0.75, -0.75, 0.5]], dtype=dtype, requires_grad=True)
+    old = torch.zeros(1, 6, dtype=dtype)
+    adv = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, -1.0]], dtype=dtype)
+    loss, _ = rk.ppo_policy_loss(lp, old, adv, torch.ones(1, 6), clip_low=0.9, clip_high=10.0, log_ratio_clamp=0.5)
+    loss.backward()
+    e = torch.tensor([0.5, -0.5, 0.25, 0.5, -0.5, 0.5], dtype=torch.float64).exp()
+    passes = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 1.0], dtype=torch.float64)  # the bounds pass
+    want = (-adv.double() * e * passes / 6).to(dtype)
+    torch.testing.assert_close(lp.grad, want, **_bound_tolerance(dtype))
+    want_loss = (-adv.double() * e).mean()
+    torch.testing.assert_close(loss.double(), want_loss, **_bound_tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", BOUND_DTYPES)
+def test_policy_gradient_at_the_ratio_clip_bounds(backend_name, dtype):
+    # The clip range is set from the ratios themselves, so that the reference's ratios
+    # lie exactly on 1 - clip_low and 1 + clip_high. There the clipped and unclipped
+    # terms tie, each takes half the gradient and the clip passes its half: -A ratio
+    # in all. The tokens are the ones whose gradient is -A ratio on either side of
+    # the bound too (A > 0 on the lower bound, A < 0 on the upper), so a kernel whose
+    # exp differs from torch.exp in the last bit gives the same gradient.
+    lp = torch.tensor([[-0.125, 0.125]], dtype=dtype, requires_grad=True)
+    adv = torch.tensor([[2.0, -2.0]], dtype=dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ratio = lp.detach().to(acc).exp()
+    clip_low, clip_high = 1 - ratio[0, 0].item(), ratio[0, 1].item() - 1  # exact in float64
+    loss, stats = rk.ppo_policy_loss(
+        lp, torch.zeros(1, 2, dtype=dtype), adv, torch.ones(1, 2), clip_low=clip_low, clip_high=clip_high
+    )
+    loss.backward()
+    want = -adv.double() * ratio.double() / 2
+    torch.testing.assert_close(lp.grad, want.to(dtype), **_bound_tolerance(dtype))
+    assert stats["clipfrac"].item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", BOUND_DTYPES)
+def test_value_gradient_at_the_clip_band_bound(backend_name, dtype):
+    # old = 0, clip 0.5: v on the band's upper and lower edges, inside, and outside with
+    # the clipped error the larger (so the loss is the clipped one and the clamp blocks).
+    v = torch.tensor([[0.5, -0.5, 0.25, 0.75]], dtype=dtype, requires_grad=True)
+    returns = torch.tensor([[2.0, -2.0, 1.0, 2.0]], dtype=dtype)
+    loss, stats = rk.ppo_value_loss(v, torch.zeros(1, 4, dtype=dtype), returns, torch.ones(1, 4), clip=0.5)
+    loss.backward()
+    want = torch.tensor([[-1.5, 1.5, -0.75, 0.0]], dtype=torch.float64) / 4  # (v - R), 0 outside
+    torch.testing.assert_close(v.grad, want.to(dtype), **_bound_tolerance(dtype))
+    assert stats["vf_clipfrac"].item() == 0.25
+
+
 @pytest.mark.parametrize("clip", [None, 0.2])
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_value_loss_gradient_matches_the_reference(backend_name, clip, agg):

@@ -4,7 +4,8 @@ With d = logprobs - ref_logprobs:
     k1 = d                              abs = |d|
     k2 = d^2 / 2                        k3 = exp(-d) + d - 1
     low_var_kl = clamp(exp(c) - c - 1, -10, 10), c = clamp(-d, -20, 20)   (verl)
-then clamp=c clamps the estimate to [-c, c].
+then clamp=c clamps the estimate to [-c, c]. Each clamp passes the gradient on its
+closed interval, bounds included (reference/bounds.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from .bounds import clamp as _clamp
 
 ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl")
 # verl's low_var_kl bounds: exp(20) ~ 4.9e8 keeps the ratio finite in fp32, and
@@ -38,12 +41,12 @@ def kl_penalty(
     elif estimator == "abs":
         kl = diff.abs()
     elif estimator == "low_var_kl":
-        log_ratio = (-diff).clamp(-LOW_VAR_KL_INNER_CLAMP, LOW_VAR_KL_INNER_CLAMP)
-        kl = (torch.exp(log_ratio) - log_ratio - 1).clamp(-LOW_VAR_KL_OUTER_CLAMP, LOW_VAR_KL_OUTER_CLAMP)
+        log_ratio = _clamp(-diff, -LOW_VAR_KL_INNER_CLAMP, LOW_VAR_KL_INNER_CLAMP)
+        kl = _clamp(torch.exp(log_ratio) - log_ratio - 1, -LOW_VAR_KL_OUTER_CLAMP, LOW_VAR_KL_OUTER_CLAMP)
     else:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if clamp is not None:
-        kl = kl.clamp(-clamp, clamp)
+        kl = _clamp(kl, -clamp, clamp)
     return kl
 
 

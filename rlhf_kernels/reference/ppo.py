@@ -7,6 +7,9 @@ Policy, per token (old_logprobs and advantages are constants):
 Value, per token: 0.5 max((v - R)^2, (clamp(v, old - clip, old + clip) - R)^2)
     (TRL's and verl's clip_by_value; OpenRLHF's old + clamp(v - old) differs only
     in rounding).
+Every clamp and clip here passes the gradient on its closed interval, bounds
+included (reference/bounds.py: written out, not torch.clamp's, whose rule at the
+bound changed in torch 2.14); max/min split it in half on a tie (torch.maximum).
 Aggregations over [B, T] with mask (verl's agg_loss; a sequence with no valid
 token is left out of seq-mean-token-mean):
     token-mean               sum(l m) / sum(m)
@@ -21,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from .bounds import clamp
 from .masked import masked_mean
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -61,10 +65,10 @@ def ppo_policy_loss(
     adv = advantages.detach().to(dtype)
     log_ratio = lp - old
     if log_ratio_clamp is not None:
-        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+        log_ratio = clamp(log_ratio, -log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    clipped = -adv * clamp(ratio, 1 - clip_low, 1 + clip_high)
     loss = torch.maximum(unclipped, clipped)
     dual_clipped = torch.zeros_like(loss, dtype=torch.bool)
     if dual_clip is not None:
@@ -100,7 +104,7 @@ def ppo_value_loss(
         loss = 0.5 * unclipped
         clipped_more = torch.zeros_like(unclipped, dtype=torch.bool)
     else:
-        clipped = (torch.clamp(v, old - clip, old + clip) - target).square()
+        clipped = (clamp(v, old - clip, old + clip) - target).square()
         loss = 0.5 * torch.maximum(unclipped, clipped)
         clipped_more = clipped > unclipped
     with torch.no_grad():
