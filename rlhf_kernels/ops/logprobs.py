@@ -23,6 +23,10 @@ from .. import _extension
 from ..reference.logprobs import backprop_linear_chunk, chunk_rows, compute_dtype
 
 
+def _n_rows(logits: torch.Tensor) -> int:
+    return logits.shape[:-1].numel()
+
+
 def _row_stats_like(like: torch.Tensor, n_rows: int):
     row = like.new_empty(n_rows, dtype=compute_dtype(like.dtype))
     return row, torch.empty_like(row), torch.empty_like(row)
@@ -80,7 +84,7 @@ def _token_logprobs_triton(
 
 @_token_logprobs_triton.register_fake
 def _(logits, labels, *args):
-    return _row_stats_like(logits, logits.shape[0])
+    return _row_stats_like(logits, _n_rows(logits))
 
 
 @torch.library.custom_op("rlhf_kernels::token_logprobs_triton_backward", mutates_args=())
@@ -171,7 +175,7 @@ if _extension.LOADED:
 
     @torch.library.register_fake("rlhf_kernels::token_logprobs")
     def _token_logprobs_fake(logits, labels, *args):
-        return _row_stats_like(logits, logits.shape[0])
+        return _row_stats_like(logits, _n_rows(logits))
 
     @torch.library.register_fake("rlhf_kernels::token_logprobs_backward")
     def _token_logprobs_backward_fake(grad_logprobs, grad_entropy, logits, *args):
@@ -190,13 +194,29 @@ if _extension.LOADED:
 _TOKEN_OPS = {"cpu": lambda: torch.ops.rlhf_kernels.token_logprobs, "triton": lambda: _token_logprobs_triton}
 
 
+def _kernel_logits(logits: torch.Tensor, kernel: str) -> torch.Tensor:
+    """What the kernel reads. The C++ kernel takes contiguous [N, V]. The Triton kernels
+    take [N, V] or [B, T, V] at any row strides, so the way every trainer calls them,
+    logits[:, :-1] of [B, T, V], is read (and, with inplace_backward, written) in place
+    instead of copied; only a last dim that is not contiguous, or leading dims that no
+    [B, T] view describes, cost a copy."""
+    V = logits.shape[-1]
+    if kernel == "cpu":
+        return logits.reshape(-1, V).contiguous()
+    if logits.stride(-1) != 1 and V > 1:
+        logits = logits.contiguous()
+    if logits.dim() > 3:
+        logits = logits.reshape(-1, logits.shape[-2], V)
+    return logits.reshape(1, V) if logits.dim() == 1 else logits
+
+
 def token_logprobs(
     logits, labels, *, temperature, ignore_index, return_entropy, softcap, logit_scale, inplace_backward, kernel
 ):
     """Runs `kernel` ("cpu" or "triton"); shapes as functional.token_logprobs."""
     batch_shape = labels.shape
     logprobs, entropy, _ = _TOKEN_OPS[kernel]()(
-        logits.reshape(-1, logits.shape[-1]).contiguous(),
+        _kernel_logits(logits, kernel),
         labels.reshape(-1).contiguous(),
         float(temperature),
         None if softcap is None else float(softcap),

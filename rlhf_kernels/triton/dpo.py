@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ..reference.dpo import EXO_DEFAULT_EPSILON, LOSS_TYPES
+from ._launch import launch
 
 LOSS_CODES = {name: code for code, name in enumerate(LOSS_TYPES)}
 BLOCK = 1024
@@ -115,7 +116,7 @@ def dpo_loss(
     grad = chosen.new_empty(2 if need_grad else 0, B)
     eps = label_smoothing if label_smoothing > 0 else EXO_DEFAULT_EPSILON
     if B > 0:
-        _dpo_loss_kernel[(triton.cdiv(B, BLOCK),)](
+        launch(_dpo_loss_kernel, (triton.cdiv(B, BLOCK),),
             chosen, rejected, ref_chosen, ref_rejected, losses, rewards, grad, B, beta, label_smoothing,
             math.log1p(-eps), math.log(eps),
             LOSS=LOSS_CODES[loss_type], REFERENCE_FREE=reference_free, NEED_GRAD=need_grad, BLOCK=BLOCK,

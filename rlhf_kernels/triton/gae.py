@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch, row_block
+
 MASK_MODE_CODES = {"ignore": 0, "multiply": 1, "carry": 2}
 # 1024 positions a block: T = 8192 in 8 chained scans.
 BLOCK_T = 1024
@@ -107,7 +109,9 @@ def gae(
     advantages, returns = torch.empty_like(rewards), torch.empty_like(rewards)
     B, T = rewards.shape
     if B and T:
-        _gae_kernel[(B,)](
+        launch(
+            _gae_kernel,
+            (B,),
             rewards,
             values,
             mask if mask is not None else rewards,
@@ -119,6 +123,6 @@ def gae(
             MODE=MASK_MODE_CODES[mask_mode],
             HAS_MASK=mask is not None,
             ACC=tl.float64 if rewards.dtype == torch.float64 else tl.float32,
-            BLOCK=min(BLOCK_T, triton.next_power_of_2(T)),
+            BLOCK=row_block(T, BLOCK_T),
         )
     return advantages, returns

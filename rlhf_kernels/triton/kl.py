@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch, row_block
+
 ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3, "low_var_kl": 4}
 # 1024 elements a program for the elementwise kernel, and a row tile of 1024 tokens.
 BLOCK = 1024
@@ -125,7 +127,9 @@ def kl_penalty(logprobs, ref_logprobs, estimator: str, clamp: Optional[float], n
     grad = torch.empty_like(logprobs) if need_grad else logprobs.new_empty(0)
     n = logprobs.numel()
     if n:
-        _kl_penalty_kernel[(triton.cdiv(n, BLOCK),)](
+        launch(
+            _kl_penalty_kernel,
+            (triton.cdiv(n, BLOCK),),
             logprobs,
             ref_logprobs,
             kl,
@@ -153,7 +157,9 @@ def kl_shaped_rewards(
     rewards, kl = torch.empty_like(logprobs), torch.empty_like(logprobs)
     B, T = logprobs.shape
     if B:
-        _kl_shaped_rewards_kernel[(B,)](
+        launch(
+            _kl_shaped_rewards_kernel,
+            (B,),
             scores,
             logprobs,
             ref_logprobs,
@@ -165,7 +171,7 @@ def kl_shaped_rewards(
             kl_coef,
             clamp or 0.0,
             HAS_INDEX=score_index is not None,
-            BLOCK=min(BLOCK, triton.next_power_of_2(T)),
+            BLOCK=row_block(T, BLOCK),
             **_codes(estimator, clamp),
         )
     return rewards, kl

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch, row_block
+
 # 4096 fp32 values per tile: 16 KiB of registers per row program, and V = 128k
 # in 32 iterations; also a multiple of every vocabulary padding in use (64/128).
 FORWARD_BLOCK_V = 4096
@@ -49,6 +51,39 @@ def _transform_derivative(x, scale, softcap, inv_temperature, HAS_SOFTCAP: tl.co
 
 
 @triton.jit
+def _online_update(top, sum_exp, sum_exp_dz, z, AXIS: tl.constexpr, RETURN_ENTROPY: tl.constexpr):
+    """One tile of the online log-sum-exp over `z` along AXIS (0 for a [BLOCK] tile, 1
+    for [rows, BLOCK]): returns the running max m, S0 = sum e^(z - m) and
+    S1 = sum e^(z - m) (z - m), so that lse = m + log S0 and entropy = log S0 - S1 / S0.
+    S1 is kept relative to the max because sum e^(z - m) z overflows when a whole tile
+    sits at finfo.min (a masked vocabulary); its rescale uses d e^d (d = m_old - m_new),
+    which stays in [-1/e, 0]. -inf logits are exact: while everything seen is -inf the
+    shift is 0, not -inf (exp(-inf - -inf) is NaN), and a zero weight never multiplies
+    a -inf (0 * -inf)."""
+    new_top = tl.maximum(top, tl.max(z, AXIS))
+    shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+    old_shift = tl.where(top == float("-inf"), shift, top)
+    rescale = tl.exp(top - shift)
+    if AXIS == 0:
+        dz = z - shift
+    else:
+        dz = z - shift[:, None]
+    e = tl.exp(dz)
+    sum_exp_rescaled = sum_exp * rescale
+    if RETURN_ENTROPY:
+        drift = rescale * (old_shift - shift)
+        sum_exp_dz = sum_exp_dz * rescale + drift * sum_exp + tl.sum(tl.where(e > 0, e * dz, 0.0), AXIS)
+    return new_top, sum_exp_rescaled + tl.sum(e, AXIS), sum_exp_dz
+
+
+@triton.jit
+def _row_offset(row, rows_per_group, group_stride, row_stride):
+    # Row r of a [groups, rows_per_group, V] view: sliced logits (logits[:, :-1]) are
+    # read in place, never copied to make them contiguous.
+    return (row // rows_per_group) * group_stride + (row % rows_per_group) * row_stride
+
+
+@triton.jit
 def _token_logprobs_forward_kernel(
     logits_ptr,
     labels_ptr,
@@ -56,7 +91,9 @@ def _token_logprobs_forward_kernel(
     entropy_ptr,
     lse_ptr,
     V,
-    stride_row,
+    rows_per_group,
+    group_stride,
+    row_stride,
     scale,
     softcap,
     inv_temperature,
@@ -67,33 +104,29 @@ def _token_logprobs_forward_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
+    row_ptr = logits_ptr + _row_offset(row, rows_per_group, group_stride, row_stride)
     top = tl.full([], float("-inf"), ACC)
     sum_exp = tl.zeros([], ACC)
-    sum_exp_z = tl.zeros([], ACC)
+    sum_exp_dz = tl.zeros([], ACC)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_range = cols < V
         x = tl.load(row_ptr + cols, mask=in_range, other=0.0).to(ACC)
         z = tl.where(in_range, _transform(x, scale, softcap, inv_temperature, HAS_SOFTCAP), float("-inf"))
-        new_top = tl.maximum(top, tl.max(z, 0))
-        rescale = tl.exp(top - new_top)
-        e = tl.exp(z - new_top)
-        sum_exp = sum_exp * rescale + tl.sum(e, 0)
-        if RETURN_ENTROPY:
-            # e is 0 out of range; zeroing z there too keeps 0 * -inf (NaN) out.
-            sum_exp_z = sum_exp_z * rescale + tl.sum(e * tl.where(in_range, z, 0.0), 0)
-        top = new_top
+        top, sum_exp, sum_exp_dz = _online_update(top, sum_exp, sum_exp_dz, z, 0, RETURN_ENTROPY)
     lse = top + tl.log(sum_exp)
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = label != ignore_index
+    # An out-of-range label is never read (no out-of-bounds access, even where the
+    # host-side check is skipped, e.g. under torch.compile): its log-prob is NaN.
+    in_vocab = (label >= 0) & (label < V)
     # The label logit is read on its own, exactly, not picked out of a tile.
-    x_label = tl.load(row_ptr + tl.where(valid, label, 0)).to(ACC)
-    z_label = _transform(x_label, scale, softcap, inv_temperature, HAS_SOFTCAP)
+    x_label = tl.load(row_ptr + tl.where(in_vocab, label, 0)).to(ACC)
+    z_label = tl.where(in_vocab, _transform(x_label, scale, softcap, inv_temperature, HAS_SOFTCAP), float("nan"))
     tl.store(lse_ptr + row, lse)
     tl.store(logprobs_ptr + row, tl.where(valid, z_label - lse, 0.0))
     if RETURN_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(valid, lse - sum_exp_z / sum_exp, 0.0))
+        tl.store(entropy_ptr + row, tl.where(valid, tl.log(sum_exp) - sum_exp_dz / sum_exp, 0.0))
     else:
         tl.store(entropy_ptr + row, tl.zeros([], ACC))
 
@@ -108,8 +141,11 @@ def _token_logprobs_backward_kernel(
     grad_logprobs_ptr,
     grad_entropy_ptr,
     V,
-    stride_row,
-    grad_stride_row,
+    rows_per_group,
+    group_stride,
+    row_stride,
+    grad_group_stride,
+    grad_row_stride,
     scale,
     softcap,
     inv_temperature,
@@ -123,7 +159,9 @@ def _token_logprobs_backward_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_range = cols < V
     label = tl.load(labels_ptr + row).to(tl.int64)
-    x = tl.load(logits_ptr + row * stride_row + cols, mask=in_range, other=0.0).to(ACC)
+    x = tl.load(
+        logits_ptr + _row_offset(row, rows_per_group, group_stride, row_stride) + cols, mask=in_range, other=0.0
+    ).to(ACC)
     z = _transform(x, scale, softcap, inv_temperature, HAS_SOFTCAP)
     lse = tl.load(lse_ptr + row)
     p = tl.exp(z - lse)
@@ -131,10 +169,13 @@ def _token_logprobs_backward_kernel(
     dz = tl.where(cols == label, g, 0.0) - g * p
     if HAS_GRAD_ENTROPY:
         mean_z = lse - tl.load(entropy_ptr + row)
-        dz -= tl.load(grad_entropy_ptr + row).to(ACC) * p * (z - mean_z)
+        # p = 0 where z = -inf (a masked vocabulary): the term is 0, not 0 * -inf.
+        dz -= tl.load(grad_entropy_ptr + row).to(ACC) * tl.where(p > 0, p * (z - mean_z), 0.0)
     dx = dz * _transform_derivative(x, scale, softcap, inv_temperature, HAS_SOFTCAP)
-    dx = tl.where(label != ignore_index, dx, 0.0)
-    tl.store(grad_ptr + row * grad_stride_row + cols, dx.to(grad_ptr.dtype.element_ty), mask=in_range)
+    in_vocab = (label >= 0) & (label < V)
+    dx = tl.where(label != ignore_index, tl.where(in_vocab, dx, float("nan")), 0.0)
+    grad_row = grad_ptr + _row_offset(row, rows_per_group, grad_group_stride, grad_row_stride)
+    tl.store(grad_row + cols, dx.to(grad_ptr.dtype.element_ty), mask=in_range)
 
 
 def _accumulation(dtype: torch.dtype):
@@ -150,6 +191,20 @@ def _options(temperature: float, softcap: Optional[float], logit_scale: float) -
     )
 
 
+def _row_layout(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(rows, rows_per_group, group_stride, row_stride) of x [V], [N, V] or [B, T, V]
+    (last dim contiguous), seen as [groups, rows_per_group, V]: rows of a 2-D tensor at
+    any row stride, and 3-D slices such as logits[:, :-1] of [B, T, V], which no single
+    row stride describes, are both read in place."""
+    if x.dim() > 3 or (x.stride(-1) != 1 and x.shape[-1] > 1):
+        raise ValueError(f"logits must be [V], [N, V] or [B, T, V], last dim contiguous; got strides {x.stride()}")
+    if x.dim() == 3:
+        groups, per_group = x.shape[0], x.shape[1]
+        return groups * per_group, max(per_group, 1), x.stride(0), x.stride(1)
+    rows = x.shape[0] if x.dim() == 2 else 1
+    return rows, max(rows, 1), 0, x.stride(0) if x.dim() == 2 else 0
+
+
 def token_logprobs_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -159,24 +214,28 @@ def token_logprobs_forward(
     ignore_index: int,
     return_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [N, V] (rows contiguous), labels [N] -> (logprobs, entropy, lse), each [N]
-    float32 (float64 for float64 logits)."""
-    N, V = logits.shape
+    """logits [V], [N, V] or [B, T, V] (last dim contiguous, rows at any strides: see _row_layout),
+    labels [N] with N the product of the leading dims -> (logprobs, entropy, lse), each
+    [N] float32 (float64 for float64 logits)."""
+    V = logits.shape[-1]
+    N, *layout = _row_layout(logits)
     acc, out_dtype = _accumulation(logits.dtype)
     logprobs, entropy, lse = (torch.empty(N, dtype=out_dtype, device=logits.device) for _ in range(3))
     if N:
-        _token_logprobs_forward_kernel[(N,)](
+        launch(
+            _token_logprobs_forward_kernel,
+            (N,),
             logits,
             labels,
             logprobs,
             entropy,
             lse,
             V,
-            logits.stride(0),
+            *layout,
             ignore_index=ignore_index,
             RETURN_ENTROPY=return_entropy,
             ACC=acc,
-            BLOCK_V=min(FORWARD_BLOCK_V, triton.next_power_of_2(V)),
+            BLOCK_V=row_block(V, FORWARD_BLOCK_V),
             **_options(temperature, softcap, logit_scale),
         )
     return logprobs, entropy, lse
@@ -195,14 +254,19 @@ def token_logprobs_backward(
     ignore_index: int,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """d logits [N, V] into `out` (default: a new tensor of logits' dtype). `out` may be
-    `logits` itself: the in-place backward that needs no second [N, V] buffer."""
-    N, V = logits.shape
+    """d logits (logits' shape) into `out` (default: a new tensor of logits' shape and dtype).
+    `out` may be `logits` itself, strided views included: the in-place backward that
+    needs no second [N, V] buffer."""
+    V = logits.shape[-1]
+    N, *layout = _row_layout(logits)
     acc, _ = _accumulation(logits.dtype)
     grad = torch.empty_like(logits) if out is None else out
-    block = min(BACKWARD_BLOCK_V, triton.next_power_of_2(V))
+    _, _, grad_group_stride, grad_row_stride = _row_layout(grad)
+    block = row_block(V, BACKWARD_BLOCK_V)
     if N:
-        _token_logprobs_backward_kernel[(N, triton.cdiv(V, block))](
+        launch(
+            _token_logprobs_backward_kernel,
+            (N, triton.cdiv(V, block)),
             logits,
             grad,
             labels,
@@ -211,8 +275,9 @@ def token_logprobs_backward(
             grad_logprobs,
             grad_entropy,
             V,
-            logits.stride(0),
-            grad.stride(0),
+            *layout,
+            grad_group_stride,
+            grad_row_stride,
             ignore_index=ignore_index,
             HAS_GRAD_ENTROPY=grad_entropy is not None,
             ACC=acc,
@@ -236,6 +301,7 @@ def _linear_logprobs_forward_kernel(
     H,
     stride_hidden,
     stride_weight,
+    stride_bias,
     scale,
     softcap,
     inv_temperature,
@@ -258,7 +324,7 @@ def _linear_logprobs_forward_kernel(
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     top = tl.full([BLOCK_N], float("-inf"), tl.float32)
     sum_exp = tl.zeros([BLOCK_N], tl.float32)
-    sum_exp_z = tl.zeros([BLOCK_N], tl.float32)
+    sum_exp_dz = tl.zeros([BLOCK_N], tl.float32)
     label_z = tl.zeros([BLOCK_N], tl.float32)
     hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hidden
     for v_start in range(0, V, BLOCK_V):
@@ -276,34 +342,50 @@ def _linear_logprobs_forward_kernel(
                 b = b.to(tl.float32)
             logits = tl.dot(a, tl.trans(b), logits, input_precision=DOT_PRECISION)
         if HAS_BIAS:
-            logits += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            logits += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if ROUND_LOGITS:
             # The unfused model's logits are hidden @ weight^T rounded to the input dtype;
             # so are the reference's and the backward's recomputed ones.
             logits = logits.to(hidden_ptr.dtype.element_ty).to(tl.float32)
         z = tl.where(col_ok[None, :], _transform(logits, scale, softcap, inv_temperature, HAS_SOFTCAP), float("-inf"))
-        new_top = tl.maximum(top, tl.max(z, 1))
-        rescale = tl.exp(top - new_top)
-        e = tl.exp(z - new_top[:, None])
-        sum_exp = sum_exp * rescale + tl.sum(e, 1)
-        if RETURN_ENTROPY:
-            sum_exp_z = sum_exp_z * rescale + tl.sum(e * tl.where(col_ok[None, :], z, 0.0), 1)
-        top = new_top
+        top, sum_exp, sum_exp_dz = _online_update(top, sum_exp, sum_exp_dz, z, 1, RETURN_ENTROPY)
         # The label's logit is the tile's own fp32 value, the one the sums used.
         label_z += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
     lse = top + tl.log(sum_exp)
     valid = labels != ignore_index
+    # An out-of-range label matched no column: NaN, not a silent -lse.
+    label_z = tl.where((labels >= 0) & (labels < V), label_z, float("nan"))
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(logprobs_ptr + rows, tl.where(valid, label_z - lse, 0.0), mask=row_ok)
-    entropy = tl.where(valid, lse - sum_exp_z / sum_exp, 0.0) if RETURN_ENTROPY else tl.zeros([BLOCK_N], tl.float32)
+    entropy = tl.log(sum_exp) - sum_exp_dz / sum_exp
+    entropy = tl.where(valid, entropy, 0.0) if RETURN_ENTROPY else tl.zeros([BLOCK_N], tl.float32)
     tl.store(entropy_ptr + rows, entropy, mask=row_ok)
 
 
-def _linear_blocks(device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H). The interpreter (CPU tensors) runs the smallest
-    tl.dot tiles, 16, to stay fast; on a GPU 64 x 128 tiles over 64-wide slices of H
-    (the usual Hopper/Ampere matmul tile; not yet tuned on a GPU)."""
-    return (16, 32, 16) if device.type == "cpu" else (64, 128, 64)
+def _linear_config(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps) of the fused forward. The interpreter (CPU
+    tensors) runs the smallest tl.dot tiles, 16, to stay fast. On a GPU, 16-bit inputs
+    take 64 x 128 logits tiles over 64-wide slices of H at 8 warps: 142 registers on
+    sm_90 and 176 on sm_80 (at 4 warps: 254-255, the ceiling, with no headroom); fp32
+    (IEEE or TF32 dots) takes 64 x 64 x 32 at 8 warps: 128 registers on sm_80, where
+    64 x 128 x 32 spilled. Numbers from tests/triton_aot.py (bench/results/
+    triton-resources.md); tile sizes not yet tuned on a GPU."""
+    if device.type == "cpu":
+        return 16, 32, 16, 4
+    if dtype == torch.float32:
+        return 64, 64, 32, 8
+    return 64, 128, 64, 8
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's own matmul setting: TF32 tensor cores when
+    torch.backends.cuda.matmul.allow_tf32 is on or torch.get_float32_matmul_precision()
+    is "high"/"medium", IEEE fp32 (no tensor cores, ~8x slower on H100) otherwise, the
+    default. 16-bit inputs always take the tensor cores with fp32 accumulation."""
+    if dtype != torch.float32:
+        return "tf32"  # unused by Triton for bf16/fp16 operands
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "ieee"
 
 
 def linear_logprobs_forward(
@@ -319,15 +401,17 @@ def linear_logprobs_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward: hidden [N, H] (rows contiguous), weight [V, H] (rows contiguous),
     bias [V] or None, labels [N] -> (logprobs, entropy, lse), each [N] float32; never
-    materialises a logits tensor. fp16/bf16/fp32 inputs (fp32 dots in IEEE precision,
-    not TF32: correctness first); 16-bit logits are rounded to the input dtype, as the
+    materialises a logits tensor. fp16/bf16/fp32 inputs (fp32 dots in IEEE precision or
+    TF32 as torch's matmul setting says: _dot_precision); 16-bit logits are rounded to the input dtype, as the
     unfused model's are, before the fp32 epilogue."""
     N, H = hidden.shape
     V = weight.shape[0]
     logprobs, entropy, lse = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
-    block_n, block_v, block_h = _linear_blocks(hidden.device)
+    block_n, block_v, block_h, num_warps = _linear_config(hidden.device, hidden.dtype)
     if N:
-        _linear_logprobs_forward_kernel[(triton.cdiv(N, block_n),)](
+        launch(
+            _linear_logprobs_forward_kernel,
+            (triton.cdiv(N, block_n),),
             hidden,
             weight,
             bias if bias is not None else weight,
@@ -340,10 +424,11 @@ def linear_logprobs_forward(
             H,
             hidden.stride(0),
             weight.stride(0),
+            bias.stride(0) if bias is not None else 0,
             ignore_index=ignore_index,
             HAS_BIAS=bias is not None,
             RETURN_ENTROPY=return_entropy,
-            DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+            DOT_PRECISION=_dot_precision(hidden.dtype),
             # Triton's interpreter (CPU tensors) multiplies bf16 tiles wrongly (3.9: errors
             # of 1e10 on a 16 x 16 tile); upcast there, feed the tensor cores bf16 on a GPU.
             UPCAST_DOT_INPUTS=hidden.device.type == "cpu",
@@ -351,6 +436,7 @@ def linear_logprobs_forward(
             BLOCK_N=block_n,
             BLOCK_V=block_v,
             BLOCK_H=block_h,
+            num_warps=num_warps,
             **_options(temperature, softcap, logit_scale),
         )
     return logprobs, entropy, lse

@@ -14,12 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 # A program reduces 16 tiles of 1024: each lane adds 16 values before the tree sum,
 # and [8 x 8192] fp32 already gives 8 programs' worth of parallel rows.
 BLOCK = 1024
 SPLIT = 16 * BLOCK
 # Pass codes of _partial_sums_kernel (GRAD_ALL: every position's output was whitened).
-SUMS, CENTERED, GRAD, GRAD_ALL = 0, 1, 2, 3
+# tl.constexpr, because a @triton.jit function may read only constexpr globals: a plain
+# int runs in the interpreter but is a NameError for the GPU compiler.
+SUMS, CENTERED, GRAD, GRAD_ALL = (tl.constexpr(code) for code in range(4))
 # The float64 statistics vector shared with the C++ kernel.
 COUNT, MEAN, RSTD, DENOMINATOR, CENTERED_SUM = range(5)
 
@@ -31,8 +35,11 @@ def _partial_sums_kernel(
     """out[row, split] = (sum u, sum v) over the split's columns, where (u, v) is
     (w x, w) for SUMS, (w c^2, w c) for CENTERED, (g', g' c) for GRAD and (g, g c)
     for GRAD_ALL, with c = x - mean and g' = g where w != 0, else 0."""
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
+    # (row, split) on grid axis 0, whose limit is 2^31 - 1 programs (axis 1: 65535, which
+    # one flattened row of 2^34 elements, 2^20 splits, would exceed); int64 columns.
+    program = tl.program_id(0).to(tl.int64)
+    row = program // n_splits
+    split = program % n_splits
     if PASS != SUMS:
         mean = tl.load(stats_ptr + 1).to(x_ptr.dtype.element_ty)
     acc_u = tl.zeros([BLOCK], dtype=x_ptr.dtype.element_ty)
@@ -98,15 +105,15 @@ def _whiten_backward_kernel(
     tl.store(out_ptr + i, rstd * live + w * mean_coef - var_coef * w * (x - mean - centered_mean), mask=ok)
 
 
-def _pair_sums(x: torch.Tensor, w: torch.Tensor, pass_code: int, stats=None, grad=None) -> torch.Tensor:
+def _pair_sums(x: torch.Tensor, w: torch.Tensor, pass_code: tl.constexpr, stats=None, grad=None) -> torch.Tensor:
     """float64 [R, 2] sums of one pass over the rows of [R, C] x and w."""
     R, C = x.shape
     n_splits = max(triton.cdiv(C, SPLIT), 1)
     partials = torch.zeros(R, n_splits, 2, dtype=x.dtype, device=x.device)
     if C > 0:
-        _partial_sums_kernel[(R, n_splits)](
+        launch(_partial_sums_kernel, (R * n_splits,),
             x, w, x if grad is None else grad, x if stats is None else stats, partials, C, n_splits,
-            PASS=pass_code, SPLIT=SPLIT, BLOCK=BLOCK,
+            PASS=pass_code.value, SPLIT=SPLIT, BLOCK=BLOCK,
         )  # fmt: skip
     return partials.double().sum(1)
 
@@ -132,8 +139,17 @@ def masked_whiten(
     out = torch.empty_like(x)
     n = x.numel()
     if n > 0:
-        _whiten_kernel[(triton.cdiv(n, BLOCK),)](
-            x, mask, stats, out, n, SHIFT_BACK=not shift_mean, FILL=fill_masked, BLOCK=BLOCK
+        launch(
+            _whiten_kernel,
+            (triton.cdiv(n, BLOCK),),
+            x,
+            mask,
+            stats,
+            out,
+            n,
+            SHIFT_BACK=not shift_mean,
+            FILL=fill_masked,
+            BLOCK=BLOCK,
         )
     return out, stats
 
@@ -151,7 +167,17 @@ def masked_whiten_backward(
     grad_x = torch.empty_like(x)
     n = x.numel()
     if n > 0:
-        _whiten_backward_kernel[(triton.cdiv(n, BLOCK),)](
-            grad, x, mask, stats, coef, grad_x, n, FILL=fill_masked, BLOCK=BLOCK
+        launch(
+            _whiten_backward_kernel,
+            (triton.cdiv(n, BLOCK),),
+            grad,
+            x,
+            mask,
+            stats,
+            coef,
+            grad_x,
+            n,
+            FILL=fill_masked,
+            BLOCK=BLOCK,
         )
     return grad_x

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch, row_block
+
 # 1024 tokens a tile: T = 8192 in 8 iterations; four fp32 accumulators of 1024 lanes.
 BLOCK_T = 1024
 
@@ -155,7 +157,7 @@ def _outputs(x: torch.Tensor, n_stats: int, need_grad: bool):
 
 
 def _block(T: int) -> int:
-    return min(BLOCK_T, triton.next_power_of_2(max(T, 1)))
+    return row_block(T, BLOCK_T)
 
 
 def _acc(x: torch.Tensor):
@@ -177,7 +179,9 @@ def ppo_policy_loss(
     """Inputs [B, T] contiguous float32/float64 of one dtype, row_weight [B] -> (row_stats [B, 4], grad)."""
     stats, grad = _outputs(logprobs, 4, need_grad)
     if logprobs.shape[0]:
-        _ppo_policy_loss_kernel[(logprobs.shape[0],)](
+        launch(
+            _ppo_policy_loss_kernel,
+            (logprobs.shape[0],),
             logprobs,
             old_logprobs,
             advantages,
@@ -203,7 +207,9 @@ def ppo_value_loss(values, old_values, returns, mask, row_weight, clip: Optional
     """Inputs [B, T] contiguous float32/float64 of one dtype, row_weight [B] -> (row_stats [B, 2], grad)."""
     stats, grad = _outputs(values, 2, need_grad)
     if values.shape[0]:
-        _ppo_value_loss_kernel[(values.shape[0],)](
+        launch(
+            _ppo_value_loss_kernel,
+            (values.shape[0],),
             values,
             old_values,
             returns,
