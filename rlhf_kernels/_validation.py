@@ -2,15 +2,20 @@
 
 Each error names the argument and what was expected: TypeError for a wrong
 type or dtype, ValueError for a wrong shape, value, device or option.
-Data-dependent checks (label ranges) read tensor values, so they are skipped
-while torch.compile traces; the kernels themselves must stay memory-safe then.
+Data-dependent checks (label ranges) read tensor values: they run on CPU tensors,
+and on GPU tensors only with RLHF_KERNELS_DEBUG=1 (values_checked); the kernels
+themselves stay memory-safe without them.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Optional, Sequence
 
 import torch
+
+# Set to 1 to run the data-dependent input checks on GPU tensors too (values_checked).
+DEBUG_ENV = "RLHF_KERNELS_DEBUG"
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -97,11 +102,27 @@ def in_unit_interval(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
 
 
-def labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Every label is in [0, vocab_size) or equals ignore_index."""
-    if torch.compiler.is_compiling() or labels.numel() == 0:
+def values_checked(x: torch.Tensor) -> bool:
+    """Whether data-dependent checks (which read tensor values) run for `x`. They are
+    free on CPU tensors, but on a GPU each is a host sync that stalls the stream and
+    breaks CUDA-graph capture, so there they run only with RLHF_KERNELS_DEBUG=1; the
+    kernels stay memory-safe without them (an out-of-range label gives a NaN log-prob,
+    never an out-of-bounds read). Never while torch.compile traces, nor on meta or
+    fake tensors (no values)."""
+    if torch.compiler.is_compiling() or x.numel() == 0 or x.device.type == "meta":
+        return False
+    return x.device.type == "cpu" or os.environ.get(DEBUG_ENV, "0") == "1"
+
+
+def labels_in_range(
+    labels: torch.Tensor, vocab_size: int, ignore_index: int, mask: Optional[torch.Tensor] = None
+) -> None:
+    """Every label (where mask != 0, if given) is in [0, vocab_size) or equals ignore_index."""
+    if not values_checked(labels):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if mask is not None:
+        bad &= mask != 0
     if bool(bad.any()):
         first = labels[bad].flatten()[0].item()
         raise ValueError(
@@ -112,7 +133,7 @@ def labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) ->
 
 def indices_in_range(name: str, index: torch.Tensor, size: int) -> None:
     """Every entry of `index` is in [0, size)."""
-    if torch.compiler.is_compiling() or index.numel() == 0:
+    if not values_checked(index):
         return
     bad = (index < 0) | (index >= size)
     if bool(bad.any()):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -170,6 +171,30 @@ def env_choice(op: str) -> str | None:
     return op_choice or family_choice or default
 
 
+_WARNED_REFERENCE_ON_CUDA: set[str] = set()
+
+
+def _warn_reference_on_cuda(op: str) -> None:
+    """Auto never runs the reference on CUDA tensors silently: one warning per op, saying why."""
+    if op in _WARNED_REFERENCE_ON_CUDA or torch.compiler.is_compiling():
+        return
+    _WARNED_REFERENCE_ON_CUDA.add(op)
+    reasons = []
+    if op in TRITON_MODULES and not _has_triton(op):
+        reasons.append("triton is not installed (pip install triton)")
+    if op in COMPILED_OPS and op not in HAS_CUDA:
+        reasons.append(
+            "rlhf_kernels._C has no CUDA kernel for it"
+            + (f" (the extension did not load: {_extension.LOAD_ERROR})" if not _extension.LOADED else "")
+        )
+    warnings.warn(
+        f"rlhf_kernels: {op} on CUDA tensors runs the plain-PyTorch reference (slower, more memory): "
+        + ("; ".join(reasons) or "no GPU kernel is available"),
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def resolve(op: str, device: torch.device | str, backend: str | None = None) -> str:
     """The backend that runs `op` on `device`: explicit > env > auto."""
     choices = available(op, device)
@@ -179,6 +204,8 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None) -> 
     else:
         requested, source = env_choice(op), ENV_VAR
     if requested is None:
+        if choices[0] == "reference" and torch.device(device).type == "cuda":
+            _warn_reference_on_cuda(op)
         return choices[0]
     if requested not in choices:
         reason = ""

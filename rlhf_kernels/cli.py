@@ -1,6 +1,7 @@
 """The `rlhf-kernels` command.
 
-rlhf-kernels info   versions, whether rlhf_kernels._C loaded, and per op the
+rlhf-kernels info   versions, which build was installed (CUDA or CPU, and why),
+                    whether rlhf_kernels._C loaded, and per op the
                     backends available on CPU / CUDA tensors and auto's pick
 rlhf-kernels demo   the bundled trainer's whole pipeline (SFT -> RM -> PPO, DPO, and
                     PPO without a KL penalty) on the built-in task, with a report
@@ -35,6 +36,7 @@ def info() -> str:
         f"rlhf-kernels {__import__('rlhf_kernels').__version__}",
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), triton {_triton_version()}",
         f"CUDA device: {torch.cuda.get_device_name() if cuda_ok else 'none'}",
+        f"build: {_extension.build_summary()}",
         f"rlhf_kernels._C: {'loaded' if _extension.LOADED else 'NOT loaded: ' + _extension.LOAD_ERROR}"
         + (
             f" (CPU kernels: {', '.join(sorted(backend.HAS_CPU)) or 'none'};"

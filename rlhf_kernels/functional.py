@@ -215,7 +215,7 @@ def sequence_logprobs(
     """
     _check_sequences(hidden, weight, labels, mask)
     check.positive("temperature", temperature)
-    check.labels_in_range(labels[mask != 0], weight.shape[0], ignore_index=-100)
+    check.labels_in_range(labels, weight.shape[0], ignore_index=-100, mask=mask)
     resolved = _backend.resolve("sequence_logprobs", hidden.device, backend)
     return reference.sequence_logprobs(
         hidden,
@@ -623,7 +623,7 @@ def linear_dpo_loss(
         )
     _check_dpo_options(beta, loss_type, label_smoothing, reference_free)
     check.positive("temperature", temperature)
-    check.labels_in_range(labels[mask != 0], weight.shape[0], ignore_index=-100)
+    check.labels_in_range(labels, weight.shape[0], ignore_index=-100, mask=mask)
     resolved = _backend.resolve("linear_dpo_loss", hidden.device, backend)
     return reference.linear_dpo_loss(
         hidden,

@@ -109,12 +109,15 @@ def _kl_shaped_rewards_kernel(
         where = tl.max(last_valid, 0)
     # The score's position gets its reward recomputed (bit-identical) plus the score;
     # the barrier orders this store after the loop's store of the same element.
-    safe = tl.maximum(where, 0)
+    # An index outside [0, T) (unchecked on GPU tensors: the check would sync the host)
+    # is never read or written; that row's score is then not added anywhere.
+    in_row = (where >= 0) & (where < T)
+    safe = tl.where(in_row, where, 0)
     d = tl.load(lp_ptr + base + safe) - tl.load(ref_ptr + base + safe)
     value, _ = _estimate(d, clamp, ESTIMATOR, HAS_CLAMP)
     reward = -kl_coef * (value * tl.load(mask_ptr + base + safe))
     tl.debug_barrier()
-    tl.store(rewards_ptr + base + safe, reward + tl.load(scores_ptr + row), mask=where >= 0)
+    tl.store(rewards_ptr + base + safe, reward + tl.load(scores_ptr + row), mask=in_row)
 
 
 def _codes(estimator: str, clamp: Optional[float]) -> dict:

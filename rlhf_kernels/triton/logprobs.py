@@ -47,7 +47,7 @@ def _transform_derivative(x, scale, softcap, inv_temperature, HAS_SOFTCAP: tl.co
     if HAS_SOFTCAP:
         t = _tanh(x * scale / softcap)
         return scale * (1.0 - t * t) * inv_temperature
-    return scale * inv_temperature + 0.0 * x
+    return scale * inv_temperature + tl.zeros_like(x)  # not 0 * x: x may be -inf
 
 
 @triton.jit

@@ -1,0 +1,61 @@
+"""The ahead-of-time compile gate (tests/triton_aot.py) as a test, plus unit tests of
+the launch recording it stands on.
+
+The gate must run without TRITON_INTERPRET (conftest sets it for this process when
+there is no GPU), so it runs in a clean subprocess. It compiles every specialization
+the launchers produce for sm_80/sm_90 (and sm_100 where Triton can) and fails on a
+compile error, a spill or a kernel at the 255-register ceiling; its table is
+bench/results/triton-resources.md.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_triton_specialization_compiles_for_gpu_targets_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "triton_aot.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    report = result.stdout[-6000:] + result.stderr[-3000:]
+    assert result.returncode == 0, report
+    assert "triton_aot: FAIL" not in result.stdout, report
+
+
+def test_launches_are_recorded_not_run_with_their_gpu_configuration():
+    from rlhf_kernels.triton import logprobs, masked
+    from rlhf_kernels.triton._launch import recording
+
+    hidden = torch.empty(8192, 4096, dtype=torch.bfloat16, device="meta")
+    weight = torch.empty(152064, 4096, dtype=torch.bfloat16, device="meta")
+    labels = torch.empty(8192, dtype=torch.int64, device="meta")
+    with recording() as launches:
+        logprobs.linear_logprobs_forward(hidden, weight, None, labels, 1.0, None, 1.0, -100, True)
+        # one flattened whitening of 2^34 elements: 2^20 partial-sum programs
+        x = torch.empty(1, 1 << 34, device="meta")
+        masked.masked_sums(x, x)
+    linear, sums = launches
+    assert linear.num_warps == 8 and linear.constexprs["BLOCK_N"] == 64 and linear.constexprs["BLOCK_V"] == 128
+    assert linear.grid == (8192 // 64,)
+    # rows x splits on axis 0 (limit 2^31 - 1), not on axis 1 (limit 65535)
+    assert sums.grid == (1 << 20,)
+
+
+def test_a_grid_over_the_hardware_limit_is_a_clear_error():
+    from rlhf_kernels.triton import gae
+    from rlhf_kernels.triton._launch import launch
+
+    with pytest.raises(ValueError, match="grid axis 1 has 70000 programs"):
+        launch(gae._gae_kernel, (1, 70000))
