@@ -19,7 +19,9 @@ def _grads(fn, *inputs):
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
     out = fn(*leaves)
     first = out[0] if isinstance(out, tuple) else out
-    (first * torch.randn_like(first, generator=torch.Generator().manual_seed(1))).sum().backward()
+    # torch.randn, not randn_like: randn_like takes a generator only from torch 2.7 on
+    upstream = torch.randn(first.shape, generator=torch.Generator().manual_seed(1), dtype=first.dtype)
+    (first * upstream.to(first.device)).sum().backward()
     return out, [leaf.grad for leaf in leaves]
 
 
