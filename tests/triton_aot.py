@@ -20,7 +20,7 @@ Coverage, by construction, not by a hand-kept list of configurations:
 - a check that every `*_kernel` in rlhf_kernels.triton was launched and that every
   bool constexpr took both values.
 Fails (exit 1) on a compile error, a spill (LOCAL > 0) not in ALLOWED_SPILLS, or a
-kernel at the 255-register ceiling; writes the resource table either way. Must run
+kernel above 240 registers (within 16 of the ceiling); writes the resource table either way. Must run
 without TRITON_INTERPRET (the test that calls it starts a clean subprocess).
 """
 
@@ -53,9 +53,9 @@ ALLOWED_SPILLS: dict[tuple[str, int], str] = {}
 FIXED_ON_GPU = {
     ("_linear_logprobs_forward_kernel", "UPCAST_DOT_INPUTS"): "True only in the interpreter (CPU tensors)",
 }
-# The per-thread register ceiling of every NVIDIA GPU since Kepler: a kernel that
-# reaches it has no headroom (and usually low occupancy).
-MAX_REGISTERS = 255
+# The per-thread register ceiling of every NVIDIA GPU since Kepler is 255; a kernel
+# within 16 of it has no headroom (a compiler update spills it) and low occupancy.
+MAX_REGISTERS = 240
 # Assumed by the binder for pointers (torch's allocations are 512-byte aligned; a
 # sliced view's misaligned start only drops the divisibility hint).
 INDEX = torch.int64
@@ -349,15 +349,20 @@ _RESOURCE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 def _job(index: int, cc: int) -> tuple:
     spec = _SPECS[index]
-    return index, cc, spec.kernel.__module__, spec.name, spec.signature, spec.constexprs, spec.attrs, spec.options
+    launch_options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    return index, cc, spec.kernel.__module__, spec.name, spec.signature, spec.constexprs, spec.attrs, launch_options
 
 
 def _compile_one(job) -> dict:
-    _, cc, module, name, signature, constexprs, attrs, options = job
+    _, cc, module, name, signature, constexprs, attrs, launch_options = job
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
 
+    target = GPUTarget("cuda", cc, 32)
+    # The backend options of this target (the binder's are sm_90's: passing them to an
+    # sm_80 compile selects Hopper-only instructions and aborts LLVM).
+    options = make_backend(target).parse_options(launch_options).__dict__
     kernel = getattr(importlib.import_module(module), name)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     started = time.perf_counter()
@@ -366,7 +371,7 @@ def _compile_one(job) -> dict:
             warnings.simplefilter("ignore")
             compiled = triton.compile(
                 ASTSource(kernel, signature, constexprs, attrs),
-                target=GPUTarget("cuda", cc, 32),
+                target=target,
                 options=options,
             )
     except Exception as error:  # noqa: BLE001 - every compile error is a gate failure, reported
@@ -496,7 +501,7 @@ def main(argv=None) -> int:
             problems.append(f"compile error: {where}: {result['error']}")
         elif result["local"] > 0 and (spec.name, cc) not in ALLOWED_SPILLS:
             problems.append(f"spill: {where}: {result['local']} bytes of local memory")
-        elif result["regs"] >= MAX_REGISTERS:
+        elif result["regs"] > MAX_REGISTERS:
             problems.append(f"no register headroom: {where}: {result['regs']} registers")
     print(f"triton_aot: {len(jobs)} compiles in {elapsed:.0f} s; table: {os.path.relpath(args.out, ROOT)}")
     for problem in problems:

@@ -45,8 +45,22 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_rows(n_rows: int, vocab: int) -> int:
-    return max(1, min(n_rows, CHUNK_ELEMENTS // max(vocab, 1)))
+# On CUDA a chunk is sized for its GEMMs, not for a cache: at least 2048 rows (at
+# V = 152064 the CPU's 2^24 logits would be 110 rows, and a [110, H] x [H, V] GEMM plus
+# a dW update per chunk runs ~10x above the GEMM floor at N = 32k), or up to 1 GiB of
+# fp32 chunk logits when that is more rows (small vocabularies). See docs/DESIGN.md.
+CUDA_CHUNK_MIN_ROWS = 2048
+CUDA_CHUNK_BYTES = 1 << 30
+
+
+def chunk_rows(n_rows: int, vocab: int, device: Optional[torch.device] = None) -> int:
+    """Rows per chunk of the chunked log-prob paths (forward of the logits path,
+    recompute in every backward) for tensors on `device`."""
+    if device is not None and torch.device(device).type == "cuda":
+        rows = max(CUDA_CHUNK_MIN_ROWS, CUDA_CHUNK_BYTES // (4 * max(vocab, 1)))
+    else:
+        rows = CHUNK_ELEMENTS // max(vocab, 1)
+    return max(1, min(n_rows, rows))
 
 
 def _chunk_logprobs(x: torch.Tensor, labels: torch.Tensor, opts: LogitTransform):
@@ -80,7 +94,7 @@ def _chunk_grad(x, labels, grad_logprobs, grad_entropy, opts: LogitTransform) ->
 def _forward_chunks(n_rows: int, vocab: int, logits_of: Callable, labels, opts, dtype, device):
     logprobs = torch.empty(n_rows, dtype=dtype, device=device)
     entropy = torch.zeros(n_rows, dtype=dtype, device=device)
-    step = chunk_rows(n_rows, vocab)
+    step = chunk_rows(n_rows, vocab, device)
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
         lp, ent = _chunk_logprobs(logits_of(rows), labels[rows], opts)
@@ -107,7 +121,7 @@ class _TokenLogprobs(torch.autograd.Function):
         dtype = compute_dtype(logits.dtype)
         # In place: each chunk is read (into its own fp32 copy) before it is overwritten.
         grad_logits = logits if ctx.inplace_backward else torch.empty_like(logits)
-        step = chunk_rows(*logits.shape)
+        step = chunk_rows(*logits.shape, logits.device)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
             grad_logits[rows] = _chunk_grad(
@@ -146,7 +160,8 @@ class _LinearLogprobs(torch.autograd.Function):
         # d weight and d bias accumulate over chunks in fp32 (fp64 for fp64 inputs).
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_bias else None
-        step = chunk_rows(hidden.shape[0], weight.shape[0])
+        step = chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
+        scratch = weight_grad_scratch(weight, grad_weight)
         for start in range(0, hidden.shape[0], step):
             rows = slice(start, start + step)
             grad_z = _chunk_grad(
@@ -156,7 +171,7 @@ class _LinearLogprobs(torch.autograd.Function):
                 None if grad_entropy is None else grad_entropy[rows],
                 ctx.opts,
             )
-            backprop_linear_chunk(grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias)
+            backprop_linear_chunk(grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias, scratch)
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -166,14 +181,32 @@ class _LinearLogprobs(torch.autograd.Function):
         )
 
 
-def backprop_linear_chunk(grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias) -> None:
+def weight_grad_scratch(weight: torch.Tensor, grad_weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A [V, H] buffer in weight's dtype for the per-chunk d weight GEMM of 16-bit
+    weights on CUDA: there dW is a bf16/fp16 tensor-core GEMM (fp32 accumulation inside
+    the GEMM, rounded to 16 bits once per chunk, as the unfused model's own backward
+    rounds it) added into the fp32 accumulator, instead of an fp32 addmm that upcasts
+    the hidden states (IEEE fp32: ~14x fewer FLOP/s on H100 than bf16). Costs one
+    weight-sized buffer. None elsewhere (CPU: fp32 addmm, exact to the chunk)."""
+    use = grad_weight is not None and weight.device.type == "cuda" and weight.dtype in (torch.float16, torch.bfloat16)
+    return torch.empty_like(weight) if use else None
+
+
+def backprop_linear_chunk(
+    grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias, scratch: Optional[torch.Tensor] = None
+) -> None:
     """Chain rule of logits = hidden @ weight^T + bias for the chunk `rows`, given its
     d logits grad_z (fp32): d hidden[rows] = dz W, d weight += dz^T h, d bias += sum dz.
-    A gradient passed as None is not needed; d weight and d bias are fp32 accumulators."""
+    A gradient passed as None is not needed; d weight and d bias are fp32 accumulators.
+    With `scratch` (weight_grad_scratch), d weight's chunk product is a 16-bit GEMM."""
     if grad_hidden is not None:
         grad_hidden[rows] = grad_z.to(weight.dtype) @ weight
     if grad_weight is not None:
-        grad_weight.addmm_(grad_z.t(), hidden[rows].to(grad_weight.dtype))
+        if scratch is not None:
+            torch.mm(grad_z.to(weight.dtype).t(), hidden[rows], out=scratch)
+            grad_weight.add_(scratch)
+        else:
+            grad_weight.addmm_(grad_z.t(), hidden[rows].to(grad_weight.dtype))
     if grad_bias is not None:
         grad_bias += grad_z.sum(0)
 

@@ -97,3 +97,11 @@ def row_block(length: int, largest: int) -> int:
     [MIN_ROW_BLOCK, largest]."""
     power = 1 << max(length - 1, 0).bit_length()
     return min(largest, max(MIN_ROW_BLOCK, power))
+
+
+def widest_block(largest: int, dtype: torch.dtype) -> int:
+    """`largest` for 32-bit data, half of it for float64 (gradcheck and exact tests):
+    fp64 values take two registers, and at the fp32 width the heaviest fp64 kernels
+    (ppo_policy_loss, the token forward, dpo_loss) sat within 1-20 of the 255-register
+    ceiling (tests/triton_aot.py)."""
+    return largest // 2 if dtype == torch.float64 else largest

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..reference.dpo import EXO_DEFAULT_EPSILON, LOSS_TYPES
-from ._launch import launch
+from ._launch import launch, widest_block
 
 LOSS_CODES = {name: code for code, name in enumerate(LOSS_TYPES)}
 BLOCK = 1024
@@ -115,10 +115,11 @@ def dpo_loss(
     rewards = chosen.new_empty(2, B)
     grad = chosen.new_empty(2 if need_grad else 0, B)
     eps = label_smoothing if label_smoothing > 0 else EXO_DEFAULT_EPSILON
+    block = widest_block(BLOCK, chosen.dtype)
     if B > 0:
-        launch(_dpo_loss_kernel, (triton.cdiv(B, BLOCK),),
+        launch(_dpo_loss_kernel, (triton.cdiv(B, block),),
             chosen, rejected, ref_chosen, ref_rejected, losses, rewards, grad, B, beta, label_smoothing,
             math.log1p(-eps), math.log(eps),
-            LOSS=LOSS_CODES[loss_type], REFERENCE_FREE=reference_free, NEED_GRAD=need_grad, BLOCK=BLOCK,
+            LOSS=LOSS_CODES[loss_type], REFERENCE_FREE=reference_free, NEED_GRAD=need_grad, BLOCK=block,
         )  # fmt: skip
     return losses, rewards, grad

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch, row_block
+from ._launch import launch, row_block, widest_block
 
 # 4096 fp32 values per tile: 16 KiB of registers per row program, and V = 128k
 # in 32 iterations; also a multiple of every vocabulary padding in use (64/128).
@@ -235,7 +235,7 @@ def token_logprobs_forward(
             ignore_index=ignore_index,
             RETURN_ENTROPY=return_entropy,
             ACC=acc,
-            BLOCK_V=row_block(V, FORWARD_BLOCK_V),
+            BLOCK_V=row_block(V, widest_block(FORWARD_BLOCK_V, logits.dtype)),
             **_options(temperature, softcap, logit_scale),
         )
     return logprobs, entropy, lse
@@ -262,7 +262,7 @@ def token_logprobs_backward(
     acc, _ = _accumulation(logits.dtype)
     grad = torch.empty_like(logits) if out is None else out
     _, _, grad_group_stride, grad_row_stride = _row_layout(grad)
-    block = row_block(V, BACKWARD_BLOCK_V)
+    block = row_block(V, widest_block(BACKWARD_BLOCK_V, logits.dtype))
     if N:
         launch(
             _token_logprobs_backward_kernel,
@@ -293,12 +293,11 @@ def _linear_logprobs_forward_kernel(
     weight_ptr,
     bias_ptr,
     labels_ptr,
-    logprobs_ptr,
-    entropy_ptr,
-    lse_ptr,
+    partials_ptr,
     N,
     V,
     H,
+    v_per_split,
     stride_hidden,
     stride_weight,
     stride_bias,
@@ -316,10 +315,14 @@ def _linear_logprobs_forward_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """One program per BLOCK_N rows: logits tiles [BLOCK_N, BLOCK_V] = hidden @ weight^T
-    accumulated in fp32 over H, consumed at once by the online max / sum-exp / sum(e z)
-    and the label pick; no logits ever reach memory."""
+    """Program (i, s): rows [i BLOCK_N, (i+1) BLOCK_N) over the vocabulary split
+    s, columns [s v_per_split, (s+1) v_per_split). Logits tiles [BLOCK_N, BLOCK_V] =
+    hidden @ weight^T accumulated in fp32 over H are consumed at once by the online
+    (max, sum-exp, sum-exp dz) and the label pick; no logits ever reach memory. Writes
+    the split's partials [4, N] (max, S0, S1, label logit) at partials[s]; the launcher
+    combines the splits."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1).to(tl.int64)
     row_ok = rows < N
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     top = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -327,10 +330,12 @@ def _linear_logprobs_forward_kernel(
     sum_exp_dz = tl.zeros([BLOCK_N], tl.float32)
     label_z = tl.zeros([BLOCK_N], tl.float32)
     hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hidden
-    for v_start in range(0, V, BLOCK_V):
+    v_begin = split * v_per_split
+    v_end = tl.minimum(v_begin + v_per_split, V)
+    for v_start in range(v_begin, v_end, BLOCK_V):
         cols = v_start + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
-        weight_rows = weight_ptr + cols.to(tl.int64)[:, None] * stride_weight
+        col_ok = cols < v_end
+        weight_rows = weight_ptr + cols[:, None] * stride_weight
         logits = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
         for h_start in range(0, H, BLOCK_H):
             hs = h_start + tl.arange(0, BLOCK_H)
@@ -351,15 +356,11 @@ def _linear_logprobs_forward_kernel(
         top, sum_exp, sum_exp_dz = _online_update(top, sum_exp, sum_exp_dz, z, 1, RETURN_ENTROPY)
         # The label's logit is the tile's own fp32 value, the one the sums used.
         label_z += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
-    lse = top + tl.log(sum_exp)
-    valid = labels != ignore_index
-    # An out-of-range label matched no column: NaN, not a silent -lse.
-    label_z = tl.where((labels >= 0) & (labels < V), label_z, float("nan"))
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(logprobs_ptr + rows, tl.where(valid, label_z - lse, 0.0), mask=row_ok)
-    entropy = tl.log(sum_exp) - sum_exp_dz / sum_exp
-    entropy = tl.where(valid, entropy, 0.0) if RETURN_ENTROPY else tl.zeros([BLOCK_N], tl.float32)
-    tl.store(entropy_ptr + rows, entropy, mask=row_ok)
+    out = partials_ptr + split * 4 * N + rows
+    tl.store(out, top, mask=row_ok)
+    tl.store(out + N, sum_exp, mask=row_ok)
+    tl.store(out + 2 * N, sum_exp_dz, mask=row_ok)
+    tl.store(out + 3 * N, label_z, mask=row_ok)
 
 
 def _linear_config(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -388,6 +389,45 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if tf32 else "ieee"
 
 
+def _vocab_splits(n_row_blocks: int, v_tiles: int, device: torch.device) -> int:
+    """How many programs share one row block's vocabulary. Small N (generation-time
+    log-probs, short DPO batches) gives fewer row blocks than the GPU has SMs: then V is
+    split so that about 2 programs per SM run (an H100 has 132 SMs; N = 1024 at
+    BLOCK_N = 64 is 16 row blocks, 12% of the machine unsplit). The interpreter (CPU
+    tensors) assumes 4 SMs so that the tests exercise the split path; meta tensors (the
+    AOT gate) an H100."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 4 if device.type == "cpu" else 132
+    return max(1, min(triton.cdiv(2 * sms, n_row_blocks), v_tiles))
+
+
+def _combine_vocab_splits(
+    partials: torch.Tensor, labels: torch.Tensor, V: int, ignore_index: int, return_entropy: bool
+):
+    """partials [S, 4, N] (max, S0 = sum e^(z - max), S1 = sum e^(z - max)(z - max),
+    label logit) of S vocabulary splits -> (logprobs, entropy, lse), each [N] float32;
+    the same merge as _online_update, -inf-safe (a split can be all masked)."""
+    top, sum_exp, sum_exp_dz, label_z = partials.unbind(1)
+    best = top.max(0).values
+    shift = torch.where(best == float("-inf"), torch.zeros_like(best), best)
+    weight = torch.exp(top - shift)
+    total = (weight * sum_exp).sum(0)
+    lse = best + torch.log(total)
+    valid = labels != ignore_index
+    in_vocab = (labels >= 0) & (labels < V)
+    label_z = torch.where(in_vocab, label_z.sum(0), torch.full_like(lse, float("nan")))
+    zero = torch.zeros_like(lse)
+    logprobs = torch.where(valid, label_z - lse, zero)
+    if not return_entropy:
+        return logprobs, zero, lse
+    drift = torch.where(weight > 0, weight * (top - shift), torch.zeros_like(weight))
+    centered = (weight * sum_exp_dz + drift * sum_exp).sum(0)
+    entropy = torch.where(valid, torch.log(total) - centered / total, zero)
+    return logprobs, entropy, lse
+
+
 def linear_logprobs_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -400,28 +440,31 @@ def linear_logprobs_forward(
     return_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward: hidden [N, H] (rows contiguous), weight [V, H] (rows contiguous),
-    bias [V] or None, labels [N] -> (logprobs, entropy, lse), each [N] float32; never
-    materialises a logits tensor. fp16/bf16/fp32 inputs (fp32 dots in IEEE precision or
-    TF32 as torch's matmul setting says: _dot_precision); 16-bit logits are rounded to the input dtype, as the
-    unfused model's are, before the fp32 epilogue."""
+    bias [V] (any stride) or None, labels [N] -> (logprobs, entropy, lse), each [N]
+    float32; never materialises a logits tensor. fp16/bf16/fp32 inputs (fp32 dots in
+    IEEE precision or TF32 as torch's matmul setting says: _dot_precision); 16-bit
+    logits are rounded to the input dtype, as the unfused model's are, before the fp32
+    epilogue. An out-of-range label gives NaN."""
     N, H = hidden.shape
     V = weight.shape[0]
-    logprobs, entropy, lse = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
     block_n, block_v, block_h, num_warps = _linear_config(hidden.device, hidden.dtype)
+    row_blocks = triton.cdiv(N, block_n)
+    v_tiles = triton.cdiv(V, block_v)
+    splits = _vocab_splits(row_blocks, v_tiles, hidden.device)
+    partials = torch.empty(splits, 4, N, dtype=torch.float32, device=hidden.device)
     if N:
         launch(
             _linear_logprobs_forward_kernel,
-            (triton.cdiv(N, block_n),),
+            (row_blocks, splits),
             hidden,
             weight,
             bias if bias is not None else weight,
             labels,
-            logprobs,
-            entropy,
-            lse,
+            partials,
             N,
             V,
             H,
+            triton.cdiv(v_tiles, splits) * block_v,
             hidden.stride(0),
             weight.stride(0),
             bias.stride(0) if bias is not None else 0,
@@ -439,4 +482,4 @@ def linear_logprobs_forward(
             num_warps=num_warps,
             **_options(temperature, softcap, logit_scale),
         )
-    return logprobs, entropy, lse
+    return _combine_vocab_splits(partials, labels, V, ignore_index, return_entropy)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch, row_block
+from ._launch import launch, row_block, widest_block
 
 # 1024 tokens a tile: T = 8192 in 8 iterations; four fp32 accumulators of 1024 lanes.
 BLOCK_T = 1024
@@ -156,8 +156,8 @@ def _outputs(x: torch.Tensor, n_stats: int, need_grad: bool):
     return stats, grad
 
 
-def _block(T: int) -> int:
-    return row_block(T, BLOCK_T)
+def _block(x: torch.Tensor) -> int:
+    return row_block(x.shape[1], widest_block(BLOCK_T, x.dtype))
 
 
 def _acc(x: torch.Tensor):
@@ -198,7 +198,7 @@ def ppo_policy_loss(
             HAS_CLAMP=log_ratio_clamp is not None,
             NEED_GRAD=need_grad,
             ACC=_acc(logprobs),
-            BLOCK=_block(logprobs.shape[1]),
+            BLOCK=_block(logprobs),
         )
     return stats, grad
 
@@ -222,6 +222,6 @@ def ppo_value_loss(values, old_values, returns, mask, row_weight, clip: Optional
             HAS_CLIP=clip is not None,
             NEED_GRAD=need_grad,
             ACC=_acc(values),
-            BLOCK=_block(values.shape[1]),
+            BLOCK=_block(values),
         )
     return stats, grad

@@ -1,0 +1,45 @@
+"""How the log-prob paths cut work for a GPU (docs/DESIGN.md, "GPU work decomposition"),
+checked on CPU: the chunk sizes, the vocabulary split of the fused forward for small N,
+and the 16-bit d weight GEMM, each against the arithmetic that chose it."""
+
+import pytest
+import torch
+
+from rlhf_kernels.reference import logprobs as ref
+
+
+def test_cuda_chunks_keep_gemms_large_and_cpu_chunks_cache_sized():
+    cuda = torch.device("cuda")
+    # V = 152064: 2^24 logits would be 110 rows; on CUDA at least 2048 rows
+    assert ref.chunk_rows(32768, 152064) == (1 << 24) // 152064 == 110
+    assert ref.chunk_rows(32768, 152064, cuda) == 2048
+    # a small vocabulary: 1 GiB of fp32 chunk logits is more than 2048 rows
+    assert ref.chunk_rows(1 << 20, 32000, cuda) == (1 << 30) // (4 * 32000)
+    assert ref.chunk_rows(100, 152064, cuda) == 100
+
+
+@pytest.mark.parametrize("rows", [1, 64, 1024, 8192, 65536])
+def test_small_batches_split_the_vocabulary_to_fill_the_gpu(rows):
+    pytest.importorskip("triton")
+    from rlhf_kernels.triton.logprobs import _vocab_splits
+
+    meta = torch.device("meta")  # an H100's 132 SMs
+    row_blocks = -(-rows // 64)
+    splits = _vocab_splits(row_blocks, 1188, meta)  # V = 152064 in 128-wide tiles
+    assert row_blocks * splits >= min(2 * 132, row_blocks * 1188)  # >= 2 programs per SM
+    assert splits == 1 or row_blocks < 2 * 132
+
+
+def test_sixteen_bit_weight_gradient_gemm_matches_fp32_within_bf16_rounding():
+    N, H, V = 64, 48, 200
+    hidden = torch.randn(N, H).bfloat16()
+    weight = torch.randn(V, H).bfloat16()
+    grad_z = torch.randn(N, V)
+    exact = torch.zeros(V, H)
+    ref.backprop_linear_chunk(grad_z, hidden, weight, slice(0, N), None, exact, None)
+    fast = torch.zeros(V, H)
+    ref.backprop_linear_chunk(grad_z, hidden, weight, slice(0, N), None, fast, None, torch.empty_like(weight))
+    # d logits rounded to bf16 (2^-9 relative) and the product rounded once: a few bf16 ulps
+    scale = grad_z.abs().max() * hidden.float().abs().max() * N**0.5
+    torch.testing.assert_close(fast, exact, atol=float(scale) * 2**-7, rtol=2**-7)
+    assert ref.weight_grad_scratch(weight, exact) is None  # CPU tensors keep the fp32 addmm
