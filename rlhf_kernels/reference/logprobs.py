@@ -74,7 +74,10 @@ def _chunk_logprobs(x: torch.Tensor, labels: torch.Tensor, opts: LogitTransform)
     logprobs = torch.where(valid, label_z - lse, zero)
     if not opts.return_entropy:
         return logprobs, None
-    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    # A masked logit (-inf or finfo.min) has p = 0: its z must not enter, neither as
+    # 0 * -inf (NaN) nor through autograd's p-weighted backward (0 * overflow).
+    p = torch.softmax(z, dim=-1)
+    entropy = lse - (p * torch.where(p > 0, z, torch.zeros_like(z))).sum(-1)
     return logprobs, torch.where(valid, entropy, zero)
 
 
