@@ -49,6 +49,12 @@ DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "triton-resources.md")
 FAMILIES = ("logprobs", "kl", "ppo", "gae", "masked", "dpo", "rm")
 # (kernel name, target cc) -> why a spill is accepted. Empty: no kernel spills.
 ALLOWED_SPILLS: dict[tuple[str, int], str] = {}
+# (kernel name, target cc, triton version prefix) -> why more than MAX_REGISTERS (no
+# spill) is accepted there.
+ALLOWED_REGISTERS: dict[tuple[str, int, str], str] = {
+    ("_linear_logprobs_forward_kernel", 100, "3.6"): "Triton 3.6 only, 16-bit at 64 x 128 x 64: 242, no spill "
+    "(Triton 3.9: 236); Blackwell tiles are not tuned yet",
+}
 # Bool constexprs that take one value on a GPU, and why.
 FIXED_ON_GPU = {
     ("_linear_logprobs_forward_kernel", "UPCAST_DOT_INPUTS"): "True only in the interpreter (CPU tensors)",
@@ -469,6 +475,15 @@ def write_table(path: str, results: dict, targets: list[int], elapsed: float) ->
         out.write("\n".join(lines) + "\n")
 
 
+def _registers_allowed(name: str, cc: int) -> bool:
+    import triton
+
+    return any(
+        (kernel, target) == (name, cc) and triton.__version__.startswith(version)
+        for kernel, target, version in ALLOWED_REGISTERS
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default="80,90,100", help="compute capabilities, comma-separated")
@@ -501,7 +516,7 @@ def main(argv=None) -> int:
             problems.append(f"compile error: {where}: {result['error']}")
         elif result["local"] > 0 and (spec.name, cc) not in ALLOWED_SPILLS:
             problems.append(f"spill: {where}: {result['local']} bytes of local memory")
-        elif result["regs"] > MAX_REGISTERS:
+        elif result["regs"] > MAX_REGISTERS and not _registers_allowed(spec.name, cc):
             problems.append(f"no register headroom: {where}: {result['regs']} registers")
     print(f"triton_aot: {len(jobs)} compiles in {elapsed:.0f} s; table: {os.path.relpath(args.out, ROOT)}")
     for problem in problems:
