@@ -30,16 +30,13 @@ def test_small_batches_split_the_vocabulary_to_fill_the_gpu(rows):
     assert splits == 1 or row_blocks < 2 * 132
 
 
-def test_sixteen_bit_weight_gradient_gemm_matches_fp32_within_bf16_rounding():
+def test_weight_gradient_accumulates_in_fp32_on_cpu():
+    """The CPU path: an fp32 addmm of the upcast hidden states, exact to the chunk. (The
+    CUDA path, a 16-bit GEMM with fp32 output, runs in tests/test_gpu.py.)"""
     N, H, V = 64, 48, 200
     hidden = torch.randn(N, H).bfloat16()
     weight = torch.randn(V, H).bfloat16()
     grad_z = torch.randn(N, V)
-    exact = torch.zeros(V, H)
-    ref.backprop_linear_chunk(grad_z, hidden, weight, slice(0, N), None, exact, None)
-    fast = torch.zeros(V, H)
-    ref.backprop_linear_chunk(grad_z, hidden, weight, slice(0, N), None, fast, None, torch.empty_like(weight))
-    # d logits rounded to bf16 (2^-9 relative) and the product rounded once: a few bf16 ulps
-    scale = grad_z.abs().max() * hidden.float().abs().max() * N**0.5
-    torch.testing.assert_close(fast, exact, atol=float(scale) * 2**-7, rtol=2**-7)
-    assert ref.weight_grad_scratch(weight, exact) is None  # CPU tensors keep the fp32 addmm
+    got = torch.zeros(V, H)
+    ref.backprop_linear_chunk(grad_z, hidden, weight, slice(0, N), None, got, None)
+    torch.testing.assert_close(got, grad_z.t() @ hidden.float())

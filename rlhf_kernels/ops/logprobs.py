@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .. import _extension
-from ..reference.logprobs import backprop_linear_chunk, chunk_rows, compute_dtype, weight_grad_scratch
+from ..reference.logprobs import backprop_linear_chunk, chunk_rows, compute_dtype
 
 
 def _n_rows(logits: torch.Tensor) -> int:
@@ -316,7 +316,6 @@ def _linear_logprobs_backward(
     grad_weight = torch.zeros_like(weight, dtype=dtype) if need_weight else weight.new_empty(0, dtype=dtype)
     grad_bias = weight.new_zeros(weight.shape[0], dtype=dtype) if need_bias else weight.new_empty(0, dtype=dtype)
     step = chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
-    scratch = weight_grad_scratch(weight, grad_weight if need_weight else None)
     for start in range(0, hidden.shape[0], step):
         rows = slice(start, start + step)
         # fp32 logits, so d logits (and with it d weight) is never rounded to bf16.
@@ -340,7 +339,6 @@ def _linear_logprobs_backward(
             grad_hidden if need_hidden else None,
             grad_weight if need_weight else None,
             grad_bias if need_bias else None,
-            scratch,
         )
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 

@@ -164,7 +164,6 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_bias else None
         step = chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
-        scratch = weight_grad_scratch(weight, grad_weight)
         for start in range(0, hidden.shape[0], step):
             rows = slice(start, start + step)
             grad_z = _chunk_grad(
@@ -174,7 +173,7 @@ class _LinearLogprobs(torch.autograd.Function):
                 None if grad_entropy is None else grad_entropy[rows],
                 ctx.opts,
             )
-            backprop_linear_chunk(grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias, scratch)
+            backprop_linear_chunk(grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias)
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -184,32 +183,33 @@ class _LinearLogprobs(torch.autograd.Function):
         )
 
 
-def weight_grad_scratch(weight: torch.Tensor, grad_weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A [V, H] buffer in weight's dtype for the per-chunk d weight GEMM of 16-bit
-    weights on CUDA: there dW is a bf16/fp16 tensor-core GEMM (fp32 accumulation inside
-    the GEMM, rounded to 16 bits once per chunk, as the unfused model's own backward
-    rounds it) added into the fp32 accumulator, instead of an fp32 addmm that upcasts
-    the hidden states (IEEE fp32: ~14x fewer FLOP/s on H100 than bf16). Costs one
-    weight-sized buffer. None elsewhere (CPU: fp32 addmm, exact to the chunk)."""
-    use = grad_weight is not None and weight.device.type == "cuda" and weight.dtype in (torch.float16, torch.bfloat16)
-    return torch.empty_like(weight) if use else None
+# torch.addmm(..., out_dtype=torch.float32) from 16-bit inputs: CUDA, torch >= 2.8.
+_ADDMM_OUT_DTYPE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
-def backprop_linear_chunk(
-    grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias, scratch: Optional[torch.Tensor] = None
-) -> None:
+def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_z: torch.Tensor, hidden_rows: torch.Tensor) -> None:
+    """grad_weight (fp32) += grad_z^T hidden_rows. For 16-bit hidden states on CUDA one
+    tensor-core GEMM with fp32 output accumulated in place (torch.addmm out_dtype): d
+    logits is rounded to 16 bits as the unfused model's backward rounds it, the product
+    is not (rounding each chunk's product before the sum biases training: TRL measured
+    entropy drifting lower). Elsewhere an fp32 addmm of the upcast hidden states (on
+    CUDA that would be IEEE fp32: ~14x fewer FLOP/s on an H100 than bf16)."""
+    if _ADDMM_OUT_DTYPE and grad_weight.device.type == "cuda" and hidden_rows.dtype in (torch.float16, torch.bfloat16):
+        torch.addmm(
+            grad_weight, grad_z.to(hidden_rows.dtype).t(), hidden_rows, out_dtype=torch.float32, out=grad_weight
+        )
+    else:
+        grad_weight.addmm_(grad_z.t(), hidden_rows.to(grad_weight.dtype))
+
+
+def backprop_linear_chunk(grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias) -> None:
     """Chain rule of logits = hidden @ weight^T + bias for the chunk `rows`, given its
     d logits grad_z (fp32): d hidden[rows] = dz W, d weight += dz^T h, d bias += sum dz.
-    A gradient passed as None is not needed; d weight and d bias are fp32 accumulators.
-    With `scratch` (weight_grad_scratch), d weight's chunk product is a 16-bit GEMM."""
+    A gradient passed as None is not needed; d weight and d bias are fp32 accumulators."""
     if grad_hidden is not None:
         grad_hidden[rows] = grad_z.to(weight.dtype) @ weight
     if grad_weight is not None:
-        if scratch is not None:
-            torch.mm(grad_z.to(weight.dtype).t(), hidden[rows], out=scratch)
-            grad_weight.add_(scratch)
-        else:
-            grad_weight.addmm_(grad_z.t(), hidden[rows].to(grad_weight.dtype))
+        _accumulate_weight_grad(grad_weight, grad_z, hidden[rows])
     if grad_bias is not None:
         grad_bias += grad_z.sum(0)
 
