@@ -5,7 +5,13 @@
     ...                       # an unchanged TRL trainer / loss
     rk_trl.unpatch()          # or: with rk_trl.patched(): ...
 
-selective_log_softmax and entropy_from_logits are TRL 1.16's (trl.trainer.utils).
+What TRL 1.16's trainers call: DPOTrainer and GRPOTrainer compute every log-prob through
+the fused LM head that `add_fused_lm_head` installs, which calls
+`trl.trainer.utils._ChunkedLogProbFunction` (trl.kernels.ChunkedLogProbFunction) at
+each forward: ChunkedLogProbFunction below is its drop-in, on rk.linear_logprobs (one
+fused kernel, no [N, V] logits; entropy with it). selective_log_softmax,
+selective_log_softmax_and_entropy and entropy_from_logits are TRL 1.16's
+(trl.trainer.utils).
 masked_mean, masked_var and masked_whiten are the helpers of TRL's PPO code (trl.core
 up to 0.11, later trl.experimental's PPO; TRL 1.16 no longer ships them), with their
 semantics: whitening is unbiased with rsqrt(var + 1e-8) and leaves masked positions
@@ -23,6 +29,11 @@ from typing import Optional
 import torch
 
 import rlhf_kernels as rk
+
+# TRL versions whose signatures and semantics these drop-ins follow (patch() refuses others).
+SUPPORTED_VERSIONS = ("1.16",)
+# TRL's ChunkedLogProbFunction outputs besides the log-probabilities (trl.kernels.chunked_logprob).
+_CHUNKED_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 def selective_log_softmax(
@@ -54,6 +65,90 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Te
     return entropy.to(logits.dtype)
 
 
+def selective_log_softmax_and_entropy(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    entropy_requires_grad: bool = True,
+    temperature: float = 1.0,
+    row_mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_softmax(logits / T).gather(index), entropy) in one pass over the logits; rows
+    where row_mask == 0 give 0 and 0. Outputs in the logits dtype, as TRL's."""
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    logprobs, entropy = rk.token_logprobs(logits, index, temperature=temperature, return_entropy=True)
+    if not entropy_requires_grad:
+        entropy = entropy.detach()
+    if row_mask is not None:
+        logprobs = logprobs.masked_fill(row_mask == 0, 0.0)
+        entropy = entropy.masked_fill(row_mask == 0, 0.0)
+    return logprobs.to(logits.dtype), entropy.to(logits.dtype)
+
+
+def _logit_statistics(hidden, weight, bias, targets, temperature, softcap, logit_scale, names) -> dict:
+    """TRL's per-token metric statistics (no gradient), in row chunks of the logits:
+    mean_logits = mean_v z, is_top1 = (argmax_v z == target, the first maximum wins, as
+    TRL's running-max test), log_sum_sq_probs = log sum_v p_v^2 = logsumexp(2 z) - 2 lse,
+    with z the transformed fp32 logits."""
+    from ..reference.logprobs import LogitTransform, chunk_rows
+
+    transform = LogitTransform(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    out = {name: [] for name in names}
+    step = chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], step):
+            z = transform.apply(torch.nn.functional.linear(hidden[start : start + step], weight, bias).float())
+            if "mean_logits" in out:
+                out["mean_logits"].append(z.mean(-1))
+            if "is_top1" in out:
+                out["is_top1"].append(z.argmax(-1) == targets[start : start + step])
+            if "log_sum_sq_probs" in out:
+                out["log_sum_sq_probs"].append(torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
+    return {name: torch.cat(chunks) for name, chunks in out.items()}
+
+
+class ChunkedLogProbFunction:
+    """TRL 1.16's trl.kernels.ChunkedLogProbFunction, called as TRL's fused LM head calls
+    it: apply(hidden [N, H], weight [V, H], bias [V] or None, targets [N], temperature,
+    chunk_size, final_logit_softcapping=None, logit_scale=1.0, outputs=...) ->
+    (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each [N] (float32; is_top1
+    bool) or None when not requested. log_probs and entropy come from rk.linear_logprobs,
+    differentiable w.r.t. hidden, weight and bias (chunk_size is TRL's tiling knob, not
+    needed). The metric statistics DPOTrainer asks for (mean_logits, is_top1,
+    log_sum_sq_probs: no gradient) take a second, no-grad pass over row chunks of the
+    logits (the kernels do not compute them yet). The projection runs in the autocast
+    dtype when autocast is on, as TRL's does."""
+
+    @staticmethod
+    def apply(
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        targets: torch.Tensor,
+        temperature: float,
+        chunk_size: int,
+        final_logit_softcapping: Optional[float] = None,
+        logit_scale: float = 1.0,
+        outputs: tuple = _CHUNKED_OUTPUTS,
+    ):
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        options = {"temperature": temperature, "softcap": final_logit_softcapping, "logit_scale": logit_scale}
+        with torch.autocast(device_type, enabled=False):
+            logprobs, entropy = rk.linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True, **options)
+            extra = [name for name in ("log_sum_sq_probs", "mean_logits", "is_top1") if name in outputs]
+            stats = _logit_statistics(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, extra)
+        return (
+            logprobs,
+            entropy if "entropy" in outputs else None,
+            stats.get("log_sum_sq_probs"),
+            stats.get("mean_logits"),
+            stats.get("is_top1"),
+        )
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: Optional[int] = None) -> torch.Tensor:
     """sum(values * mask) / sum(mask), over all elements or along axis."""
     return rk.masked_mean(values, mask, dim=axis)
@@ -80,6 +175,9 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 
 
 DROP_INS = {
+    # the fused LM head of DPOTrainer / GRPOTrainer (trl.trainer.utils imports it under this name)
+    "_ChunkedLogProbFunction": ChunkedLogProbFunction,
+    "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy,
     "selective_log_softmax": selective_log_softmax,
     "entropy_from_logits": entropy_from_logits,
     "masked_mean": masked_mean,
@@ -98,11 +196,30 @@ def _trl_modules():
     ]
 
 
+def _supported() -> bool:
+    """Whether the installed TRL is one these drop-ins follow; warns (once per call) if not."""
+    import warnings
+
+    import trl
+
+    version = getattr(trl, "__version__", "unknown")
+    if any(version == v or version.startswith(v + ".") for v in SUPPORTED_VERSIONS):
+        return True
+    warnings.warn(
+        f"rlhf_kernels.integrations.trl: TRL {version} is installed; the drop-ins follow TRL "
+        f"{', '.join(SUPPORTED_VERSIONS)}. Nothing was patched (a mismatched signature would be patched wrong).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
+
+
 def patch() -> int:
     """Replaces TRL's functions of DROP_INS's names in every loaded trl module that holds
     them (the defining module and every `from ... import name`); returns how many
-    attributes were replaced. Modules imported later see the patched trl.trainer.utils."""
-    if _patched:
+    attributes were replaced. Modules imported later see the patched trl.trainer.utils.
+    With a TRL version other than SUPPORTED_VERSIONS it warns and patches nothing."""
+    if _patched or not _supported():
         return 0
     for module in _trl_modules():
         for name, ours in DROP_INS.items():
