@@ -39,9 +39,12 @@ KL_NAMES = {
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_backward: bool = True) -> torch.Tensor:
     """log p(labels): fp32 for fp32 logits, the logits' dtype for 16-bit ones (verl's
-    log_softmax path). inplace_backward writes d logits over the logits (as verl's
-    flash-attn path does); the logits must not be needed by another node's backward."""
-    logprobs = rk.token_logprobs(logits, labels, inplace_backward=inplace_backward and logits.requires_grad)
+    log_softmax path). inplace_backward writes d logits over the logits where verl does:
+    on CUDA tensors (its flash-attn cross-entropy path), never on CPU ones (verl's
+    log_softmax fallback leaves the caller's logits alone, so an earlier op on the same
+    logits, e.g. entropy first, still backpropagates)."""
+    inplace = inplace_backward and logits.requires_grad and logits.is_cuda
+    logprobs = rk.token_logprobs(logits, labels, inplace_backward=inplace)
     return logprobs if logits.dtype in (torch.float32, torch.float64) else logprobs.to(logits.dtype)
 
 
@@ -58,12 +61,13 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str
         raise NotImplementedError("kl_penalty='full' needs the full distributions (not supported by verl either)")
     if base not in KL_NAMES:
         raise NotImplementedError(f"kl_penalty {kl_penalty!r} (known: {sorted(KL_NAMES)}, with an optional '+')")
+    # Computed in fp32 by the kernel, returned in the input dtype as verl's.
     forward = rk.kl_penalty(logprob, ref_logprob, estimator=KL_NAMES[base])
-    if not kl_penalty.endswith("+") or base in ("mse", "k2"):
-        return forward
-    # Straight-through: k2's gradient, the named estimator's value.
-    backward = rk.kl_penalty(logprob, ref_logprob, estimator="k2")
-    return backward - backward.detach() + forward.detach()
+    if kl_penalty.endswith("+") and base not in ("mse", "k2"):
+        # Straight-through: k2's gradient, the named estimator's value.
+        backward = rk.kl_penalty(logprob, ref_logprob, estimator="k2")
+        forward = backward - backward.detach() + forward.detach()
+    return forward.to(logprob.dtype)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis=None) -> torch.Tensor:
@@ -123,7 +127,7 @@ def agg_loss(
         loss_mask, loss_agg_mode, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
         global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
     )  # fmt: skip
-    return loss * scale.to(loss.dtype)
+    return (loss * scale.to(loss.dtype)).to(loss_mat.dtype)
 
 
 def compute_policy_loss(
@@ -153,7 +157,8 @@ def compute_policy_loss(
     loss = loss * global_scale(response_mask, loss_agg_mode).to(loss.dtype)
     negative_kl = (log_prob - old_log_prob).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ppo_kl = rk.masked_mean(-negative_kl, response_mask)
-    return loss, stats["clipfrac"], ppo_kl, stats["dual_clipfrac"]
+    dtype = log_prob.dtype  # verl computes (and returns) in the input dtype; the kernels in fp32
+    return loss.to(dtype), stats["clipfrac"].to(dtype), ppo_kl.to(dtype), stats["dual_clipfrac"].to(dtype)
 
 
 def compute_value_loss(
@@ -176,7 +181,8 @@ def compute_value_loss(
         response_mask, loss_agg_mode, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
         global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor,
     )  # fmt: skip
-    return loss * scale.to(loss.dtype), stats["vf_clipfrac"]
+    dtype = vpreds.dtype  # verl's dtype; the kernels compute in fp32
+    return (loss * scale.to(loss.dtype)).to(dtype), stats["vf_clipfrac"].to(dtype)
 
 
 def linear_cross_entropy(
