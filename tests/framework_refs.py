@@ -1,7 +1,8 @@
 """The frameworks' own code for the drop-in parity tests, transcribed from their
-sources where the package cannot be imported here: OpenRLHF 0.11
-(openrlhf/models/utils.py, models/loss.py, trainer/ppo_utils/experience_maker.py: its
-modules import deepspeed at load time) and verl 0.9 (verl/utils/torch_functional.py,
+sources where the package cannot be imported here: OpenRLHF 0.11.0 (the legacy
+drop-ins PolicyLossV0110 / compute_approx_kl_v0110 that patch() installs for 0.11.0 and
+0.11.1; openrlhf/models/utils.py, models/loss.py, trainer/ppo_utils/experience_maker.py.
+OpenRLHF 0.11.2 is compared against its own files in test_openrlhf.py) and verl 0.9 (verl/utils/torch_functional.py,
 verl/trainer/ppo/core_algos.py: they import ray). TRL 1.16 is tested against the
 installed package; its PPO-era masked statistics (trl.core up to 0.11) are here.
 Only what the tests call is kept; the logic is unchanged.
@@ -40,7 +41,7 @@ def trl_masked_whiten(values, mask, shift_mean=True):
     return whitened
 
 
-# ------------------------------------------------------------------ OpenRLHF 0.11 --
+# ---------------------------------------------------------------- OpenRLHF 0.11.0 --
 
 
 def openrlhf_compute_approx_kl(log_probs, log_probs_base, kl_estimator="k1"):
@@ -97,9 +98,19 @@ def openrlhf_aggregate_loss(loss, loss_mask, token_level_loss=True, dp_size=1, b
 
 
 def openrlhf_policy_loss(log_probs, old_log_probs, advantages, action_mask, clip_eps_low=0.2, clip_eps_high=0.2,
-                         dual_clip=None, token_level_loss=True, **agg):  # fmt: skip
+                         dual_clip=None, token_level_loss=True, policy_loss_type="ppo", enable_vllm_is_correction=False,
+                         vllm_is_truncated_threshold=None, vllm_is_correction_type="tis", rollout_log_probs=None,
+                         **agg):  # fmt: skip
+    """PolicyLoss(...)(log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, **agg) of 0.11.0."""
+    if policy_loss_type == "gspo":
+        token_level_loss = False
     raw = log_probs - old_log_probs
-    ratio = raw.clamp(min=-20.0, max=20.0).exp()
+    if policy_loss_type == "ppo":
+        ratio = raw.clamp(min=-20.0, max=20.0).exp()
+    else:
+        log_ratio = log_probs - rollout_log_probs if enable_vllm_is_correction else raw
+        ratio = (log_ratio * action_mask).sum(dim=-1) / action_mask.sum(dim=-1).clamp(min=1)
+        ratio = ratio.exp().unsqueeze(-1) * action_mask
     surr1 = ratio * advantages
     surr2 = ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high) * advantages
     if dual_clip is None:
@@ -108,10 +119,29 @@ def openrlhf_policy_loss(log_probs, old_log_probs, advantages, action_mask, clip
         clip1 = torch.min(surr1, surr2)
         clip2 = torch.max(clip1, dual_clip * advantages)
         loss = -torch.where(advantages < 0, clip2, clip1)
+    vllm_kl = None
+    if enable_vllm_is_correction and policy_loss_type == "ppo":
+        low_threshold, high_threshold = vllm_is_truncated_threshold
+        rollout_log_ratio = old_log_probs - rollout_log_probs
+        if vllm_is_correction_type == "icepop":
+            vllm_is = torch.exp(rollout_log_ratio).detach()
+            mask = (vllm_is >= low_threshold) & (vllm_is <= high_threshold)
+            vllm_is = vllm_is * mask
+            loss = vllm_is * loss
+        elif vllm_is_correction_type == "seq-mask-tis":
+            seq_log_ratio = openrlhf_masked_mean(rollout_log_ratio, action_mask, dim=-1)
+            seq_is = torch.exp(seq_log_ratio)
+            seq_mask = (seq_is >= low_threshold) & (seq_is <= high_threshold)
+            vllm_is = torch.exp(rollout_log_ratio).detach()
+            loss = seq_mask.unsqueeze(-1) * vllm_is * loss
+        else:
+            vllm_is = torch.exp(rollout_log_ratio).clamp(min=low_threshold, max=high_threshold).detach()
+            loss = vllm_is * loss
+        vllm_kl = openrlhf_masked_mean(rollout_log_probs - old_log_probs, action_mask, dim=None)
     loss = openrlhf_aggregate_loss(loss, action_mask, token_level_loss, **agg)
     clip_ratio = openrlhf_masked_mean(torch.lt(surr2, surr1).float(), action_mask, dim=None)
     ppo_kl = openrlhf_masked_mean(-raw.detach(), action_mask, dim=None)
-    return loss, clip_ratio, ppo_kl
+    return loss, clip_ratio, ppo_kl, vllm_kl
 
 
 def openrlhf_value_loss(values, old_values, returns, action_mask, clip_eps=None, token_level_loss=True, **agg):

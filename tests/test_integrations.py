@@ -104,6 +104,8 @@ def test_trl_patch_runs_unchanged_trl_code_on_our_kernels():
 
 
 # ----------------------------------------------------------------- OpenRLHF ------
+# OpenRLHF 0.11.0 (transcribed): the legacy drop-ins patch() installs for 0.11.0 / 0.11.1.
+# OpenRLHF 0.11.2's drop-ins are compared against its own files in test_openrlhf.py.
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
@@ -111,7 +113,7 @@ def test_openrlhf_compute_approx_kl(estimator):
     lp, base = _logps(B, T)
     base = base - 8 * torch.rand(B, T)  # reaches the +-10 clamp
     _same(
-        lambda a: openrlhf.compute_approx_kl(a, base, estimator),
+        lambda a: openrlhf.compute_approx_kl_v0110(a, base, estimator),
         lambda a: ref.openrlhf_compute_approx_kl(a, base, estimator),
         lp,
     )
@@ -136,18 +138,38 @@ def test_openrlhf_log_probs_from_logits_divides_in_place(dtype):
     torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
+OPENRLHF_0110_IS = [
+    {},
+    {"enable_vllm_is_correction": True, "vllm_is_truncated_threshold": [0.5, 2.0], "vllm_is_correction_type": "tis"},
+    {"enable_vllm_is_correction": True, "vllm_is_truncated_threshold": [0.5, 2.0], "vllm_is_correction_type": "icepop"},
+    {"enable_vllm_is_correction": True, "vllm_is_truncated_threshold": [0.7, 1.5],
+     "vllm_is_correction_type": "seq-mask-tis"},
+]  # fmt: skip
+
+
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
 @pytest.mark.parametrize("token_level_loss", [True, False])
 @pytest.mark.parametrize("agg", [{}, {"dp_size": 2, "batch_num_tokens": 50.0, "global_batch_size": 6.0}])
-def test_openrlhf_policy_and_value_loss(dual_clip, token_level_loss, agg):
+@pytest.mark.parametrize("policy_loss_type", ["ppo", "gspo"])
+@pytest.mark.parametrize("correction", range(len(OPENRLHF_0110_IS)))
+def test_openrlhf_0110_policy_and_value_loss(dual_clip, token_level_loss, agg, policy_loss_type, correction):
     lp, old = _logps(B, T)
     adv, mask = torch.randn(B, T), random_mask(B, T)
-    policy = openrlhf.PolicyLoss(0.2, 0.28, dual_clip, token_level_loss)
-    got = policy(lp.clone().requires_grad_(True), old, adv, mask, **agg)
-    assert got[3] is None  # no vLLM IS correction
+    rollout = old + torch.randn(B, T)
+    options = dict(policy_loss_type=policy_loss_type, **OPENRLHF_0110_IS[correction])
+    policy = openrlhf.PolicyLossV0110(0.2, 0.28, dual_clip, token_level_loss, **options)
+    got = policy(lp.clone().requires_grad_(True), old, adv, mask, rollout, **agg)
+    assert len(got) == 4  # 0.11.0: no is_filter_ratio
+    assert (got[3] is None) == (correction == 0 or policy_loss_type == "gspo")
     _same(
-        lambda a: policy(a, old, adv, mask, **agg)[:3],
-        lambda a: ref.openrlhf_policy_loss(a, old, adv, mask, 0.2, 0.28, dual_clip, token_level_loss, **agg),
+        lambda a: tuple(x for x in policy(a, old, adv, mask, rollout, **agg) if x is not None),
+        lambda a: tuple(
+            x
+            for x in ref.openrlhf_policy_loss(
+                a, old, adv, mask, 0.2, 0.28, dual_clip, token_level_loss, rollout_log_probs=rollout, **options, **agg
+            )
+            if x is not None
+        ),
         lp,
     )
     values, old_values, returns = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T)
@@ -158,6 +180,11 @@ def test_openrlhf_policy_and_value_loss(dual_clip, token_level_loss, agg):
             lambda v: ref.openrlhf_value_loss(v, old_values, returns, mask, clip, token_level_loss, **agg),
             values,
         )
+
+
+def test_openrlhf_0110_policy_loss_rejects_an_unknown_correction_type():
+    with pytest.raises(ValueError, match="vllm_is_correction_type"):
+        openrlhf.PolicyLossV0110(vllm_is_correction_type="geo")
 
 
 @pytest.mark.parametrize("ipo, label_smoothing", [(False, 0.0), (False, 0.1), (True, 0.0)])
@@ -176,11 +203,6 @@ def test_openrlhf_advantages_and_cumulative_returns():
     torch.testing.assert_close(got, ref.openrlhf_get_advantages_and_returns(values, rewards, mask, 0.99, 0.95))
     got = openrlhf.get_cumulative_returns(rewards, mask, 0.9)
     torch.testing.assert_close(got, ref.openrlhf_get_cumulative_returns(rewards, mask, 0.9))
-
-
-def test_openrlhf_unsupported_policy_loss_type_is_clear():
-    with pytest.raises(NotImplementedError, match="gspo"):
-        openrlhf.PolicyLoss(policy_loss_type="gspo")
 
 
 # --------------------------------------------------------------------- verl ------
