@@ -4,6 +4,7 @@ Every public function lives in rlhf_kernels.functional and is re-exported here;
 each takes ``backend=None`` last (see rlhf_kernels.backend).
 """
 
+from ._batch_invariance import batch_invariant
 from .functional import (
     bradley_terry_loss,
     discounted_returns,
@@ -25,6 +26,7 @@ from .functional import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "batch_invariant",
     "bradley_terry_loss",
     "discounted_returns",
     "dpo_loss",

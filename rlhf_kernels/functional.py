@@ -13,6 +13,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import _batch_invariance
 from . import _validation as check
 from . import backend as _backend
 from . import reference
@@ -158,6 +159,10 @@ def linear_logprobs(
         the logits tile by tile; d weight and d bias accumulate in fp32.
     Precision: logits computed in the input dtype (as the unfused model does), then
     everything in fp32.
+    Batch invariance: with batch_invariant=True (None: the rlhf_kernels.batch_invariant()
+    setting, off by default) a row's log-prob, entropy and d hidden are bitwise the same
+    whatever batch, position or padding it comes with, on the cpu and triton backends
+    and the reference (docs/DESIGN.md, "Batch invariance"; its cost is in bench/).
     """
     _check_linear(hidden, weight, bias)
     check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, shape_doc="[...]")
@@ -178,6 +183,7 @@ def linear_logprobs(
         return_entropy=return_entropy,
         softcap=softcap,
         logit_scale=logit_scale,
+        batch_invariant=_batch_invariance.enabled(batch_invariant),
     )
 
 

@@ -587,3 +587,28 @@ def test_tensors_on_second_gpu(op, monkeypatch):
     for g, w in zip(got, want):
         assert g.device == torch.device("cuda:1")
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@gpu_only
+@triton_for("linear_logprobs")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_invariant_linear_logprobs(dtype):
+    """rk.batch_invariant(): a row's log-prob, entropy and d hidden bitwise equal alone,
+    inside 300 rows, and permuted (row position inside an MMA tile: not checkable in
+    the interpreter, see tests/test_batch_invariance.py)."""
+    N, H, V = 300, 896, 32000
+    hidden, weight = _randn(N, H, dtype=dtype), _randn(V, H, dtype=dtype, scale=H**-0.5)
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+
+    def rows(index):
+        h = hidden[index].detach().requires_grad_(True)
+        lp, ent = rk.linear_logprobs(h, weight, labels[index], return_entropy=True, backend="triton")
+        (lp.sum() + 0.5 * ent.sum()).backward()
+        return lp.detach(), ent.detach(), h.grad
+
+    permutation = torch.randperm(N, device=DEVICE)
+    with rk.batch_invariant():
+        batch, alone, permuted = rows(slice(None)), rows(slice(0, 7)), rows(permutation)
+    for got_alone, got_permuted, want in zip(alone, permuted, batch):
+        assert torch.equal(got_alone, want[:7])
+        assert torch.equal(got_permuted, want[permutation])

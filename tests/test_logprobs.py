@@ -212,10 +212,11 @@ def test_opcheck(backend_name, softcap):
         (logits.detach().clone(), torch.randn(5), torch.randn(5), labels, lse, entropy, 0.9, softcap, 1.0, -100),
     )
     hidden, weight, bias, labels = _linear_inputs(5, 3, 19, dtype=torch.float32)
-    torch.library.opcheck(
-        torch.ops.rlhf_kernels.linear_logprobs.default,
-        (hidden, weight, bias, labels, 0.9, softcap, 1.0, -100, True, backend_name),
-    )
+    for batch_invariant in (False, True):
+        torch.library.opcheck(
+            torch.ops.rlhf_kernels.linear_logprobs.default,
+            (hidden, weight, bias, labels, 0.9, softcap, 1.0, -100, True, backend_name, batch_invariant),
+        )
 
 
 def test_torch_compile_fullgraph_forward_and_backward(backend_name):

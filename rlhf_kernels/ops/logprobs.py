@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .. import _extension
-from ..reference.logprobs import backprop_linear_chunk, chunk_rows, compute_dtype
+from ..reference.logprobs import backprop_linear_chunk, chunk_rows, compute_dtype, linear_chunk
 
 
 def _n_rows(logits: torch.Tensor) -> int:
@@ -232,11 +232,6 @@ def token_logprobs(
 # ------------------------------------------------------------ linear_logprobs --
 
 
-def _chunk_logits(hidden, weight, bias, rows):
-    # In the input dtype, as the unfused model computes its logits.
-    return torch.nn.functional.linear(hidden[rows], weight, bias)
-
-
 @torch.library.custom_op("rlhf_kernels::linear_logprobs", mutates_args=())
 def _linear_logprobs(
     hidden: torch.Tensor,
@@ -249,6 +244,7 @@ def _linear_logprobs(
     ignore_index: int,
     return_entropy: bool,
     kernel: str,
+    batch_invariant: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if kernel == "triton" and hidden.dtype != torch.float64:
         # One fused kernel, with or without autograd, so log-probs taken under no_grad
@@ -263,6 +259,7 @@ def _linear_logprobs(
             logit_scale,
             ignore_index,
             return_entropy,
+            batch_invariant,
         )
     n_rows = hidden.shape[0]
     forward = _forward_kernel(kernel)
@@ -271,7 +268,7 @@ def _linear_logprobs(
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
         outputs = forward(
-            _chunk_logits(hidden, weight, bias, rows),
+            linear_chunk(hidden, weight, bias, rows, batch_invariant),
             labels[rows].contiguous(),
             temperature,
             softcap,
@@ -304,6 +301,7 @@ def _linear_logprobs_backward(
     logit_scale: float,
     ignore_index: int,
     kernel: str,
+    batch_invariant: bool,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
@@ -322,7 +320,7 @@ def _linear_logprobs_backward(
         grad_z = backward(
             grad_logprobs[rows].contiguous(),
             None if grad_entropy is None else grad_entropy[rows].contiguous(),
-            _chunk_logits(hidden, weight, bias, rows).to(dtype),
+            linear_chunk(hidden, weight, bias, rows, batch_invariant).to(dtype),
             labels[rows].contiguous(),
             lse[rows].contiguous(),
             entropy[rows].contiguous(),
@@ -339,6 +337,7 @@ def _linear_logprobs_backward(
             grad_hidden if need_hidden else None,
             grad_weight if need_weight else None,
             grad_bias if need_bias else None,
+            batch_invariant,
         )
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
@@ -358,6 +357,7 @@ def _(
     logit_scale,
     ignore_index,
     kernel,
+    batch_invariant,
     need_hidden,
     need_weight,
     need_bias,
@@ -369,10 +369,10 @@ def _(
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, softcap, logit_scale, ignore_index, _, kernel = inputs
+    hidden, weight, bias, labels, temperature, softcap, logit_scale, ignore_index, _, kernel, batch_invariant = inputs
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-    ctx.options = (temperature, softcap, logit_scale, ignore_index, kernel)
+    ctx.options = (temperature, softcap, logit_scale, ignore_index, kernel, batch_invariant)
 
 
 def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
@@ -390,14 +390,25 @@ def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         *ctx.options,
         *needed,
     )
-    return tuple(g if n else None for g, n in zip(grads, needed)) + (None,) * 7
+    return tuple(g if n else None for g, n in zip(grads, needed)) + (None,) * 8
 
 
 _linear_logprobs.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 def linear_logprobs(
-    hidden, weight, labels, *, bias, temperature, ignore_index, return_entropy, softcap, logit_scale, kernel
+    hidden,
+    weight,
+    labels,
+    *,
+    bias,
+    temperature,
+    ignore_index,
+    return_entropy,
+    softcap,
+    logit_scale,
+    kernel,
+    batch_invariant=False,
 ):
     """Runs the chunked path on `kernel` ("cpu" or "triton"); shapes as functional.linear_logprobs."""
     batch_shape = labels.shape
@@ -412,6 +423,7 @@ def linear_logprobs(
         ignore_index,
         return_entropy,
         kernel,
+        batch_invariant,
     )
     logprobs = logprobs.reshape(batch_shape)
     return (logprobs, entropy.reshape(batch_shape)) if return_entropy else logprobs

@@ -63,6 +63,35 @@ def chunk_rows(n_rows: int, vocab: int, device: Optional[torch.device] = None) -
     return max(1, min(n_rows, rows))
 
 
+# Batch-invariant mode (rlhf_kernels.batch_invariant): a BLAS GEMM picks its blocking
+# and kernel by the number of rows, so a row's logits can change in the last bits with
+# the batch it is in (measured: 9.5e-7 for 7 rows alone vs inside 300, H = 512,
+# V = 32000). In this mode every GEMM of the linear paths runs on fixed blocks of
+# INVARIANT_ROWS rows, the last one zero-padded: one shape, so every row takes the same
+# arithmetic whatever the batch, its position in it or the other rows (tested bitwise:
+# subsets, permutations, padding rows). Cost: up to INVARIANT_ROWS - 1 padded rows and
+# one GEMM call per block (bench/logprobs.py measures it).
+INVARIANT_ROWS = 64
+
+
+def row_blocks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_invariant: bool) -> torch.Tensor:
+    """fn(x) for x [n, K] and a row-wise fn (a GEMM with a fixed right operand); in
+    batch-invariant mode fn runs on [INVARIANT_ROWS, K] blocks only."""
+    if not batch_invariant:
+        return fn(x)
+    n = x.shape[0]
+    padding = (-n) % INVARIANT_ROWS
+    if padding:
+        x = torch.cat([x, x.new_zeros(padding, *x.shape[1:])])
+    return torch.cat([fn(block) for block in x.split(INVARIANT_ROWS)])[:n]
+
+
+def linear_chunk(hidden, weight, bias, rows: slice, batch_invariant: bool = False) -> torch.Tensor:
+    """hidden[rows] @ weight^T + bias in the input dtype, as the unfused model computes
+    its logits (in fixed row blocks in batch-invariant mode)."""
+    return row_blocks(lambda x: torch.nn.functional.linear(x, weight, bias), hidden[rows], batch_invariant)
+
+
 def _chunk_logprobs(x: torch.Tensor, labels: torch.Tensor, opts: LogitTransform):
     """x [C, V] raw logits in the compute dtype -> (logprobs [C], entropy [C] or None)."""
     z = opts.apply(x)
@@ -139,15 +168,16 @@ class _TokenLogprobs(torch.autograd.Function):
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, opts: LogitTransform):
+    def forward(ctx, hidden, weight, bias, labels, opts: LogitTransform, batch_invariant: bool):
         dtype = compute_dtype(hidden.dtype)
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.opts = opts
+        ctx.batch_invariant = batch_invariant
         ctx.mark_non_differentiable(labels)
         return _forward_chunks(
             hidden.shape[0],
             weight.shape[0],
-            lambda rows: _linear(hidden[rows], weight, bias).to(dtype),
+            lambda rows: linear_chunk(hidden, weight, bias, rows, batch_invariant).to(dtype),
             labels,
             opts,
             dtype,
@@ -167,17 +197,20 @@ class _LinearLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], step):
             rows = slice(start, start + step)
             grad_z = _chunk_grad(
-                _linear(hidden[rows], weight, bias).to(dtype),
+                linear_chunk(hidden, weight, bias, rows, ctx.batch_invariant).to(dtype),
                 labels[rows],
                 grad_logprobs[rows],
                 None if grad_entropy is None else grad_entropy[rows],
                 ctx.opts,
             )
-            backprop_linear_chunk(grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias)
+            backprop_linear_chunk(
+                grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias, ctx.batch_invariant
+            )
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
             None,
             None,
         )
@@ -202,21 +235,20 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_z: torch.Tensor, hid
         grad_weight.addmm_(grad_z.t(), hidden_rows.to(grad_weight.dtype))
 
 
-def backprop_linear_chunk(grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias) -> None:
+def backprop_linear_chunk(
+    grad_z, hidden, weight, rows, grad_hidden, grad_weight, grad_bias, batch_invariant: bool = False
+) -> None:
     """Chain rule of logits = hidden @ weight^T + bias for the chunk `rows`, given its
     d logits grad_z (fp32): d hidden[rows] = dz W, d weight += dz^T h, d bias += sum dz.
-    A gradient passed as None is not needed; d weight and d bias are fp32 accumulators."""
+    A gradient passed as None is not needed; d weight and d bias are fp32 accumulators.
+    d hidden is row-wise, so batch-invariant mode blocks it too (d weight and d bias are
+    sums over the batch's rows: they depend on the batch by definition)."""
     if grad_hidden is not None:
-        grad_hidden[rows] = grad_z.to(weight.dtype) @ weight
+        grad_hidden[rows] = row_blocks(lambda g: g @ weight, grad_z.to(weight.dtype), batch_invariant)
     if grad_weight is not None:
         _accumulate_weight_grad(grad_weight, grad_z, hidden[rows])
     if grad_bias is not None:
         grad_bias += grad_z.sum(0)
-
-
-def _linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    # In the input dtype, as the unfused model computes its logits.
-    return torch.nn.functional.linear(hidden, weight, bias)
 
 
 def _finish(logprobs, entropy, batch_shape, return_entropy):
@@ -254,11 +286,12 @@ def linear_logprobs(
     return_entropy=False,
     softcap=None,
     logit_scale=1.0,
+    batch_invariant=False,
 ):
     opts = LogitTransform(temperature, softcap, logit_scale, ignore_index, return_entropy)
     batch_shape = labels.shape
     logprobs, entropy = _LinearLogprobs.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), opts
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), opts, batch_invariant
     )
     return _finish(logprobs, entropy, batch_shape, return_entropy)
 

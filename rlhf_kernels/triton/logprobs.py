@@ -389,13 +389,20 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if tf32 else "ieee"
 
 
-def _vocab_splits(n_row_blocks: int, v_tiles: int, device: torch.device) -> int:
+# Batch-invariant mode: a fixed number of vocabulary tiles per split (64 x 128 = 8192
+# columns), so the merge of a row's partials never depends on N.
+INVARIANT_TILES_PER_SPLIT = 64
+
+
+def _vocab_splits(n_row_blocks: int, v_tiles: int, device: torch.device, batch_invariant: bool = False) -> int:
     """How many programs share one row block's vocabulary. Small N (generation-time
     log-probs, short DPO batches) gives fewer row blocks than the GPU has SMs: then V is
     split so that about 2 programs per SM run (an H100 has 132 SMs; N = 1024 at
     BLOCK_N = 64 is 16 row blocks, 12% of the machine unsplit). The interpreter (CPU
     tensors) assumes 4 SMs so that the tests exercise the split path; meta tensors (the
-    AOT gate) an H100."""
+    AOT gate) an H100. In batch-invariant mode the splits depend on V only."""
+    if batch_invariant:
+        return triton.cdiv(v_tiles, INVARIANT_TILES_PER_SPLIT)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -409,21 +416,24 @@ def _combine_vocab_splits(
     """partials [S, 4, N] (max, S0 = sum e^(z - max), S1 = sum e^(z - max)(z - max),
     label logit) of S vocabulary splits -> (logprobs, entropy, lse), each [N] float32;
     the same merge as _online_update, -inf-safe (a split can be all masked)."""
-    top, sum_exp, sum_exp_dz, label_z = partials.unbind(1)
-    best = top.max(0).values
+    # Splits innermost, so every row's merge is one contiguous reduction of S values: the
+    # same arithmetic for every row whatever N (a reduction over dim 0 of [S, N] is
+    # vectorised across N and its order changed with N).
+    top, sum_exp, sum_exp_dz, label_z = partials.permute(1, 2, 0).contiguous().unbind(0)
+    best = top.max(-1).values
     shift = torch.where(best == float("-inf"), torch.zeros_like(best), best)
-    weight = torch.exp(top - shift)
-    total = (weight * sum_exp).sum(0)
+    weight = torch.exp(top - shift[:, None])
+    total = (weight * sum_exp).sum(-1)
     lse = best + torch.log(total)
     valid = labels != ignore_index
     in_vocab = (labels >= 0) & (labels < V)
-    label_z = torch.where(in_vocab, label_z.sum(0), torch.full_like(lse, float("nan")))
+    label_z = torch.where(in_vocab, label_z.sum(-1), torch.full_like(lse, float("nan")))
     zero = torch.zeros_like(lse)
     logprobs = torch.where(valid, label_z - lse, zero)
     if not return_entropy:
         return logprobs, zero, lse
-    drift = torch.where(weight > 0, weight * (top - shift), torch.zeros_like(weight))
-    centered = (weight * sum_exp_dz + drift * sum_exp).sum(0)
+    drift = torch.where(weight > 0, weight * (top - shift[:, None]), torch.zeros_like(weight))
+    centered = (weight * sum_exp_dz + drift * sum_exp).sum(-1)
     entropy = torch.where(valid, torch.log(total) - centered / total, zero)
     return logprobs, entropy, lse
 
@@ -438,6 +448,7 @@ def linear_logprobs_forward(
     logit_scale: float,
     ignore_index: int,
     return_entropy: bool,
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward: hidden [N, H] (rows contiguous), weight [V, H] (rows contiguous),
     bias [V] (any stride) or None, labels [N] -> (logprobs, entropy, lse), each [N]
@@ -450,7 +461,7 @@ def linear_logprobs_forward(
     block_n, block_v, block_h, num_warps = _linear_config(hidden.device, hidden.dtype)
     row_blocks = triton.cdiv(N, block_n)
     v_tiles = triton.cdiv(V, block_v)
-    splits = _vocab_splits(row_blocks, v_tiles, hidden.device)
+    splits = _vocab_splits(row_blocks, v_tiles, hidden.device, batch_invariant)
     partials = torch.empty(splits, 4, N, dtype=torch.float32, device=hidden.device)
     if N:
         launch(
