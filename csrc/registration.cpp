@@ -75,13 +75,16 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def(
       "masked_whiten_backward(Tensor grad, Tensor x, Tensor mask, Tensor stats, bool shift_mean, bool fill_masked)"
       " -> Tensor grad_x");
-  // dpo_loss: the four [B] sequence log-prob tensors (contiguous, one float dtype);
-  // returns losses [B], rewards [2, B] (beta (pi - ref), chosen then rejected) and
+  // dpo_loss: one per-pair loss type on the four [B] sequence log-probs (contiguous, one
+  // float dtype), with optional LD-DPO tails [4, B] (policy chosen, rejected, ref chosen,
+  // rejected), completion lengths [2, B] (ipo, sigmoid_norm) and WPO weights [B] of that
+  // dtype; returns losses [B], rewards [2, B] (beta (pi - ref), chosen then rejected) and
   // grad [2, B] = d losses / d (policy chosen, policy rejected) (empty unless need_grad).
   m.def(
-      "dpo_loss(Tensor policy_chosen, Tensor policy_rejected, Tensor ref_chosen, Tensor ref_rejected, float beta,"
-      " str loss_type, float label_smoothing, bool reference_free, bool need_grad)"
-      " -> (Tensor losses, Tensor rewards, Tensor grad)");
+      "dpo_loss(Tensor policy_chosen, Tensor policy_rejected, Tensor ref_chosen, Tensor ref_rejected, Tensor? tails,"
+      " Tensor? lengths, Tensor? weights, float beta, str loss_type, float label_smoothing, bool reference_free,"
+      " bool cdpo, str f_divergence_type, float f_alpha, float f_alpha_clamp, float ld_alpha, float discopop_tau,"
+      " bool need_grad) -> (Tensor losses, Tensor rewards, Tensor grad)");
   // bradley_terry_loss: elementwise -logsigmoid(chosen - rejected - margin) and its
   // derivative by chosen. ranking_loss: rewards, ranks [B, K] of one float dtype;
   // per prompt the mean over pairs with rank_i < rank_j, the pair count, and

@@ -132,37 +132,6 @@ def value_token_loss(v, old, ret, clip):
     return 0.5 * max(unclipped, clipped), clipped > unclipped
 
 
-def dpo(pc, pr, rc, rr, beta, loss_type, ls=0.0, reference_free=False):
-    """One pair -> (loss, chosen_reward, rejected_reward), TRL's DPOTrainer formulas."""
-    a, b = pc - rc, pr - rr
-    ca, cb = (pc, pr) if reference_free else (a, b)
-    h = ca - cb
-    if loss_type == "sigmoid":
-        loss = -log_sigmoid(beta * h) * (1 - ls) - log_sigmoid(-beta * h) * ls
-    elif loss_type == "robust":
-        loss = (-log_sigmoid(beta * h) * (1 - ls) + log_sigmoid(-beta * h) * ls) / (1 - 2 * ls)
-    elif loss_type == "hinge":
-        loss = max(0.0, 1 - beta * h)
-    elif loss_type == "ipo":
-        loss = (h - 1 / (2 * beta)) ** 2
-    elif loss_type == "exo_pair":
-        e = ls or 1e-3
-        loss = sigmoid(beta * h) * (log_sigmoid(beta * h) - math.log(1 - e)) + sigmoid(-beta * h) * (
-            log_sigmoid(-beta * h) - math.log(e)
-        )
-    elif loss_type == "nca_pair":
-        loss = -log_sigmoid(beta * a) - 0.5 * log_sigmoid(-beta * a) - 0.5 * log_sigmoid(-beta * b)
-    elif loss_type == "sppo_hard":
-        loss = (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
-    elif loss_type == "apo_zero":
-        loss = 1 - sigmoid(beta * ca) + sigmoid(beta * cb)
-    elif loss_type == "apo_down":
-        loss = sigmoid(beta * ca) + 1 - sigmoid(beta * (ca - cb))
-    else:
-        raise ValueError(loss_type)
-    return loss, beta * a, beta * b
-
-
 def ranking(rewards_row, ranks_row):
     """Mean -logsigmoid(r_i - r_j) over pairs with rank_i < rank_j, or None without pairs."""
     terms = [

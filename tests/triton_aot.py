@@ -226,15 +226,17 @@ def masked_calls():
 def dpo_calls():
     m = importlib.import_module("rlhf_kernels.triton.dpo")
 
-    def dpo(B, dtype, loss_type, reference_free, need_grad):
-        m.dpo_loss(*(meta(B, dtype=dtype) for _ in range(4)), 0.1, loss_type, 0.1, reference_free, need_grad)
+    def dpo(B, dtype, loss_type, reference_free, need_grad, extras):
+        x = meta(B, dtype=dtype)
+        # extras: LD-DPO tails [4, B], lengths [2, B] and WPO weights [B] (run-time flags,
+        # as the f-divergence: no specialization of their own)
+        optional = (meta(4, B, dtype=dtype), meta(2, B, dtype=dtype), x) if extras else (None, None, None)
+        m.dpo_loss(x, x, x, x, *optional, 0.1, loss_type, 0.1, reference_free, False, "alpha_divergence", 0.5, 80.0,
+                   0.5, 0.05, need_grad)  # fmt: skip
 
-    yield from _sweep(
-        "dpo_loss",
-        (1, 300, 4096),
-        dict(dtype=FLOATS, loss_type=tuple(m.LOSS_CODES), reference_free=(False, True), need_grad=(True, False)),
-        dpo,
-    )
+    options = dict(dtype=FLOATS, loss_type=tuple(m.LOSS_CODES), reference_free=(False, True), need_grad=(True, False),
+                   extras=(True, False))  # fmt: skip
+    yield from _sweep("dpo_loss", (1, 300, 4096), options, dpo)
 
 
 def rm_calls():

@@ -483,7 +483,7 @@ class DPOLoss(nn.Module):
         losses, chosen_rewards, rejected_rewards = rk.dpo_loss(
             policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
             beta=self.beta, loss_type="ipo" if self.ipo else "sigmoid",
-            label_smoothing=0.0 if self.ipo else self.label_smoothing,
+            label_smoothing=0.0 if self.ipo else self.label_smoothing, cdpo=not self.ipo,  # OpenRLHF's cDPO
         )  # fmt: skip
         return losses.mean(), chosen_rewards, rejected_rewards
 
