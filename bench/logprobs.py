@@ -66,6 +66,11 @@ def linear_impls(device: str, quick: bool) -> dict[str, Callable]:
         f"ours:{name}": (lambda name: lambda h, w, y: rk.linear_logprobs(h, w, y, backend=name))(name)
         for name in backend.available("linear_logprobs", device)
     }
+    for name in backend.available("linear_logprobs", device):
+        if name != "reference":  # the cost of batch invariance (docs/DESIGN.md) on each kernel
+            impls[f"ours:{name} batch_invariant"] = (
+                lambda name: lambda h, w, y: rk.linear_logprobs(h, w, y, backend=name, batch_invariant=True)
+            )(name)
     impls["naive matmul+log_softmax+gather"] = _naive_linear
     if not quick:
         impls["torch.compile(naive)"] = torch.compile(_naive_linear)

@@ -20,8 +20,16 @@ CONTRACT = {
     ),  # inplace_backward: the log-prob kernels issue's opt-in
     "linear_logprobs": (
         ["hidden", "weight", "labels"],
-        dict(bias=None, temperature=1.0, ignore_index=-100, return_entropy=False, softcap=None, logit_scale=1.0),
-    ),
+        dict(
+            bias=None,
+            temperature=1.0,
+            ignore_index=-100,
+            return_entropy=False,
+            softcap=None,
+            logit_scale=1.0,
+            batch_invariant=None,
+        ),
+    ),  # batch_invariant: the batch-invariance issue (None: rlhf_kernels.batch_invariant())
     "kl_penalty": (["logprobs", "ref_logprobs"], dict(estimator="k1", clamp=None)),
     "kl_shaped_rewards": (
         ["scores", "logprobs", "ref_logprobs", "mask"],
@@ -41,8 +49,26 @@ CONTRACT = {
     "ppo_value_loss": (["values", "old_values", "returns", "mask"], dict(clip=0.2, agg="token-mean")),
     "dpo_loss": (
         ["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"],
-        dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, reference_free=False),
-    ),
+        dict(
+            beta=0.1,
+            loss_type="sigmoid",
+            label_smoothing=0.0,
+            reference_free=False,
+            cdpo=False,
+            loss_weights=None,
+            f_divergence_type="reverse_kl",
+            f_alpha_divergence_coef=0.5,
+            chosen_lengths=None,
+            rejected_lengths=None,
+            ld_alpha=None,
+            policy_chosen_tail_logps=None,
+            policy_rejected_tail_logps=None,
+            ref_chosen_tail_logps=None,
+            ref_rejected_tail_logps=None,
+            weights=None,
+            discopop_tau=0.05,
+        ),
+    ),  # TRL 1.16's DPOTrainer options (the drop-ins issue)
     "bradley_terry_loss": (["chosen_rewards", "rejected_rewards"], dict(margin=None)),
     "ranking_loss": (["rewards", "ranks"], dict()),
     "sequence_logprobs": (["hidden", "weight", "labels", "mask"], dict(average=False, temperature=1.0)),
@@ -59,13 +85,20 @@ CONTRACT = {
             reference_free=False,
             average=None,
             temperature=1.0,
+            cdpo=False,
+            loss_weights=None,
+            f_divergence_type="reverse_kl",
+            f_alpha_divergence_coef=0.5,
+            weights=None,
+            discopop_tau=0.05,
         ),
     ),
 }
 
 
 def test_every_contract_function_is_exported():
-    assert set(CONTRACT) == set(rk.__all__)
+    # batch_invariant is a mode switch (a context manager), not an op
+    assert set(CONTRACT) == set(rk.__all__) - {"batch_invariant"}
 
 
 def test_signatures():
