@@ -23,7 +23,7 @@ kl = compute_approx_kl(log_probs.detach(), base_log_probs, kl_estimator="k3") * 
 rewards = compute_reward(torch.randn(B), 0.05, kl, action_mask)
 values = torch.randn(B, T, requires_grad=True)
 advantages, returns = get_advantages_and_returns(values.detach(), rewards, action_mask, gamma=1.0, lambd=0.95)
-loss, clip_ratio, ppo_kl, _ = PolicyLoss(0.2, 0.28)(log_probs, log_probs.detach(), advantages, action_mask)
+loss, clip_ratio, ppo_kl, _, _ = PolicyLoss(0.2, 0.28)(log_probs, log_probs.detach(), advantages, action_mask)
 value_loss = ValueLoss(0.2)(values, values.detach(), returns, action_mask)
 (loss + value_loss).backward()
 print(f"policy loss {loss.item():.4f} (clip ratio {clip_ratio.item():.3f}), value loss {value_loss.item():.4f}")
