@@ -1,6 +1,8 @@
 """`rlhf-kernels label` driven through a pseudo-terminal with scripted key presses:
 label, undo, guidelines, skip, quit, resume, a kill mid-session, --stats, training a
-reward model on the result, and bad input."""
+reward model on the result, and bad input; then the file's integrity: one writer at a
+time, undo of this session's own record only, resume keyed by pair content, a torn
+last line, records missing fields, and --stats flagging duplicates and conflicts."""
 
 import json
 import os
@@ -64,7 +66,8 @@ def pairs(tmp_path):
     rows = []
     for _ in range(5):
         prompt = task.sample_prompt(rng)
-        a, b = task.demonstrate(prompt, rng, 0.9), task.demonstrate(prompt, rng, 0.3) + " x"
+        # b ends in a repeat, so a != b in the built-in vocabulary (train rm --data below has no --model)
+        a, b = task.demonstrate(prompt, rng, 0.9), task.demonstrate(prompt, rng, 0.3) + " a a"
         rows.append({"prompt": prompt, "response_a": a, "response_b": b})
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -137,6 +140,7 @@ def _label_all(pairs_path, out, labeler, keys):
         input="\n".join(keys) + "\n", capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    return result
 
 
 def test_stats_and_the_file_trains_a_reward_model(tmp_path, pairs):
@@ -205,3 +209,102 @@ def test_label_samples_two_responses_from_a_model(tmp_path):
     assert [r["prompt_index"] for r in records] == [0, 1]
     assert all(len(r["response_a"].split()) <= 6 and len(r["response_b"].split()) <= 6 for r in records)
     assert [r["preferred_position"] for r in records] == [1, 2]
+
+
+def test_a_second_session_on_one_file_is_refused(tmp_path, pairs):
+    pairs_path, rows = pairs
+    out = str(tmp_path / "prefs.jsonl")
+    first = Terminal("--pairs", pairs_path, "--out", out, "--labeler", "ann")
+    first.expect(KEYS_LINE)
+    first.press("1")
+    first.expect(KEYS_LINE, 2)
+    second = subprocess.run(
+        [sys.executable, "-m", "rlhf_kernels.cli", "label", "--pairs", pairs_path, "--out", out, "--labeler", "ann"],
+        input="1\n1\n1\n", capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert second.returncode == 2 and "another label session" in second.stderr, second.stderr
+    for count, key in enumerate("234", start=3):
+        first.press(key)
+        first.expect(KEYS_LINE, count)
+    first.press("1")
+    first.expect("Done: 5 answers")
+    assert first.wait() == 0
+    _label_all(pairs_path, out, "ann", "1")  # the lock is gone with its session: all 5 are done already
+    ids = [r["pair_id"] for r in _records(out)]
+    assert len(ids) == len(set(ids)) == len(rows)
+
+
+def test_undo_removes_only_this_sessions_record(tmp_path, pairs):
+    pairs_path, rows = pairs
+    out = tmp_path / "prefs.jsonl"
+    term = Terminal("--pairs", pairs_path, "--out", str(out), "--labeler", "ann")
+    term.expect(KEYS_LINE)
+    term.press("1")  # prompt 1
+    term.expect(KEYS_LINE, 2)
+    # another writer (one that ignores the lock) appends the same labeler's answer to prompt 3
+    other = {"prompt": rows[2]["prompt"], "prompt_index": 2, "labeler": "ann", "chosen": rows[2]["response_a"],
+             "rejected": rows[2]["response_b"], "tie": False, "margin": 1.0}  # fmt: skip
+    with open(out, "a") as stream:
+        stream.write(json.dumps(other) + "\n")
+    term.press("u")
+    term.expect(KEYS_LINE, 3)
+    assert "Undid the answer to prompt 1." in term.screen
+    term.press("q")
+    assert term.wait() == 0
+    assert _records(out) == [other]
+
+
+def test_resume_is_keyed_by_pair_content_not_line(tmp_path, pairs):
+    pairs_path, rows = pairs
+    out = str(tmp_path / "prefs.jsonl")
+    _label_all(pairs_path, out, "ann", "14q")  # the first two pairs
+    new = {"prompt": "b c :", "response_a": "b c", "response_b": "c c"}
+    with open(pairs_path, "w") as stream:  # a pair inserted at the top shifts every line by one
+        stream.write("".join(json.dumps(r) + "\n" for r in [new, *rows]))
+    _label_all(pairs_path, out, "ann", "2222")
+    records = _records(out)
+    labeled = sorted((r["prompt"], r["response_a"]) for r in records)
+    assert labeled == sorted((r["prompt"], r["response_a"]) for r in [new, *rows])  # each pair exactly once
+
+
+def test_a_torn_last_line_is_reported_and_dropped(tmp_path, pairs):
+    pairs_path, _ = pairs
+    out = tmp_path / "prefs.jsonl"
+    _label_all(pairs_path, str(out), "ann", "1q")
+    with open(out, "a") as stream:
+        stream.write('{"prompt": "a b :", "chos')  # a kill in the middle of a write
+    assert "incomplete last line" in stats([str(out)])  # --stats skips it and says so
+    result = _label_all(pairs_path, str(out), "ann", "4q")
+    assert "prefs.jsonl:2: an incomplete last line" in result.stdout
+    assert [r["strength"] for r in _records(out)] == ["better", "better"]  # valid JSONL again, the torn line gone
+
+
+def test_records_missing_fields_do_not_crash_resume_or_stats(tmp_path, pairs):
+    pairs_path, rows = pairs
+    out = tmp_path / "prefs.jsonl"
+    # written by hand or another tool: no prompt_index, pair_id or responses; one without "chosen"
+    out.write_text(
+        json.dumps({"prompt": rows[0]["prompt"], "chosen": "a", "rejected": "b", "labeler": "ann"}) + "\n"
+        + json.dumps({"prompt": rows[1]["prompt"], "labeler": "ann", "tie": False}) + "\n"
+    )  # fmt: skip
+    result = _label_all(pairs_path, str(out), "ann", "1q")
+    assert "prompt 1 of 5" in result.stdout
+    report = stats([str(out)])
+    assert "malformed: 1 records" in report and "prefs.jsonl:2" in report
+
+
+def test_stats_reports_duplicates_and_conflicts(tmp_path, pairs):
+    pairs_path, _ = pairs
+    ann = tmp_path / "ann.jsonl"
+    _label_all(pairs_path, str(ann), "ann", "114")  # pairs 1-3
+    records = _records(ann)
+    same, flipped = dict(records[0]), dict(records[1])  # what two sessions on one file used to write
+    flipped["chosen"], flipped["rejected"] = flipped["rejected"], flipped["chosen"]
+    with open(ann, "a") as stream:
+        stream.write(json.dumps(same) + "\n" + json.dumps(flipped) + "\n")
+    report = stats([str(ann)])
+    assert "duplicates: 2 records repeat a pair their labeler already answered, over 2 pairs" in report, report
+    assert "conflicts: 1 pairs got different answers from the same labeler (" in report and "ann.jsonl:5" in report
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert "duplicates: none" in stats([str(clean)]) and "conflicts: none" in stats([str(clean)])

@@ -1,9 +1,16 @@
 """The bundled trainer on the built-in task: one quick demo run (module fixture) whose
 stages must learn, plus resume, data errors, the CLI and proof that the trainer runs
-on rlhf_kernels' ops."""
+on rlhf_kernels' ops; then checkpoint integrity (a kill between the checkpoint's
+files, corrupted weights, resumes that must be refused), bad preference records and
+the demo resuming its finished stages."""
 
+import glob
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -197,3 +204,174 @@ def test_ppo_resume_continues_with_the_same_state(tmp_path):
     assert resumed_rows[-1]["kl_coef"] == rows[-1]["kl_coef"] != 0.1  # the adaptive coefficient was restored
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def _train(*args) -> list[str]:
+    return ["train", *args]
+
+
+def _steps(metrics_path) -> list[tuple[str, int]]:
+    with open(metrics_path) as lines:
+        return [(row["stage"], row["step"]) for row in map(json.loads, lines)]
+
+
+def _weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_a_kill_between_the_checkpoint_files_resumes_consistently(tmp_path):
+    """SIGKILL after a checkpoint's weights are written, before its trainer state: the
+    resume starts from the previous complete checkpoint and ends where an
+    uninterrupted run does, with one metrics row per step."""
+    from rlhf_kernels import cli
+
+    options = ["--set", "steps=6", "--set", "checkpoint_every=2", "--set", "batch_size=8"]
+    killed = str(tmp_path / "killed")
+    crashed = subprocess.run(
+        [sys.executable, "-m", "rlhf_kernels.cli", *_train("sft", "--output", killed, *options)],
+        env={**os.environ, common.CRASH_ENV: "model@4"}, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    assert os.listdir(os.path.join(killed, ".tmp-checkpoint-000004")) == ["model"]  # died between the two files
+    assert cli.main(_train("sft", "--output", killed, "--resume", killed, *options)) == 0
+    assert cli.main(_train("sft", "--output", str(tmp_path / "straight"), *options)) == 0
+    resumed, straight = _weights(os.path.join(killed, "model")), _weights(str(tmp_path / "straight" / "model"))
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0)
+    assert _steps(os.path.join(killed, "metrics.jsonl")) == [("sft", step) for step in range(1, 7)]
+    assert sorted(name for name in os.listdir(killed) if "checkpoint" in name) == ["checkpoint-000006"]
+
+
+def test_corrupted_weights_are_refused(tmp_path, capsys):
+    from rlhf_kernels import cli
+
+    out = str(tmp_path / "sft")
+    assert cli.main(_train("sft", "--output", out, "--set", "steps=3", "--set", "batch_size=8")) == 0
+    weights = min(glob.glob(os.path.join(out, "**", "model.safetensors"), recursive=True))  # the checkpoint's
+    with open(weights, "r+b") as stream:
+        stream.seek(-1000, os.SEEK_END)
+        flipped = bytes(byte ^ 0xFF for byte in stream.read())  # 1,000 flipped bytes of tensor data
+        stream.seek(-1000, os.SEEK_END)
+        stream.write(flipped)
+    assert cli.main(_train("sft", "--output", out, "--resume", out, "--set", "steps=5", "--set", "batch_size=8")) == 2
+    assert "model/model.safetensors is missing or does not match its checksum" in capsys.readouterr().err
+
+
+def test_resume_refuses_what_it_cannot_continue_and_applies_lr(tmp_path, capsys):
+    from rlhf_kernels import cli
+
+    out = str(tmp_path / "sft")
+    base = ["--set", "batch_size=8"]
+    assert cli.main(_train("sft", "--output", out, "--set", "steps=3", *base)) == 0
+    refused = {
+        "a checkpoint of stage 'sft', not 'rm'": _train("rm", "--set", "steps=5", *base),
+        "changed options a resume cannot apply: batch_size 8 -> 4": _train("sft", "--set", "steps=5",
+                                                                            "--set", "batch_size=4"),
+        "the checkpoint is at step 3 but steps is 2": _train("sft", "--set", "steps=2", *base),
+    }  # fmt: skip
+    for message, args in refused.items():
+        assert cli.main([*args, "--output", str(tmp_path / "other"), "--resume", out]) == 2, message
+        assert message in capsys.readouterr().err
+    before = _weights(os.path.join(out, "model"))
+    # lr is written into the restored optimizer: at lr 0 two more AdamW steps change nothing
+    assert cli.main(_train("sft", "--output", out, "--resume", out, "--set", "steps=5", "--set", "lr=0", *base)) == 0
+    after = _weights(os.path.join(out, "model"))
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+
+
+def test_ppo_resume_refuses_another_reference_and_applies_kl_coef(tmp_path, capsys):
+    from rlhf_kernels import cli
+
+    out = tmp_path
+    assert cli.main(_train("sft", "--output", str(out / "sft"), "--set", "steps=3", "--set", "batch_size=8")) == 0
+    assert cli.main(_train("rm", "--output", str(out / "rm"), "--set", "steps=2", "--set", "batch_size=8")) == 0
+    ppo = ["--reward-model", str(out / "rm" / "reward_model_hf"), "--output", str(out / "ppo"),
+           "--set", "rollouts=8", "--set", "minibatch=4"]  # fmt: skip
+    assert cli.main(_train("ppo", "--model", str(out / "sft" / "model"), *ppo, "--set", "steps=2")) == 0
+    # without --model the policy and its reference would be the random built-in model
+    assert cli.main(_train("ppo", *ppo, "--set", "steps=3", "--resume", str(out / "ppo"))) == 2
+    assert "the reference is not the one this checkpoint was trained against" in capsys.readouterr().err
+    resumed = ["--model", str(out / "sft" / "model"), "--resume", str(out / "ppo"), "--set", "kl_coef=0.3"]
+    assert cli.main(_train("ppo", *ppo, "--set", "steps=3", *resumed)) == 0
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["kl_coef"] == 0.3
+
+
+@pytest.mark.parametrize(
+    "field, name, got",
+    [
+        ('"margin": NaN', "margin", "nan"),
+        ('"margin": Infinity', "margin", "inf"),
+        ('"margin": 1e300', "margin", "1e+300"),  # finite in float64, inf in the float32 loss
+        ('"margin": true', "margin", "True"),
+        ('"margin": "0.5"', "margin", "'0.5'"),
+        ('"tie": "false"', "tie", "'false'"),  # truthy: it used to drop the record
+        ('"skipped": 0', "skipped", "0"),
+    ],
+)
+def test_bad_preference_fields_name_file_line_and_field(tmp_path, field, name, got):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text('{"prompt": "a b :", "chosen": "a b", "rejected": "a"}\n'
+                    f'{{"prompt": "a b :", "chosen": "a b", "rejected": "b", {field}}}\n')  # fmt: skip
+    with pytest.raises(DataError, match=re.escape(f"prefs.jsonl:2: field {name!r} must be") + ".*" + re.escape(got)):
+        read_jsonl(str(path), "preferences")
+
+
+def test_invalid_utf8_and_non_finite_ranks_name_file_and_line(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_bytes(b'{"prompt": "a b :", "chosen": "a b", "rejected": "a"}\n{"prompt": "\xff", "chosen": "a"}\n')
+    with pytest.raises(DataError, match=r"prefs.jsonl:2: not valid UTF-8"):
+        read_jsonl(str(path), "preferences")
+    path.write_text('{"prompt": "a :", "responses": ["a", "b"], "ranks": [0, NaN]}\n')
+    with pytest.raises(DataError, match=r"prefs.jsonl:1: field 'ranks' must be finite numbers"):
+        read_jsonl(str(path), "rankings")
+
+
+def test_data_outside_the_builtin_vocabulary_needs_a_model(tmp_path, capsys):
+    from rlhf_kernels import cli
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text('{"prompt": "Why is the sky blue?", "chosen": "Rayleigh scattering.", "rejected": "Paint."}\n')
+    assert cli.main(_train("dpo", "--data", str(data), "--output", str(tmp_path / "dpo"), "--set", "steps=2")) == 2
+    error = capsys.readouterr().err
+    assert "prefs.jsonl:1: field 'prompt': 'Why' is not in the built-in tokenizer's vocabulary" in error
+    assert "pass --model" in error
+
+
+TINY_DEMO = """
+from rlhf_trainer.demo import DemoConfig
+from rlhf_trainer.dpo import DPOConfig
+from rlhf_trainer.ppo import PPOConfig
+from rlhf_trainer.rm import RMConfig
+from rlhf_trainer.sft import SFTConfig
+
+CONFIG = DemoConfig(sft_examples=200, preference_pairs=200, eval_prompts=16, hacking_steps=2,
+                    sft=SFTConfig(steps=3, batch_size=8), rm=RMConfig(steps=3, batch_size=8),
+                    ppo=PPOConfig(steps=2, rollouts=8, minibatch=4), dpo=DPOConfig(steps=4, batch_size=8))
+"""
+
+
+def test_the_demo_resumes_its_finished_stages(tmp_path):
+    """A demo killed in its DPO stage, run again: SFT, RM and PPO are loaded from their
+    checkpoints, and the results equal an uninterrupted run's."""
+    namespace = {}
+    exec(TINY_DEMO, namespace)
+    killed = str(tmp_path / "killed")
+    script = TINY_DEMO + f"from rlhf_trainer.demo import run_demo\nrun_demo({killed!r}, CONFIG, show_progress=False)\n"
+    crashed = subprocess.run([sys.executable, "-c", script], env={**os.environ, common.CRASH_ENV: "model@4"},
+                             capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert crashed.returncode == -signal.SIGKILL and "[4/5] DPO" in crashed.stdout, crashed.stderr[-2000:]
+    said = []
+    resumed = run_demo(killed, namespace["CONFIG"], show_progress=False, echo=said.append)
+    assert [line.split()[1] for line in said if line.strip().startswith("resuming")] == ["sft", "rm", "ppo"]
+    straight = run_demo(str(tmp_path / "straight"), namespace["CONFIG"], show_progress=False, echo=lambda *_: None)
+    for a, b in zip(resumed["rows"], straight["rows"]):
+        assert {k: a[k] for k in ("stage", "gold_reward", "rm_reward", "kl", "win_rate")} == {
+            k: b[k] for k in ("stage", "gold_reward", "rm_reward", "kl", "win_rate")
+        }
+    assert resumed["rm_accuracy"] == straight["rm_accuracy"]
+    steps = _steps(os.path.join(killed, "metrics.jsonl"))
+    assert sorted(steps) == sorted(_steps(str(tmp_path / "straight" / "metrics.jsonl")))  # no duplicate rows

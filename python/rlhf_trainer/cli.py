@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 import torch
 
 from . import common, task
-from .data import read_jsonl, write_jsonl
+from .data import DataError, read_jsonl, write_jsonl
 from .dpo import DPOConfig, train_dpo
 from .models import RewardModel, load_causal_lm, tiny_model
 from .ppo import PPOConfig, train_ppo
@@ -88,6 +89,16 @@ def _builtin_data(stage: str, seed: int, output: str) -> list[dict]:
 
 
 def run_train(args) -> int:
+    """A bad data record or a checkpoint that cannot be resumed is a one-line error
+    (exit status 2), not a traceback."""
+    try:
+        return _run_train(args)
+    except (DataError, common.CheckpointError) as error:
+        print(f"rlhf-kernels train: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run_train(args) -> int:
     stage = args.stage
     config = _stage_config(stage, _read_config(args.config), args.set)
     config.seed = args.seed
@@ -103,7 +114,9 @@ def run_train(args) -> int:
     model = model.to(device=device, dtype=dtype)
     if args.data:
         kinds = {"sft": "sft", "rm": "rankings" if args.rankings else "preferences", "dpo": "preferences"}
-        records = read_jsonl(args.data, kinds.get(stage, "prompts"))
+        # The built-in tokenizer knows only the built-in task's words (others become <pad>).
+        vocabulary = None if args.model else set(task.VOCAB)
+        records = read_jsonl(args.data, kinds.get(stage, "prompts"), vocabulary)
     else:
         records = _builtin_data(stage, args.seed, args.output)
     log = common.MetricsLog(os.path.join(args.output, "metrics.jsonl"))

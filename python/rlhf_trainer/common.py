@@ -1,13 +1,40 @@
 """What every stage shares: devices, seeds, the per-step batch order, checkpoints
-(save_pretrained + optimizer and trainer state) and the metrics log."""
+(save_pretrained + optimizer and trainer state) and the metrics log.
+
+A checkpoint is one folder, output/checkpoint-NNNNNN/, holding the weights, the
+optimizer and trainer state and checkpoint.json (stage, step, options, fingerprints
+of the frozen models the run depends on, and a sha256 of every file). It is written
+in full into a temporary folder and renamed into place, and only then is the previous
+one deleted, so a kill at any moment leaves a complete checkpoint, never a mix of two.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import random
+import shutil
+import signal
+import sys
+import time
 
 import torch
+
+MANIFEST = "checkpoint.json"
+# Test hook: "model" or "model@STEP" kills the process right after a checkpoint's
+# weights are written and before its trainer state, as an OOM kill or power cut would.
+CRASH_ENV = "RLHF_TRAINER_CRASH_AFTER"
+# The options a resume may change, because they take effect from the next step: the
+# step count may grow, checkpoints may come more or less often, lr is written into
+# the restored optimizer and kl_coef replaces the restored KL coefficient. Any other
+# change would silently not apply (or apply to half a run), so resume refuses it.
+RESUMABLE = ("steps", "checkpoint_every", "lr", "kl_coef")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed (missing, corrupted, or from another run)."""
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -32,11 +59,12 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
 
 
 class MetricsLog:
-    """Appends one JSON object per line (stage, step, metrics) to metrics.jsonl."""
+    """Appends one JSON object per line (stage, step, metrics) to metrics.jsonl; rows
+    already in the file are read back (a resumed demo plots every stage)."""
 
     def __init__(self, path: str | None):
         self.path = path
-        self.rows: list[dict] = []
+        self.rows: list[dict] = _read_rows(path) if path and os.path.exists(path) else []
 
     def log(self, stage: str, step: int, **metrics) -> dict:
         row = {"stage": stage, "step": step, **{k: float(v) for k, v in metrics.items()}}
@@ -46,43 +74,228 @@ class MetricsLog:
                 out.write(json.dumps(row) + "\n")
         return row
 
+    def truncate(self, stage: str, step: int) -> None:
+        """Before a stage (re)starts at `step`: drops its rows after that step (a run
+        killed after its last checkpoint logged steps that will run again) and any
+        second row of one step (the RM's held-out accuracy, logged again at the end)."""
+        seen, kept = set(), []
+        for row in self.rows:
+            if row.get("stage") == stage:
+                if row.get("step", 0) > step or row.get("step") in seen:
+                    continue
+                seen.add(row.get("step"))
+            kept.append(row)
+        if len(kept) != len(self.rows) and self.path is not None:
+            with open(self.path + ".tmp", "w") as out:
+                out.writelines(json.dumps(row) + "\n" for row in kept)
+            os.replace(self.path + ".tmp", self.path)
+        self.rows = kept
 
-def save_checkpoint(directory: str, *, models: dict, optimizer, step: int, state: dict | None = None) -> None:
+
+def _read_rows(path: str) -> list[dict]:
+    rows = []
+    with open(path, "rb") as lines:
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut short by a kill: truncate() rewrites the file without it
+                continue
+    return rows
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's parameters and buffers (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+    """Every file under directory, as sorted relative paths."""
+    out = []
+    for root, _, names in os.walk(directory):
+        out += [os.path.relpath(os.path.join(root, name), directory) for name in names]
+    return sorted(out)
+
+
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def publish(directory: str, fill) -> None:
+    """Writes a folder through fill(temporary folder), fsyncs it and renames it into
+    place, so readers (and a resume after a kill) see the old folder or the new one,
+    never a half-written one."""
+    parent, name = os.path.split(os.path.abspath(directory))
+    temporary, old = os.path.join(parent, f".tmp-{name}"), os.path.join(parent, f".old-{name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.makedirs(temporary)
+    fill(temporary)
+    for relative in _files(temporary):
+        _fsync(os.path.join(temporary, relative))
+    if os.path.exists(directory):  # rename() cannot replace a non-empty folder: move it aside first
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(temporary, directory)
+    _fsync(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _crash_point(name: str, step: int) -> None:
+    wanted = os.environ.get(CRASH_ENV, "")
+    point, _, at = wanted.partition("@")
+    if point == name and at in ("", str(step)):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _checkpoints(output: str) -> list[str]:
+    """Complete checkpoint folders in output (a folder moved aside by publish() is
+    still complete; .tmp-* ones are not)."""
+    if not os.path.isdir(output):
+        return []
+    names = [n for n in os.listdir(output) if n.startswith(("checkpoint-", ".old-checkpoint-"))]
+    return [os.path.join(output, n) for n in names if os.path.isfile(os.path.join(output, n, MANIFEST))]
+
+
+def _manifest(directory: str) -> dict:
+    try:
+        with open(os.path.join(directory, MANIFEST)) as source:
+            return json.load(source)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{directory}: unreadable {MANIFEST} ({error})") from None
+
+
+def save_checkpoint(output: str, *, stage: str, models: dict, optimizer, step: int, config, state: dict | None = None,
+                    fingerprints: dict | None = None) -> str:  # fmt: skip
     """models: name -> module; modules with save_pretrained are saved that way, the
-    rest as state dicts; the optimizer, step and trainer state in trainer_state.pt."""
-    os.makedirs(directory, exist_ok=True)
-    for name, module in models.items():
-        if hasattr(module, "save_pretrained"):
-            module.save_pretrained(os.path.join(directory, name))
-        else:
-            torch.save(module.state_dict(), os.path.join(directory, f"{name}.pt"))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "step": step, "state": state or {}},
-        os.path.join(directory, "trainer_state.pt"),
-    )
+    rest as state dicts; the optimizer, step and trainer state in trainer_state.pt.
+    Returns the checkpoint folder."""
+    os.makedirs(output, exist_ok=True)
+
+    def fill(folder: str) -> None:
+        for name, module in models.items():
+            if hasattr(module, "save_pretrained"):
+                module.save_pretrained(os.path.join(folder, name))
+            else:
+                torch.save(module.state_dict(), os.path.join(folder, f"{name}.pt"))
+        _crash_point("model", step)
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "state": state or {}},
+                   os.path.join(folder, "trainer_state.pt"))  # fmt: skip
+        manifest = {
+            "stage": stage, "step": step, "config": dataclasses.asdict(config), "fingerprints": fingerprints or {},
+            "saved_at": time.time_ns(),  # orders two complete checkpoints (a kill before the old one is deleted)
+            "files": {relative: _file_digest(os.path.join(folder, relative)) for relative in _files(folder)},
+        }  # fmt: skip
+        with open(os.path.join(folder, MANIFEST), "w") as out:
+            json.dump(manifest, out, indent=1)
+
+    directory = os.path.join(output, f"checkpoint-{step:06d}")
+    publish(directory, fill)
+    stale = [os.path.join(output, n) for n in os.listdir(output) if n.startswith(".tmp-checkpoint-")]  # killed runs'
+    for other in _checkpoints(output) + stale:  # the new one is complete: the previous ones can go
+        if os.path.abspath(other) != os.path.abspath(directory):
+            shutil.rmtree(other, ignore_errors=True)
+    return directory
 
 
-def load_checkpoint(directory: str, *, models: dict, optimizer) -> tuple[int, dict]:
-    """Loads what save_checkpoint wrote into the given modules; returns (step, state)."""
-    path = os.path.join(directory, "trainer_state.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume {directory!r}: no trainer_state.pt there")
-    for name, module in models.items():
-        if hasattr(module, "save_pretrained"):
-            loaded = type(module).from_pretrained(os.path.join(directory, name))
-            module.load_state_dict(loaded.state_dict())
-        else:
-            module.load_state_dict(torch.load(os.path.join(directory, f"{name}.pt"), weights_only=True))
-    saved = torch.load(path, weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
-    return saved["step"], saved["state"]
+def has_checkpoint(output: str) -> bool:
+    return bool(_checkpoints(output))
+
+
+def find_checkpoint(path: str) -> str:
+    """The checkpoint folder `path` names: itself, or the newest complete one in it."""
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return path
+    found = _checkpoints(path)
+    if found:
+        return max(found, key=lambda directory: _manifest(directory)["saved_at"])
+    if os.path.exists(os.path.join(path, "trainer_state.pt")):
+        raise CheckpointError(f"--resume {path}: a checkpoint from an earlier version of the trainer, without "
+                              "checksums; it cannot be verified, start a new run")  # fmt: skip
+    raise CheckpointError(f"--resume {path}: no checkpoint there (no checkpoint-*/ folder with a {MANIFEST})")
+
+
+def _check_resume(directory: str, manifest: dict, stage: str, config, fingerprints: dict) -> dict:
+    """Refuses a checkpoint this run cannot continue; returns the options it changes."""
+    if manifest.get("stage") != stage:
+        raise CheckpointError(f"--resume {directory}: a checkpoint of stage {manifest.get('stage')!r}, "
+                              f"not {stage!r}")  # fmt: skip
+    if config.steps < manifest["step"]:
+        raise CheckpointError(f"--resume {directory}: the checkpoint is at step {manifest['step']} but steps is "
+                              f"{config.steps}; set steps >= {manifest['step']}")  # fmt: skip
+    old, new = manifest["config"], dataclasses.asdict(config)
+    changed = {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
+    refused = [f"{key} {was!r} -> {now!r}" for key, (was, now) in changed.items() if key not in RESUMABLE]
+    if refused:
+        raise CheckpointError(
+            f"--resume {directory}: changed options a resume cannot apply: {', '.join(refused)} (a resume may "
+            f"change only {', '.join(RESUMABLE)}); put them back or start a new run"
+        )
+    for name, digest in fingerprints.items():
+        if manifest["fingerprints"].get(name) != digest:
+            raise CheckpointError(
+                f"--resume {directory}: the {name} is not the one this checkpoint was trained against (its "
+                f"weights differ); resume with the same models as the original run (e.g. the same --model)"
+            )
+    for relative, digest in manifest["files"].items():
+        path = os.path.join(directory, relative)
+        if not os.path.isfile(path) or _file_digest(path) != digest:
+            raise CheckpointError(f"--resume {directory}: {relative} is missing or does not match its checksum "
+                                  "(corrupted or changed after it was written); refusing to resume from it")  # fmt: skip
+    return changed
+
+
+def load_checkpoint(path: str, *, stage: str, models: dict, optimizer, config,
+                    fingerprints: dict | None = None) -> tuple[int, dict, dict, str]:  # fmt: skip
+    """Verifies and loads what save_checkpoint wrote into the given modules; returns
+    (step, trainer state, changed options {name: (old, new)}, checkpoint folder)."""
+    directory = find_checkpoint(path)
+    manifest = _manifest(directory)
+    changed = _check_resume(directory, manifest, stage, config, fingerprints or {})
+    try:
+        for name, module in models.items():
+            if hasattr(module, "save_pretrained"):
+                loaded = type(module).from_pretrained(os.path.join(directory, name))
+                module.load_state_dict(loaded.state_dict())
+            else:
+                module.load_state_dict(torch.load(os.path.join(directory, f"{name}.pt"), weights_only=True))
+        saved = torch.load(os.path.join(directory, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"--resume {directory}: does not fit this run's model ({first})") from None
+    for group in optimizer.param_groups:  # the restored optimizer carries the old lr; apply this run's
+        group["lr"] = config.lr
+    return saved["step"], saved["state"], changed, directory
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:  # the exported model shares the checkpoint's files instead of doubling the disk
+        os.link(source, destination)
+    except OSError:  # another filesystem, or a name the tokenizer already wrote
+        if os.path.exists(destination):
+            os.remove(destination)
+        shutil.copy2(source, destination)
 
 
 def progress(total: int, description: str, enabled: bool = True):
     """A tqdm bar (tqdm comes with transformers) showing the key metrics; off when
     stderr is not a terminal (a CI log would get one line per refresh)."""
-    import sys
-
     from tqdm.auto import tqdm
 
     disable = not enabled or not sys.stderr.isatty()
@@ -90,16 +303,34 @@ def progress(total: int, description: str, enabled: bool = True):
 
 
 class StageRun:
-    """The bookkeeping every stage repeats: resuming from a checkpoint (`start`, the
-    trainer `state`), the progress bar, the metrics line of each step, periodic
-    checkpoints and the final one (with the tokenizer beside the model)."""
+    """The bookkeeping every stage repeats: resuming from a verified checkpoint
+    (`start`, the trainer `state`, the options it `changed`), the progress bar, the
+    metrics line of each step, periodic checkpoints and the final one, and the final
+    model exported to output/model (with the tokenizer) for the next stage's --model.
+
+    frozen: name -> module the run depends on without training it (PPO's reference
+    and reward model, DPO's reference); their weights' digests are stored in each
+    checkpoint and a resume against other weights is refused."""
 
     def __init__(self, stage: str, config, log: MetricsLog, *, models: dict, optimizer, output=None, resume=None,
-                 show_progress=True):  # fmt: skip
+                 show_progress=True, frozen: dict | None = None):  # fmt: skip
         self.stage, self.config, self.log = stage, config, log
         self.models, self.optimizer, self.output = models, optimizer, output
-        self.start, self.state = load_checkpoint(resume, models=models, optimizer=optimizer) if resume else (0, {})
+        self.fingerprints = {name: weights_digest(module) for name, module in (frozen or {}).items()}
+        self.start, self.state, self.changed, self.resumed_from = 0, {}, {}, None
+        if resume:
+            self.start, self.state, self.changed, self.resumed_from = load_checkpoint(
+                resume, stage=stage, models=models, optimizer=optimizer, config=config, fingerprints=self.fingerprints
+            )
+            notes = "".join(f"; {key} {old!r} -> {new!r}" for key, (old, new) in self.changed.items()
+                            if key in ("lr", "kl_coef"))  # fmt: skip
+            print(f"{stage}: resuming from {self.resumed_from} (step {self.start}){notes}", file=sys.stderr)
+        log.truncate(stage, self.start)
         self.bar = progress(config.steps - self.start, stage, show_progress)
+
+    def _save(self, step: int, state: dict | None) -> str:
+        return save_checkpoint(self.output, stage=self.stage, models=self.models, optimizer=self.optimizer, step=step,
+                               config=self.config, state=state, fingerprints=self.fingerprints)  # fmt: skip
 
     def step_done(self, step: int, shown: dict, state: dict | None = None, **metrics) -> None:
         """step: the 1-based step just finished; shown: the metrics on the bar."""
@@ -107,14 +338,26 @@ class StageRun:
         self.bar.update(1)
         self.bar.set_postfix({name: f"{value:.3f}" for name, value in shown.items()})
         every = self.config.checkpoint_every
-        if self.output and every and step % every == 0:
-            save_checkpoint(self.output, models=self.models, optimizer=self.optimizer, step=step, state=state)
+        if self.output and every and step % every == 0 and step < self.config.steps:  # finish() saves the last
+            self._save(step, state)
 
     def finish(self, tokenizer=None, state: dict | None = None) -> None:
         self.bar.close()
-        if self.output:
-            save_checkpoint(
-                self.output, models=self.models, optimizer=self.optimizer, step=self.config.steps, state=state
-            )
-            if tokenizer is not None and "model" in self.models:
-                tokenizer.save_pretrained(f"{self.output}/model")
+        if not self.output:
+            return
+        resumed_here = self.resumed_from and os.path.dirname(os.path.abspath(self.resumed_from)) == os.path.abspath(
+            self.output
+        )
+        if resumed_here and self.start == self.config.steps and not self.changed:
+            directory = self.resumed_from  # a finished stage resumed in place: its final checkpoint is there
+        else:
+            directory = self._save(self.config.steps, state)
+        if "model" in self.models and hasattr(self.models["model"], "save_pretrained"):
+
+            def fill(folder: str) -> None:
+                if tokenizer is not None:  # first: a writer must never open a file linked to the checkpoint's
+                    tokenizer.save_pretrained(folder)
+                shutil.copytree(os.path.join(directory, "model"), folder, copy_function=_link_or_copy,
+                                dirs_exist_ok=True)  # fmt: skip
+
+            publish(os.path.join(self.output, "model"), fill)

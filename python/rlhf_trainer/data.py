@@ -5,10 +5,12 @@ Formats, one JSON object per line:
   preferences  {"prompt": str, "chosen": str, "rejected": str}  (extra keys allowed)
   rankings     {"prompt": str, "responses": [str, ...], "ranks": [int, ...]} (rank 0 best)
   prompts      {"prompt": str}  (PPO)
-A malformed record raises DataError naming the file and line. Preference files
-written by `rlhf-kernels label` carry skips ("skipped": true) and ties ("tie": true):
-both are left out of training (a tie says nothing about which response is better;
-the labelled strength reaches the reward model as "margin").
+A malformed record raises DataError naming the file, line and field: invalid UTF-8
+or JSON, a missing or wrong-typed field, a number that is not finite in float32 (a
+NaN, inf or 1e300 margin would make the loss NaN or inf). Preference files written by
+`rlhf-kernels label` carry skips ("skipped": true) and ties ("tie": true), which must
+be booleans: both are left out of training (a tie says nothing about which response
+is better; the labelled strength reaches the reward model as "margin", a number).
 
 Sequences are laid out as [left-padded prompt | response <eos> right-padded], so every
 prompt ends at the same column and generation appends after it.
@@ -17,6 +19,7 @@ prompt ends at the same column and generation appends after it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +36,28 @@ class DataError(ValueError):
     """A malformed or unreadable data file; the message names the file (and line)."""
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+TEXT_FIELDS = {"sft": ("prompt", "response"), "preferences": ("prompt", "chosen", "rejected"),
+               "rankings": ("prompt",), "prompts": ("prompt",)}  # fmt: skip
+
+
+def _finite(value) -> bool:
+    """A JSON number (not a bool) that float32, the loss's precision, holds finitely."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and abs(float(value)) <= FLOAT32_MAX
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _check_flags(record: dict, where: str) -> None:
+    """skipped / tie decide whether a record trains: "false" (a string, truthy) must not drop it."""
+    for flag in ("skipped", "tie"):
+        if flag in record and not isinstance(record[flag], bool):
+            raise DataError(f"{where}: field {flag!r} must be true or false, got {record[flag]!r}")
+
+
 def _check_record(record, kind: str, where: str) -> dict:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -41,34 +66,65 @@ def _check_record(record, kind: str, where: str) -> dict:
             raise DataError(f"{where}: missing field {field!r} (a {kind} record needs {sorted(FIELDS[kind])})")
         if not isinstance(record[field], kind_type):
             raise DataError(f"{where}: field {field!r} must be a {kind_type.__name__}, got {record[field]!r}")
+    if kind == "preferences" and "margin" in record and not _finite(record["margin"]):
+        raise DataError(f"{where}: field 'margin' must be a finite number (in float32, the loss's precision), "
+                        f"got {record['margin']!r}")  # fmt: skip
     if kind == "rankings":
         if len(record["responses"]) != len(record["ranks"]) or len(record["responses"]) < 2:
             raise DataError(f"{where}: 'responses' and 'ranks' must be lists of one length >= 2")
         if not all(isinstance(r, str) for r in record["responses"]):
-            raise DataError(f"{where}: 'responses' must be strings")
-        if not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in record["ranks"]):
-            raise DataError(f"{where}: 'ranks' must be numbers")
+            raise DataError(f"{where}: field 'responses' must be strings")
+        if not all(_finite(r) for r in record["ranks"]):
+            raise DataError(f"{where}: field 'ranks' must be finite numbers, got {record['ranks']!r}")
     return record
 
 
-def read_jsonl(path: str, kind: str) -> list[dict]:
-    """Records of `kind` ("sft", "preferences", "rankings") from a JSONL file."""
+def _check_vocabulary(record: dict, kind: str, vocabulary: set, where: str) -> None:
+    texts = [(field, record[field]) for field in TEXT_FIELDS[kind]]
+    texts += [("responses", text) for text in record.get("responses", [])] if kind == "rankings" else []
+    for field, text in texts:
+        unknown = [word for word in text.split() if word not in vocabulary]
+        if unknown:
+            raise DataError(
+                f"{where}: field {field!r}: {unknown[0]!r} is not in the built-in tokenizer's vocabulary "
+                f"({' '.join(sorted(vocabulary))}), which would read it as <pad>; to train on your own data "
+                "pass --model (a Hugging Face model folder with its tokenizer)"
+            )
+
+
+def read_jsonl(path: str, kind: str, vocabulary: set | None = None) -> list[dict]:
+    """Records of `kind` ("sft", "preferences", "rankings", "prompts") from a JSONL
+    file. vocabulary: the words the tokenizer knows (the built-in one maps any other
+    word to <pad>, so its chosen and rejected would read the same); a record with
+    another word is refused."""
     if kind not in FIELDS:
         raise ValueError(f"kind must be one of {tuple(FIELDS)}, got {kind!r}")
     records = []
     try:
-        with open(path) as lines:
-            for number, line in enumerate(lines, 1):
+        with open(path, "rb") as lines:
+            for number, raw in enumerate(lines, 1):
+                where = f"{path}:{number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise DataError(f"{where}: not valid UTF-8 (byte {raw[error.start]:#04x} at column "
+                                    f"{error.start + 1})") from None  # fmt: skip
                 if not line.strip():
                     continue
-                where = f"{path}:{number}"
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-                if kind == "preferences" and isinstance(record, dict) and (record.get("skipped") or record.get("tie")):
-                    continue
+                if kind == "preferences" and isinstance(record, dict):
+                    _check_flags(record, where)
+                    if record.get("skipped") or record.get("tie"):
+                        continue
                 records.append(_check_record(record, kind, where))
+                if vocabulary is not None:
+                    _check_vocabulary(record, kind, vocabulary, where)
+                if kind == "rankings" and len(record["responses"]) != len(records[0]["responses"]):
+                    raise DataError(f"{where}: {len(record['responses'])} responses where the first record has "
+                                    f"{len(records[0]['responses'])} (every ranking needs the same K)")  # fmt: skip
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror})") from None
     if not records:

@@ -4,16 +4,23 @@ SFT on imperfect demonstrations -> a reward model on Bradley-Terry-labelled pair
 PPO against it with a KL penalty to the SFT model, DPO from the same SFT model on
 the same pairs, and a reward-hacking run (PPO with kl_coef = 0, longer). Each policy
 is judged on held-out prompts by the hidden gold reward. Writes to the output folder:
-sft.jsonl and preferences.jsonl (the data), metrics.jsonl, curves.png and report.md.
+sft.jsonl and preferences.jsonl (the data), metrics.jsonl, curves.png and report.md,
+demo_config.json and one checkpoint folder per stage (sft/, rm/, ppo/, dpo/, ppo_kl0/).
+
+Run again on the same folder with the same options, the demo resumes: a stage with a
+final checkpoint is loaded instead of trained (the data and every stage are
+deterministic in the seed, so the results are the uninterrupted run's), and a stage
+that was interrupted starts over. Other options start the whole demo over.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
+import shutil
 import time
-
 
 from . import common, task
 from .data import write_jsonl
@@ -50,14 +57,49 @@ class DemoConfig:
         )  # fmt: skip
 
 
-def run_demo(output: str, config: DemoConfig | None = None, *, show_progress: bool = True, echo=print) -> dict:
-    """Runs every stage; returns {"rows": stage table rows, "rm_accuracy": ..., "paths": ...}."""
-    config = config or DemoConfig()
-    os.makedirs(output, exist_ok=True)
+STAGES = ("sft", "rm", "ppo", "dpo", "ppo_kl0")
+
+
+def _start_or_resume(output: str, config: DemoConfig, echo) -> None:
+    """Keeps the stages' checkpoints when output holds a demo with these options;
+    otherwise clears them (and the metrics) and records the options."""
+    options_path = os.path.join(output, "demo_config.json")
+    options = json.loads(json.dumps(dataclasses.asdict(config)))
+    try:
+        with open(options_path) as source:
+            previous = json.load(source)
+    except (OSError, ValueError):
+        previous = None
+    if previous == options:
+        return
+    if previous is not None:
+        echo(f"{output} holds a demo run with other options: starting over")
+    for name in STAGES:
+        shutil.rmtree(os.path.join(output, name), ignore_errors=True)
     metrics_path = os.path.join(output, "metrics.jsonl")
     if os.path.exists(metrics_path):
         os.remove(metrics_path)
+    with open(options_path + ".tmp", "w") as out:
+        json.dump(options, out, indent=1)
+    os.replace(options_path + ".tmp", options_path)
+
+
+def run_demo(output: str, config: DemoConfig | None = None, *, show_progress: bool = True, echo=print) -> dict:
+    """Runs (or resumes) every stage; returns {"rows": stage table rows, "rm_accuracy": ..., "paths": ...}."""
+    config = config or DemoConfig()
+    os.makedirs(output, exist_ok=True)
+    _start_or_resume(output, config, echo)
+    metrics_path = os.path.join(output, "metrics.jsonl")
     log = common.MetricsLog(metrics_path)
+
+    def files(name: str) -> dict:
+        """A stage's checkpoint folder, and what to resume from."""
+        folder = os.path.join(output, name)
+        resume = folder if common.has_checkpoint(folder) else None
+        if resume:
+            echo(f"      resuming {name} from its checkpoint in {folder}")
+        return {"output": folder, "resume": resume}
+
     common.seed_everything(config.seed)
     tokenizer = builtin_tokenizer()
     sft_data = task.sft_records(config.sft_examples, config.seed + 1)
@@ -73,7 +115,7 @@ def run_demo(output: str, config: DemoConfig | None = None, *, show_progress: bo
     echo("[1/5] SFT on imperfect demonstrations")
     start = time.perf_counter()
     policy = train_sft(tiny_model(len(tokenizer), config.seed), tokenizer, sft_data, config.sft, log,
-                       show_progress=show_progress)  # fmt: skip
+                       show_progress=show_progress, **files("sft"))  # fmt: skip
     timings["sft"] = time.perf_counter() - start
     reference = frozen_copy(policy)
 
@@ -81,7 +123,7 @@ def run_demo(output: str, config: DemoConfig | None = None, *, show_progress: bo
     start = time.perf_counter()
     reward_model, rm_accuracy = train_rm(
         RewardModel(tiny_model(len(tokenizer), config.seed + 100)), tokenizer, preferences, config.rm, log,
-        show_progress=show_progress,
+        show_progress=show_progress, **files("rm"),
     )  # fmt: skip
     timings["rm"] = time.perf_counter() - start
     reward_model.eval().requires_grad_(False)
@@ -95,14 +137,16 @@ def run_demo(output: str, config: DemoConfig | None = None, *, show_progress: bo
         echo(step)
         begin = time.perf_counter()
         trained = train_ppo(copy.deepcopy(policy), reward_model, tokenizer, train_prompts, ppo_config, log,
-                            reference=reference, gold_fn=task.gold_reward, stage=name, show_progress=show_progress)  # fmt: skip
+                            reference=reference, gold_fn=task.gold_reward, stage=name, show_progress=show_progress,
+                            **files(name))  # fmt: skip
         result = evaluate(trained, reference, reward_model, tokenizer, prompts, baseline=baseline, **judged)
         rows.append({"stage": name, **result, "seconds": time.perf_counter() - begin})
 
     ppo_run("ppo", config.ppo, f"[3/5] PPO with a KL penalty (kl_coef={config.ppo.kl_coef})")
     echo("[4/5] DPO from the SFT model on the same preferences")
     start = time.perf_counter()
-    dpo_policy = train_dpo(copy.deepcopy(policy), tokenizer, preferences, config.dpo, log, show_progress=show_progress)
+    dpo_policy = train_dpo(copy.deepcopy(policy), tokenizer, preferences, config.dpo, log, show_progress=show_progress,
+                           **files("dpo"))  # fmt: skip
     rows.append({"stage": "dpo", **evaluate(dpo_policy, reference, reward_model, tokenizer, prompts,
                                             baseline=baseline, **judged), "seconds": time.perf_counter() - start})  # fmt: skip
     hacking = dataclasses.replace(config.ppo, kl_coef=0.0, adaptive_kl=False, steps=config.hacking_steps)

@@ -55,10 +55,11 @@ def reference_logps(reference, tokenizer, records, config: DPOConfig, batch_size
 def train_dpo(policy, tokenizer, records, config: DPOConfig, log: common.MetricsLog, *, output=None, resume=None,
               show_progress=True):  # fmt: skip
     device = next(policy.parameters()).device
-    ref = reference_logps(frozen_copy(policy), tokenizer, records, config)
+    reference = frozen_copy(policy)  # the starting weights: a resume must start from the same ones
+    ref = reference_logps(reference, tokenizer, records, config)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
     run = common.StageRun("dpo", config, log, models={"model": policy}, optimizer=optimizer, output=output,
-                          resume=resume, show_progress=show_progress)  # fmt: skip
+                          resume=resume, show_progress=show_progress, frozen={"reference": reference})  # fmt: skip
     policy.train()
     for step in range(run.start, config.steps):
         index = common.batch_indices(len(records), config.batch_size, config.seed, step)

@@ -68,9 +68,11 @@ def train_ppo(policy, reward_model, tokenizer, prompts: list[str], config: PPOCo
     parameters = list(policy.parameters()) + list(value_model.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr)
     models = {"model": policy, "value_model": value_model}
+    frozen = {"reference": reference, "reward_model": reward_model}  # a resume against others is refused
     run = common.StageRun(stage, config, log, models=models, optimizer=optimizer, output=output, resume=resume,
-                          show_progress=show_progress)  # fmt: skip
-    controller = KLController(config, run.state.get("kl_coef"))
+                          show_progress=show_progress, frozen=frozen)  # fmt: skip
+    # The restored (possibly adapted) coefficient, unless this run sets another kl_coef.
+    controller = KLController(config, None if "kl_coef" in run.changed else run.state.get("kl_coef"))
     for step in range(run.start, config.steps):
         generator = common.step_generator(config.seed, step)
         picked = [prompts[i] for i in common.batch_indices(len(prompts), config.rollouts, config.seed, step)]

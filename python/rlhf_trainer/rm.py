@@ -92,6 +92,10 @@ def train_rm(reward_model, tokenizer, records, config: RMConfig, log: common.Met
     if held_out_accuracy is not None:
         log.log("rm", config.steps, held_out_accuracy=held_out_accuracy)
     if output:
-        reward_model.save(f"{output}/reward_model_hf")
-        tokenizer.save_pretrained(f"{output}/reward_model_hf")
+
+        def fill(folder: str) -> None:
+            reward_model.save(folder)
+            tokenizer.save_pretrained(folder)
+
+        common.publish(f"{output}/reward_model_hf", fill)
     return reward_model, held_out_accuracy
