@@ -145,6 +145,7 @@ def linear_logprobs(
     return_entropy: bool = False,
     softcap: Optional[float] = None,
     logit_scale: float = 1.0,
+    batch_invariant: Optional[bool] = None,
     backend: Optional[str] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """token_logprobs(hidden @ weight.T + bias, labels, ...) without materializing the logits.
