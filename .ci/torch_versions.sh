@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# CI: the package on the torch versions it claims, each installed as a user would:
+# a fresh venv, `pip install torch==X numpy setuptools wheel ninja`, then the README's
+# `pip install --no-build-isolation -e ".[test]"` (pip may not move torch: -c), with no
+# CUDA_HOME set by hand, then `rlhf-kernels info` and the test suite.
+#
+#   torch 2.14.1   the CUDA 13.0 build (on this machine's disk): the GPU user's install.
+#                  With nvcc 13 here (a wrapper script in /usr/local/bin), setup.py must
+#                  find the toolkit, compile and link the CUDA extension; info must list
+#                  the CUDA kernels; the CPU test suite runs under this torch.
+#   torch OLDEST   the oldest the package claims (pyproject's torch>=), a CUDA 12 build
+#                  from PyPI (cu128): nvcc 13 does not match it, so this also proves the clean
+#                  fallback (one warning, the CPU build, info says why).
+#   torch 2.13.0   tested by .ci/run's README test command.
+#
+# Budget: each version ~5-6 min on the 2-core CI machine (install ~1.5 min, build ~1.5 min,
+# tests ~3 min). To keep .ci/run within 20 minutes the suite runs here without
+# tests/test_trainer.py and tests/test_label.py (the bundled trainer's minutes-long
+# runs; they exercise no kernel the rest does not) and tests/test_triton_aot.py (a
+# developer gate that drives Triton's GPU compiler internals, minutes with a cold
+# cache, tied to the Triton versions it was written for; the README test command
+# runs all three). Each venv (5+ GB) holds its own copy of the tree
+# (so the main checkout's editable build is left alone) and is removed when done; pip's
+# cache is off: nothing is kept between runs.
+#
+# Usage: .ci/torch_versions.sh [VERSION...]   (default: 2.14.1 and OLDEST)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Keep in step with pyproject.toml's torch>= (dependencies and build-system).
+OLDEST=2.8.0
+export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+unset CUDA_HOME CUDA_PATH TORCH_CUDA_ARCH_LIST RLHF_KERNELS_CUDA RLHF_KERNELS_CPP
+
+have_cuda_toolkit() {
+    command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]
+}
+
+run_version() {
+    local version=$1 venv=".venv-torch$1" start=$SECONDS
+    echo "== torch $version: fresh venv, README install, rlhf-kernels info, tests =="
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    mkdir -p "$venv/src"
+    # The working tree (tracked and untracked, not ignored files), as the README's user has it.
+    git ls-files -z --cached --others --exclude-standard \
+        | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$venv/src"
+    echo "torch==$version" > "$venv/constraints.txt"
+    (
+        . "$venv/bin/activate"
+        cd "$venv/src"
+        # setuptools>=77 as the README's GPU section says (torch < 2.13 does not pull it)
+        pip install -q "torch==$version" numpy "setuptools>=77" wheel ninja
+        pip install -q -c ../constraints.txt --no-build-isolation -e ".[test]"
+        echo "   installed in $((SECONDS - start)) s"
+        rlhf-kernels info > ../info.txt
+        head -6 ../info.txt
+        installed=$(python -c "import torch; print(torch.__version__.split('+')[0])")
+        [ "$installed" = "$version" ] || { echo "FAIL: torch $installed installed, not $version"; exit 1; }
+        cuda=$(python -c "import torch; print(torch.version.cuda or '')")
+        if [ "${cuda%%.*}" = "13" ] && have_cuda_toolkit; then
+            grep -q "^build: C++ CPU + CUDA kernels" ../info.txt \
+                || { echo "FAIL: torch $version (CUDA $cuda) with nvcc here: no CUDA build"; exit 1; }
+            grep -q "CUDA kernels: discounted_returns, gae" ../info.txt \
+                || { echo "FAIL: the CUDA kernels did not load"; exit 1; }
+        else
+            grep -q "^build: C++ CPU kernels only, no CUDA kernels: " ../info.txt \
+                || { echo "FAIL: torch $version (CUDA ${cuda:-none}): expected the CPU fallback"; exit 1; }
+        fi
+        python -m pytest -q tests -p no:cacheprovider \
+            --ignore=tests/test_trainer.py --ignore=tests/test_label.py --ignore=tests/test_triton_aot.py
+    )
+    rm -rf "$venv"
+    echo "   torch $version: done in $((SECONDS - start)) s"
+}
+
+versions=("$@")
+[ ${#versions[@]} -gt 0 ] || versions=(2.14.1 "$OLDEST")
+for version in "${versions[@]}"; do
+    run_version "$version"
+done
