@@ -124,7 +124,7 @@ def find_cuda_toolkit(torch_cuda: str):
             f"install the CUDA {torch_cuda.split('.')[0]}.x toolkit and set CUDA_HOME to it",
         )
     raise CudaProblem(
-        f"no complete CUDA toolkit (bin/nvcc, include/cuda_runtime.h, lib64/libcudart.so) found; looked at "
+        "no complete CUDA toolkit (bin/nvcc, include/cuda_runtime.h, lib64/libcudart.so) found; looked at "
         + ", ".join(looked),
         "set CUDA_HOME to the toolkit folder (e.g. CUDA_HOME=/usr/local/cuda-X.Y)",
     )
@@ -320,7 +320,19 @@ def _extensions():
     return [extension], {"build_ext": _build_ext_class(BuildExtension, cpu_extension, info)}
 
 
+def _check_setuptools():
+    import setuptools
+
+    major = int(re.match(r"\d+", setuptools.__version__).group())
+    if major < 77:  # pip --no-build-isolation does not install build-system.requires
+        raise SystemExit(
+            f"rlhf-kernels: setuptools {setuptools.__version__} cannot read pyproject.toml's license "
+            "string (PEP 639); pip install 'setuptools>=77' first (torch < 2.13 does not bring it)"
+        )
+
+
 if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import it
+    _check_setuptools()
     ext_modules, cmdclass = _extensions()
     setup(
         packages=find_packages(include=["rlhf_kernels", "rlhf_kernels.*"]) + ["rlhf_trainer"],
