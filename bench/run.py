@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 
-FAMILIES = ("logprobs", "gae", "ppo", "kl", "dpo")
+FAMILIES = ("logprobs", "gae", "ppo", "kl", "dpo", "grpo")
 MODES = ("forward", "forward+backward")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

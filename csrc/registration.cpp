@@ -60,6 +60,19 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "ppo_policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor row_weight,"
       " float clip_low, float clip_high, float? dual_clip, float? log_ratio_clamp, bool need_grad)"
       " -> (Tensor row_stats, Tensor grad)");
+  // grpo_policy_loss: the per-token critic-free losses (rlhf_kernels/reference/grpo.py)
+  // in one pass over [B, T] float32/float64 inputs of one dtype (mask as weights;
+  // is_weights / ref_logprobs empty when unused). loss_code: 0 clip, 1 cispo, 2 sapo,
+  // 3 pg (gpg, dro); kl_code: 0 none, 1 k1, 2 k2, 3 k3, 4 abs, 5 low_var_kl, +8 the
+  // straight-through "+" (value of the estimator, gradient of k2). params (12):
+  // 1 - clip_low, 1 + clip_high, dual_clip, delta, log_ratio_clamp (+inf: off),
+  // tau_pos, tau_neg, dro_beta, cispo weight low, high, kl_coef, 0. row_stats [B, 8]:
+  // weighted loss sum, masked sums of low-clip, high-clip, dual-clip, -log ratio,
+  // ratio - 1 - log ratio, ratio, and the row's max ratio. grad = d row_stats[:, 0].
+  m.def(
+      "grpo_policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, Tensor is_weights,"
+      " Tensor ref_logprobs, Tensor row_weight, int loss_code, int kl_code, float[] params, bool need_grad)"
+      " -> (Tensor row_stats, Tensor grad)");
   m.def(
       "ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor row_weight,"
       " float? clip, bool need_grad) -> (Tensor row_stats, Tensor grad)");

@@ -42,6 +42,7 @@ OP_FAMILY: dict[str, str] = {
     "linear_dpo_loss": "dpo",
     "bradley_terry_loss": "rm",
     "ranking_loss": "rm",
+    "policy_loss": "grpo",
 }
 FAMILIES = tuple(dict.fromkeys(OP_FAMILY.values()))
 
@@ -66,6 +67,7 @@ COMPILED_OPS: dict[str, tuple[str, ...]] = {
     "kl_shaped_rewards": ("kl_shaped_rewards",),
     "masked_mean": ("masked_sums",),
     "masked_whiten": ("masked_whiten", "masked_whiten_backward"),
+    "policy_loss": ("grpo_policy_loss",),
 }
 
 # Auto's order on CUDA tensors, fastest first. Triton leads until an op's
@@ -107,6 +109,7 @@ TRITON_MODULES: dict[str, str] = {
     "dpo_loss": "dpo",
     "bradley_terry_loss": "rm",
     "ranking_loss": "rm",
+    "policy_loss": "grpo",
 }
 
 

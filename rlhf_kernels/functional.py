@@ -850,3 +850,229 @@ def ranking_loss(rewards: Tensor, ranks: Tensor, *, backend: Optional[str] = Non
     check.same_device(rewards=rewards, ranks=ranks)
     implementation = _pick("ranking_loss", rewards.device, backend, reference.ranking_loss, _rm_ops.ranking_loss)
     return implementation(rewards, ranks, dtype=check.result_dtype(rewards))
+
+
+# --------------------------------------------------------------------- grpo --
+# Formulas and framework differences: rlhf_kernels/reference/grpo_advantages.py and
+# rlhf_kernels/reference/grpo.py (the module docstrings are the spec).
+
+from .ops import grpo as _grpo_ops  # noqa: E402  (appended family section)
+from .reference import grpo as _grpo_reference  # noqa: E402
+from .reference import grpo_advantages as _grpo_advantages  # noqa: E402
+
+
+def _reference_only(name: str, backend: Optional[str]) -> None:
+    """Group statistics over B scores are too small for a kernel: the reference runs on every device."""
+    if backend not in (None, "reference"):
+        raise ValueError(f"{name} runs on the reference backend only (backend=None or 'reference'), got {backend!r}")
+
+
+def group_advantages(
+    scores: Optional[Tensor],
+    group_index: Optional[Tensor] = None,
+    *,
+    group_size: Optional[int] = None,
+    estimator: str = "grpo",
+    eps: float = 1e-6,
+    norm_by_std: bool = True,
+    scale_rewards: str = "group",
+    lengths: Optional[Tensor] = None,
+    f_norm: float = 1.0,
+    reward_weights=None,
+    token_rewards: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    reward_baselines: Optional[Tensor] = None,
+    gamma: float = 1.0,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Group-relative advantages of verl 0.9.1's estimators and TRL 1.16's GRPO.
+
+    Sequence estimators (grpo, grpo_vectorized, grpo_passk, rloo, rloo_vectorized, opo, gpg,
+    reinforce_plus_plus_baseline, gdpo, trl) take scores [B] ([B, K] for gdpo) and return
+    advantages [B]; groups are `group_index` [B] (any integer labels, groups of any size)
+    or contiguous runs of `group_size` (TRL's layout; default: one group). opo,
+    reinforce_plus_plus_baseline and gdpo need `lengths` [B] (valid tokens per sequence).
+    "trl" is TRL's GRPO: scale_rewards "group" / "batch" / "none" (Dr. GRPO), TRL's eps is 1e-4.
+    Token estimators (remax, reinforce_plus_plus) take token_rewards and mask [B, T]
+    (remax: reward_baselines [B]) and return [B, T]; scores is then unused (None).
+    Singleton groups follow verl (see reference/grpo_advantages.py). Not differentiable.
+    Returns: advantages [B] or [B, T], float32 (float64 for float64 input).
+    """
+    check.choice("estimator", estimator, _grpo_advantages.ESTIMATORS)
+    check.choice("scale_rewards", scale_rewards, _grpo_advantages.SCALE_REWARDS)
+    check.number("eps", eps)
+    if estimator in _grpo_advantages.TOKEN_ESTIMATORS:
+        _check_token_grid(mask, token_rewards=token_rewards)
+        check.tensor("mask", mask, dtypes=check.MASK_DTYPES, shape_doc="[B, T]")
+        if estimator == "remax":
+            check.tensor("reward_baselines", reward_baselines, ndim=1, shape_doc="[B]")
+            check.shape("reward_baselines", reward_baselines, token_rewards.shape[:1], "[B]")
+        device = token_rewards.device
+        dtype = check.result_dtype(token_rewards)
+    else:
+        check.tensor("scores", scores, min_ndim=1, shape_doc="[B] ([B, K] for gdpo)")
+        if scores.dim() != 1 and not (estimator == "gdpo" and scores.dim() == 2):
+            raise ValueError(f"scores must be [B] ([B, K] for gdpo), got shape {tuple(scores.shape)}")
+        B = scores.shape[0]
+        if B == 0:
+            raise ValueError("scores must hold at least one sequence")
+        if group_index is not None:
+            check.tensor("group_index", group_index, dtypes=check.INDEX_DTYPES, ndim=1, shape_doc="[B]")
+            check.shape("group_index", group_index, (B,), "[B]")
+        if group_size is not None:
+            if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1 or B % group_size:
+                raise ValueError(f"group_size must be an int >= 1 dividing B = {B}, got {group_size!r}")
+            if group_index is not None:
+                raise ValueError("pass group_index or group_size, not both")
+        if estimator in ("opo", "reinforce_plus_plus_baseline", "gdpo"):
+            check.tensor("lengths", lengths, dtypes=check.FLOAT_DTYPES + check.INDEX_DTYPES, ndim=1, shape_doc="[B]")
+            check.shape("lengths", lengths, (B,), "[B]")
+        check.same_device(scores=scores, group_index=group_index, lengths=lengths)
+        device = scores.device
+        dtype = check.result_dtype(scores)
+    _reference_only("group_advantages", backend)
+    return _grpo_advantages.group_advantages(
+        scores,
+        group_index,
+        group_size=group_size,
+        estimator=estimator,
+        eps=eps,
+        norm_by_std=norm_by_std,
+        scale_rewards=scale_rewards,
+        lengths=lengths,
+        f_norm=f_norm,
+        reward_weights=reward_weights,
+        token_rewards=token_rewards,
+        mask=mask,
+        reward_baselines=reward_baselines,
+        gamma=gamma,
+        dtype=dtype,
+    )
+
+
+def broadcast_advantages(advantages: Tensor, mask: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """Sequence advantages to tokens (verl's scores.unsqueeze(-1) * response_mask).
+
+    Args: advantages [B], mask [B, T].
+    Returns: [B, T] in advantages' float dtype: A_b where mask, 0 elsewhere.
+    """
+    check.tensor("advantages", advantages, ndim=1, shape_doc="[B]")
+    check.tensor("mask", mask, dtypes=check.MASK_DTYPES, ndim=2, shape_doc="[B, T]")
+    check.shape("advantages", advantages, mask.shape[:1], "[B]")
+    check.same_device(advantages=advantages, mask=mask)
+    _reference_only("broadcast_advantages", backend)
+    return _grpo_advantages.broadcast_to_tokens(advantages, mask)
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    loss_type: str = "grpo",
+    clip_low: float = 0.2,
+    clip_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    delta: Optional[float] = None,
+    log_ratio_clamp: Optional[float] = None,
+    importance_sampling_level: str = "token",
+    cispo_clip: str = "band",
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    dro_beta: float = 1.0,
+    dppo_ratio_cap: float = 20.0,
+    vespo: tuple = (2.0, 3.0, 3.0, 2.0),
+    is_weights: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    kl_is_corrected: bool = False,
+    entropy: Optional[Tensor] = None,
+    entropy_coef: float = 0.0,
+    entropy_agg: Optional[str] = None,
+    agg: Optional[str] = None,
+    global_tokens: Optional[float] = None,
+    num_sequences: Optional[float] = None,
+    horizon: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Critic-free policy loss of verl 0.9.1 / TRL 1.16 / OpenRLHF 0.11 (formulas: reference/grpo.py).
+
+    logprobs, old_logprobs, mask [B, T]; advantages [B] or [B, T]; is_weights, ref_logprobs,
+    entropy [B, T]. loss_type: ppo, vanilla, grpo, bnpo, dr_grpo, dapo, luspo (clipped
+    surrogate), gspo, cispo, sapo, gpg, dro, dppo_tv, dppo_kl, vespo, geo_mean. agg None:
+    the loss type's TRL normaliser (grpo/sapo/gspo seq-mean-token-mean, bnpo/dapo token-mean,
+    dr_grpo seq-mean-token-sum-norm, luspo seq-mean-token-sum), else token-mean.
+    global_tokens: token-mean's divisor (DAPO: the global batch's active tokens);
+    num_sequences: the seq-mean divisor (default: rows with a valid token; TRL uses B);
+    horizon: seq-mean-token-sum-norm's length (Dr. GRPO: max_completion_length; default T).
+    Returns: (loss [] float32 (float64 for float64 input), stats: clipfrac_low, clipfrac_high, dual_clipfrac, ppo_kl, approx_kl,
+    ratio_mean, ratio_max, entropy when given). Differentiable w.r.t. logprobs and entropy.
+    """
+    check.tensor("mask", mask, dtypes=check.MASK_DTYPES, shape_doc="[B, T]")
+    _check_token_grid(mask, logprobs=logprobs, old_logprobs=old_logprobs)
+    check.tensor("advantages", advantages, shape_doc="[B] or [B, T]")
+    if advantages.shape not in (logprobs.shape, logprobs.shape[:1]):
+        raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}")
+    for name, x in (("is_weights", is_weights), ("ref_logprobs", ref_logprobs), ("entropy", entropy)):
+        check.optional_tensor(name, x, ndim=2, shape_doc="[B, T]")
+    check.same_shape("logprobs", logprobs, is_weights=is_weights, ref_logprobs=ref_logprobs, entropy=entropy)
+    check.same_device(
+        logprobs=logprobs, advantages=advantages, is_weights=is_weights, ref_logprobs=ref_logprobs, entropy=entropy
+    )
+    check.choice("loss_type", loss_type, _grpo_reference.LOSS_TYPES)
+    if agg is not None:
+        check.choice("agg", agg, _grpo_reference.AGG_MODES)
+    if entropy_agg is not None:
+        check.choice("entropy_agg", entropy_agg, _grpo_reference.AGG_MODES)
+    check.choice("importance_sampling_level", importance_sampling_level, ("token", "sequence"))
+    check.choice("cispo_clip", cispo_clip, ("band", "upper"))
+    check.choice("kl_estimator", kl_estimator, _grpo_reference.KL_ESTIMATORS)
+    check.positive("clip_low", clip_low)
+    for name, value in (("clip_high", clip_high), ("delta", delta), ("log_ratio_clamp", log_ratio_clamp)):
+        check.optional_positive(name, value)
+    for name, value in (("global_tokens", global_tokens), ("num_sequences", num_sequences), ("horizon", horizon)):
+        check.optional_positive(name, value)
+    for name, value in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef), ("dro_beta", dro_beta)):
+        check.number(name, value)
+    if dual_clip is not None:
+        check.number("dual_clip", dual_clip)
+        if not dual_clip > 1:
+            raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip!r}")
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("kl_coef != 0 needs ref_logprobs")
+    if entropy_coef != 0.0 and entropy is None:
+        raise ValueError("entropy_coef != 0 needs entropy")
+    options = dict(
+        loss_type=loss_type,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        delta=delta,
+        log_ratio_clamp=log_ratio_clamp,
+        importance_sampling_level=importance_sampling_level,
+        cispo_clip=cispo_clip,
+        sapo_tau_pos=sapo_tau_pos,
+        sapo_tau_neg=sapo_tau_neg,
+        dro_beta=dro_beta,
+        dppo_ratio_cap=dppo_ratio_cap,
+        vespo=tuple(vespo),
+        is_weights=is_weights,
+        ref_logprobs=ref_logprobs,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        kl_is_corrected=kl_is_corrected,
+        entropy=entropy,
+        entropy_coef=entropy_coef,
+        entropy_agg=entropy_agg,
+        agg=agg,
+        global_tokens=global_tokens,
+        num_sequences=num_sequences,
+        horizon=horizon,
+        dtype=check.result_dtype(logprobs, old_logprobs, advantages),
+    )
+    implementation = _pick(
+        "policy_loss", logprobs.device, backend, _grpo_reference.policy_loss, _grpo_ops.policy_loss
+    )
+    return implementation(logprobs, old_logprobs, advantages, mask, **options)

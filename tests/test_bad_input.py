@@ -37,6 +37,12 @@ def _valid():
             rk.ppo_policy_loss,
             dict(logprobs=lp, old_logprobs=lp.clone(), advantages=torch.randn(B, T), mask=torch.ones(B, T)),
         ),
+        "group_advantages": (rk.group_advantages, dict(scores=torch.randn(4), group_index=torch.tensor([0, 0, 1, 1]))),
+        "broadcast_advantages": (rk.broadcast_advantages, dict(advantages=torch.randn(B), mask=torch.ones(B, T))),
+        "policy_loss": (
+            rk.policy_loss,
+            dict(logprobs=lp, old_logprobs=lp.clone(), advantages=torch.randn(B), mask=torch.ones(B, T)),
+        ),
         "ppo_value_loss": (
             rk.ppo_value_loss,
             dict(
@@ -127,6 +133,15 @@ CASES = [
     ("ppo_policy_loss", "agg", lambda k: "mean", ValueError, "agg must be one of"),
     ("ppo_policy_loss", "dual_clip", lambda k: 0.5, ValueError, "dual_clip must be > 1"),
     ("ppo_policy_loss", "clip_low", lambda k: -0.2, ValueError, "clip_low must be a number > 0"),
+    ("group_advantages", "group_index", lambda k: torch.tensor([0, 1]), ValueError, "group_index must have shape [B]"),
+    ("group_advantages", "estimator", lambda k: "ppo", ValueError, "estimator must be one of"),
+    ("group_advantages", "group_size", lambda k: 3, ValueError, "group_size must be an int >= 1 dividing B"),
+    ("broadcast_advantages", "advantages", lambda k: torch.randn(2, 3), ValueError, "advantages must have 1 dims"),
+    ("policy_loss", "advantages", lambda k: torch.randn(3), ValueError, "advantages must be [B] or [B, T]"),
+    ("policy_loss", "loss_type", lambda k: "kto", ValueError, "loss_type must be one of"),
+    ("policy_loss", "dual_clip", lambda k: 0.5, ValueError, "dual_clip must be > 1"),
+    ("policy_loss", "ref_logprobs", lambda k: torch.randn(2, 2), ValueError, "ref_logprobs must have the shape"),
+    ("policy_loss", "kl_coef", lambda k: float("nan"), ValueError, "kl_coef must be a finite number"),
     ("ppo_value_loss", "returns", lambda k: k["returns"][None], ValueError, "returns must have 2 dims [B, T]"),
     ("dpo_loss", "loss_type", lambda k: "kto", ValueError, "loss_type must be one of"),
     ("dpo_loss", "ref_rejected_logps", lambda k: torch.randn(3), ValueError, "ref_rejected_logps must have the shape"),

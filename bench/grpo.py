@@ -1,0 +1,104 @@
+"""Benchmark cases of the grpo family: policy_loss forward (+backward) on every
+available backend against the frameworks' own eager code for the same loss type,
+side by side: TRL 1.16's GRPOTrainer._compute_loss (tests/trl_grpo.py) and verl
+0.9.1's registered policy losses (vendored, tests/verl_ref.py), where importable.
+
+Rate: GB/s of the useful traffic, the same for every implementation: forward reads
+the four [B, T] inputs (five with ref_logprobs); forward+backward also writes the
+[B, T] gradient.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import harness
+import torch
+
+import rlhf_kernels as rk
+from rlhf_kernels import backend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the framework oracles
+
+DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.float32}
+SHAPES = {
+    ("cpu", True): [(64, 1024)],
+    ("cpu", False): [(256, 4096)],
+    ("cuda", True): [(256, 4096)],
+    ("cuda", False): [(256, 4096), (512, 16384)],
+}
+# (case, our options, framework, framework options)
+CASES = [
+    ("trl grpo", dict(loss_type="grpo", clip_high=0.28), "trl", dict(loss_type="grpo", epsilon_high=0.28)),
+    (
+        "trl dapo + k3 kl",
+        dict(loss_type="dapo", clip_high=0.28, kl_coef=0.04, kl_estimator="k3", ref=True),
+        "trl",
+        dict(loss_type="dapo", epsilon_high=0.28, beta=0.04, ref=True),
+    ),
+    ("verl vanilla", dict(loss_type="vanilla", dual_clip=3.0, log_ratio_clamp=20.0, agg="token-mean"), "verl", dict(name="vanilla")),
+    ("verl cispo", dict(loss_type="cispo", log_ratio_clamp=20.0, agg="token-mean"), "verl", dict(name="cispo")),
+]  # fmt: skip
+
+
+def _framework(kind: str, options: dict):
+    options = dict(options)
+    use_ref = options.pop("ref", False)
+    try:
+        if kind == "trl":
+            from trl_grpo import trl_grpo_loss
+
+            return lambda lp, old, adv, m, ref: trl_grpo_loss(
+                lp, old, adv[:, 0], m, ref_logprobs=ref if use_ref else None, **options
+            )[0]
+        from verl_ref import actor_config, core_algos
+
+        fn, config = core_algos.get_policy_loss_fn(options["name"]), actor_config()
+        return lambda lp, old, adv, m, ref: fn(old, lp, adv, m, loss_agg_mode="token-mean", config=config)[0]
+    except Exception:  # noqa: BLE001  (framework not importable: no baseline row)
+        return None
+
+
+def _impls(device: str, ours: dict, kind: str, theirs: dict) -> dict:
+    ours = dict(ours)
+    use_ref = ours.pop("ref", False)
+    impls = {
+        f"ours:{name}": (
+            lambda name: (
+                lambda lp, old, adv, m, ref: rk.policy_loss(
+                    lp, old, adv, m, ref_logprobs=ref if use_ref else None, backend=name, **ours
+                )[0]
+            )
+        )(name)
+        for name in backend.available("policy_loss", device)
+    }
+    framework = _framework(kind, theirs)
+    if framework is not None:
+        impls[f"{kind} (eager)"] = framework
+    return impls
+
+
+def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
+    bytes_per = torch.finfo(dtype).bits // 8
+    for B, T in SHAPES[(device, quick)]:
+
+        def make(B=B, T=T):
+            lp = -torch.rand(B, T, device=device, dtype=dtype) * 3
+            mask = harness.right_padded_mask(B, T, device, dtype)
+            adv = torch.randn(B, 1, device=device, dtype=dtype).expand(B, T).contiguous()
+            return (lp, lp + 0.3 * torch.randn_like(lp), adv, mask, lp + 0.1 * torch.randn_like(lp)), (0,)
+
+        for label, ours, kind, theirs in CASES:
+            reads = 5 if ours.get("ref") else 4
+            yield dict(
+                name=f"policy_loss {label} B={B} T={T} {str(dtype)[6:]}",
+                impls=_impls(device, ours, kind, theirs),
+                make=make,
+                unit="GB/s",
+                work={
+                    "forward": reads * B * T * bytes_per / 1e9,
+                    "forward+backward": (reads + 1) * B * T * bytes_per / 1e9,
+                },
+            )

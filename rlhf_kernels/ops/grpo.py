@@ -1,0 +1,170 @@
+"""torch.library layer of the GRPO policy loss on the compiled backends (cpu, triton).
+
+The kernels (csrc/cpu/grpo.cpp, rlhf_kernels/triton/grpo.py) compute the per-token
+losses of the token-level loss types (clip family, cispo, sapo, gpg / dro) with the
+importance weights and the KL term, and store d loss / d logprob, so the backward
+is a scale (ops/ppo.py's design). The aggregation reaches them as one weight per
+row. The entropy bonus is linear in the entropy, so it is torch code here (autograd
+gives d / d entropy). Loss types whose ratio couples a row (gspo, vespo, geo_mean,
+importance_sampling_level="sequence", the KL's importance correction) and dppo_*
+run the reference's torch code on every backend, as DPO's batch-coupled types do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Optional
+
+import torch
+
+from .. import _extension
+from ..reference import grpo as _reference
+from . import needs_grad
+from .ppo import _backward, _masked_fraction, _setup_context
+
+N_STATS = 8
+_LOSS_CODES = {**{name: 0 for name in _reference.CLIP_TYPES}, "cispo": 1, "sapo": 2, "gpg": 3, "dro": 3}
+_KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "low_var_kl": 5}
+_INF = math.inf
+
+
+def kernel_supports(loss_type: str, importance_sampling_level: str, kl_is_corrected: bool) -> bool:
+    """Whether the per-token kernels compute this configuration (else the reference's torch code runs)."""
+    return loss_type in _LOSS_CODES and importance_sampling_level == "token" and not kl_is_corrected
+
+
+def row_weights(weights: torch.Tensor, agg: str, global_tokens, num_sequences, horizon) -> torch.Tensor:
+    """Per-row scale [B] of `agg` (reference.grpo.aggregate): loss = sum_b w_b sum_t m l."""
+    counts = weights.sum(-1)
+    B, T = weights.shape
+    if agg == "token-mean":
+        total = counts.sum() if global_tokens is None else torch.as_tensor(global_tokens, dtype=weights.dtype)
+        return (1 / torch.where(total > 0, total, 1)).expand(B).contiguous()
+    if agg == "token-sum":
+        return torch.ones_like(counts)
+    rows = (counts > 0).sum() if num_sequences is None else torch.as_tensor(num_sequences)
+    rows = torch.clamp(rows.to(weights.dtype), min=1)
+    if agg == "seq-mean-token-mean":
+        return torch.where(counts > 0, 1 / (torch.where(counts > 0, counts, 1) * rows), 0)
+    if agg == "seq-mean-token-sum":
+        return (1 / rows).expand(B).contiguous()
+    return (1 / (rows * (T if horizon is None else horizon))).expand(B).contiguous()
+
+
+def _triton_kernels():
+    return importlib.import_module("rlhf_kernels.triton.grpo")
+
+
+@torch.library.custom_op("rlhf_kernels::grpo_policy_loss_triton", mutates_args=())
+def _grpo_policy_loss_triton(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    is_weights: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    row_weight: torch.Tensor,
+    loss_code: int,
+    kl_code: int,
+    params: list[float],
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _triton_kernels().grpo_policy_loss(
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        is_weights,
+        ref_logprobs,
+        row_weight,
+        loss_code,
+        kl_code,
+        params,
+        need_grad,
+    )
+
+
+def _fake(x, *args):
+    need_grad = args[-1]
+    return x.new_empty(x.shape[0], N_STATS), torch.empty_like(x) if need_grad else x.new_empty(0)
+
+
+def _register(op_name: str) -> None:
+    torch.library.register_fake(op_name, _fake)
+    torch.library.register_autograd(op_name, _backward, setup_context=_setup_context)
+
+
+_register("rlhf_kernels::grpo_policy_loss_triton")
+if _extension.LOADED and _extension.has_kernel("grpo_policy_loss", "CPU"):
+    _register("rlhf_kernels::grpo_policy_loss")
+
+_OPS = {
+    "cpu": lambda: torch.ops.rlhf_kernels.grpo_policy_loss,
+    "triton": lambda: _grpo_policy_loss_triton,
+}
+
+
+def _params(o) -> list[float]:
+    clip_high = o["clip_low"] if o["clip_high"] is None else o["clip_high"]
+    low, high = 1 - o["clip_low"], 1 + clip_high
+    # cispo's constant weight: clip(r, 1 - clip_low, 1 + clip_high), or min(r, clip_high) (TRL's cap).
+    w_low, w_high = (0.0, clip_high) if o["cispo_clip"] == "upper" else (low, high)
+    beta = o["dro_beta"] if o["loss_type"] == "dro" else 0.0
+    off = lambda x: _INF if x is None else float(x)
+    return [
+        low, high, off(o["dual_clip"]), off(o["delta"]), off(o["log_ratio_clamp"]), float(o["sapo_tau_pos"]),
+        float(o["sapo_tau_neg"]), float(beta), w_low, w_high, float(o["kl_coef"]), 0.0,
+    ]  # fmt: skip
+
+
+def _kl_code(options) -> int:
+    if options["kl_coef"] == 0.0:
+        return 0
+    name = options["kl_estimator"]
+    return _KL_CODES[name.rstrip("+")] + (8 if name.endswith("+") else 0)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, *, kernel, **options):
+    """Runs `kernel` ("cpu" or "triton"); arguments and results as functional.policy_loss."""
+    loss_type, dtype = options["loss_type"], options["dtype"]
+    if not kernel_supports(loss_type, options["importance_sampling_level"], options["kl_is_corrected"]):
+        return _reference.policy_loss(logprobs, old_logprobs, advantages, mask, **options)
+    agg = _reference.default_agg(loss_type) if options["agg"] is None else options["agg"]
+    divisors = {k: options[k] for k in ("global_tokens", "num_sequences", "horizon")}
+    weights = mask.to(dtype).contiguous()
+    lp = logprobs.to(dtype).contiguous()
+    adv = advantages.detach().to(dtype)
+    adv = (adv[:, None].expand_as(lp) if adv.dim() == 1 else adv).contiguous()
+    empty = lp.new_empty(0)
+    is_weights, ref = options["is_weights"], options["ref_logprobs"]
+    kl_code = _kl_code(options)
+    row_stats, _ = _OPS[kernel]()(
+        lp,
+        old_logprobs.detach().to(dtype).contiguous(),
+        adv,
+        weights,
+        empty if is_weights is None else is_weights.detach().to(dtype).contiguous(),
+        empty if kl_code == 0 else ref.detach().to(dtype).contiguous(),
+        row_weights(weights, agg, **divisors),
+        _LOSS_CODES[loss_type],
+        kl_code,
+        _params(options),
+        needs_grad(logprobs),
+    )
+    total = row_stats[:, 0].sum()
+    entropy = options["entropy"]
+    if entropy is not None and options["entropy_coef"] != 0.0:
+        mode = agg if options["entropy_agg"] is None else options["entropy_agg"]
+        total = total - options["entropy_coef"] * _reference.aggregate(entropy.to(dtype), weights, mode, **divisors)
+    return total, _stats(row_stats.detach(), weights, entropy, options["dual_clip"])
+
+
+def _stats(row_stats: torch.Tensor, weights: torch.Tensor, entropy: Optional[torch.Tensor], dual_clip):
+    sums = row_stats[:, 1:7].sum(0)
+    names = ("clipfrac_low", "clipfrac_high", "dual_clipfrac", "ppo_kl", "approx_kl", "ratio_mean")
+    stats = {name: _masked_fraction(sums[i], weights) for i, name in enumerate(names)}
+    stats["ratio_max"] = row_stats[:, 7].amax() if row_stats.shape[0] else row_stats.new_zeros(())
+    if entropy is not None:
+        stats["entropy"] = _masked_fraction((entropy.detach().to(weights.dtype) * weights).sum(), weights)
+    return stats

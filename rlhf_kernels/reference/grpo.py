@@ -1,0 +1,270 @@
+"""Reference critic-free policy losses (verl 0.9.1, TRL 1.16 GRPOTrainer, OpenRLHF 0.11).
+
+Per token, with d = lp - old (clamped to +-log_ratio_clamp when set; verl clamps to
+20 in vanilla, cispo, sapo, dppo_*), r = exp(d), A the advantage, sg() = detach:
+
+    clip family   l = max(-A r', -A clip(r, 1 - clip_low, 1 + clip_high)),  r' = min(r, delta)
+                  (loss types ppo, vanilla, grpo, bnpo, dr_grpo, dapo, luspo; delta is TRL's
+                  two-sided clip); dual clip c, A < 0 only: l = min(l, -A c)
+    gspo          the clip family on verl's sequence ratio: exp(lp - sg(lp) + sg(mean_t d)),
+                  log clamped above at 10 (value: the sequence ratio, gradient: per token)
+    cispo         l = -sg(w) A lp, w = clip(r, 1 - clip_low, 1 + clip_high) (verl, the paper)
+                  or min(r, clip_high) with cispo_clip="upper" (TRL: clip_high is the cap, e.g. 5)
+    sapo          l = -A sigmoid(tau (r - 1)) 4 / tau, tau = tau_pos if A > 0 else tau_neg
+    gpg           l = -A lp (REINFORCE)
+    dro           l = -(A lp - beta / 2 d^2)
+    dppo_tv/_kl   l = -A sg(min(r, c)) lp valid, valid: trust region of p - p_old (tv) or the
+                  binary KL (kl) by the advantage's sign (verl)
+    vespo         l = -sg(phi_b) A lp, phi = exp(lam + k log w - lam w), log w = clamp(sum_t d m)
+    geo_mean      one loss per sequence: -mean_t(A m) exp(mean_t(sgnA min(sgnA d, sgnA clip(d)))),
+                  averaged over B (verl's GMPO; agg is not used)
+
+importance_sampling_level="sequence" (TRL) replaces r by exp(mean_t(d m)) for the whole
+row (gradient through the mean) before the loss type's formula. is_weights (verl's
+rollout_is_weights, TRL's importance_sampling_ratio) multiply the policy term.
+
+Then l += kl_coef * kl(lp, ref) (estimators of reference.kl; "k3" is TRL's unclamped k3,
+verl's "k3"/"low_var_kl" is low_var_kl; a trailing "+" is verl's straight-through: the
+estimator's value with k2's gradient), and the loss is agg(l) - entropy_coef *
+entropy_agg(entropy).
+
+Aggregations (verl's agg_loss; the divisors are arguments because they are global):
+    token-mean               sum(l m) / N,  N = global_tokens or sum(m)
+    token-sum                sum(l m)
+    seq-mean-token-sum       sum_b sum_t l m / S
+    seq-mean-token-mean      sum_b (sum_t l m / sum_t m) / S
+    seq-mean-token-sum-norm  sum_b sum_t l m / (S horizon)
+S = num_sequences or the rows with a valid token (verl); TRL divides by B (pass
+num_sequences=B; it differs only when a row has no valid token). horizon = T unless
+given (verl's loss_scale_factor, TRL's max_completion_length).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .bounds import clamp
+from .kl import kl_penalty
+
+CLIP_TYPES = ("ppo", "vanilla", "grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+LOSS_TYPES = CLIP_TYPES + ("gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "vespo", "geo_mean")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# TRL's normaliser of each of its loss types; verl's losses default to token-mean.
+DEFAULT_AGG = {
+    "grpo": "seq-mean-token-mean",
+    "sapo": "seq-mean-token-mean",
+    "gspo": "seq-mean-token-mean",
+    "bnpo": "token-mean",
+    "dapo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+    "luspo": "seq-mean-token-sum",
+}
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl", "k1+", "k3+", "low_var_kl+", "abs+")
+
+
+def default_agg(loss_type: str) -> str:
+    return DEFAULT_AGG.get(loss_type, "token-mean")
+
+
+def aggregate(loss, weights, agg, *, global_tokens=None, num_sequences=None, horizon=None):
+    """Reduces a per-token loss [B, T] to a scalar (verl's agg_loss with explicit divisors)."""
+    if agg == "token-mean":
+        total = weights.sum() if global_tokens is None else torch.as_tensor(global_tokens, dtype=loss.dtype)
+        return (loss * weights).sum() / torch.where(total > 0, total, 1)
+    if agg == "token-sum":
+        return (loss * weights).sum()
+    counts = weights.sum(-1)
+    rows = (counts > 0).sum() if num_sequences is None else torch.as_tensor(num_sequences)
+    rows = torch.clamp(rows.to(loss.dtype), min=1)
+    if agg == "seq-mean-token-mean":
+        return ((loss * weights).sum(-1) / torch.where(counts > 0, counts, 1)).sum() / rows
+    sums = (loss * weights).sum() / rows
+    if agg == "seq-mean-token-sum":
+        return sums
+    if agg == "seq-mean-token-sum-norm":
+        return sums / (loss.shape[-1] if horizon is None else horizon)
+    raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+
+
+def kl_term(lp, ref, estimator):
+    """Per-token KL estimate; "name+" has the value of `name` and the gradient of k2."""
+    straight_through = estimator.endswith("+")
+    value = kl_penalty(lp, ref, estimator=estimator.rstrip("+"), dtype=lp.dtype)
+    if not straight_through:
+        return value
+    k2 = 0.5 * (lp - ref).square()
+    return k2 - k2.detach() + value.detach()
+
+
+def _masked_row_mean(x, weights):
+    counts = weights.sum(-1, keepdim=True)
+    return (x * weights).sum(-1, keepdim=True) / torch.where(counts > 0, counts, 1)
+
+
+def _dppo_valid(loss_type, lp, old, adv, clip_low, clip_high):
+    prob, old_prob = torch.exp(lp), torch.exp(old)
+    if loss_type == "dppo_tv":
+        positive, negative = (prob - old_prob) <= clip_high, (prob - old_prob) >= -clip_low
+    else:
+        binary_kl = old_prob * (old - lp) + (1 - old_prob) * torch.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+        positive = (binary_kl <= clip_high) | (prob <= old_prob)
+        negative = (binary_kl <= clip_low) | (prob >= old_prob)
+    return torch.where(adv > 0, positive, negative).to(lp.dtype)
+
+
+def _vespo_phi(adv, log_ratio, weights, is_weights, k_pos, lambda_pos, k_neg, lambda_neg):
+    lower = torch.log(torch.tensor(1e-8, dtype=torch.float64)).item()
+    seq = (torch.clamp(log_ratio, -20.0, 20.0) * weights).sum(-1, keepdim=True)
+    if is_weights is not None:
+        seq = seq + torch.clamp(torch.log(is_weights), lower, 20.0).sum(-1, keepdim=True)
+    log_w = torch.clamp(seq, lower, 20.0)
+    nonneg = adv >= 0
+    k = torch.where(nonneg, k_pos, k_neg)
+    lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "grpo",
+    clip_low: float = 0.2,
+    clip_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    delta: Optional[float] = None,
+    log_ratio_clamp: Optional[float] = None,
+    importance_sampling_level: str = "token",
+    cispo_clip: str = "band",
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    dro_beta: float = 1.0,
+    dppo_ratio_cap: float = 20.0,
+    vespo: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+    is_weights: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    kl_is_corrected: bool = False,
+    entropy: Optional[torch.Tensor] = None,
+    entropy_coef: float = 0.0,
+    entropy_agg: Optional[str] = None,
+    agg: Optional[str] = None,
+    global_tokens: Optional[float] = None,
+    num_sequences: Optional[float] = None,
+    horizon: Optional[float] = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    clip_high = clip_low if clip_high is None else clip_high
+    agg = default_agg(loss_type) if agg is None else agg
+    lp = logprobs.to(dtype)
+    old = old_logprobs.detach().to(dtype)
+    weights = mask.to(dtype)
+    adv = advantages.detach().to(dtype)
+    adv = adv[:, None].expand_as(lp) if adv.dim() == 1 else adv
+    isw = None if is_weights is None else is_weights.detach().to(dtype)
+
+    log_ratio = lp - old
+    if log_ratio_clamp is not None:
+        log_ratio = clamp(log_ratio, -log_ratio_clamp, log_ratio_clamp)
+    if importance_sampling_level == "sequence":
+        log_ratio = _masked_row_mean(log_ratio, weights).expand_as(lp)
+    elif loss_type == "gspo":
+        seq = _masked_row_mean(lp.detach() - old, weights)
+        log_ratio = clamp(lp - lp.detach() + seq, None, 10.0)
+    ratio = torch.exp(log_ratio)
+    low, high = 1 - clip_low, 1 + clip_high
+
+    if loss_type in CLIP_TYPES or loss_type == "gspo":
+        first = ratio if delta is None else clamp(ratio, None, delta)
+        unclipped, clipped = -adv * first, -adv * clamp(ratio, low, high)
+        loss = torch.maximum(unclipped, clipped)
+        if dual_clip is not None:
+            loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
+    elif loss_type == "cispo":
+        w = clamp(ratio, None, clip_high) if cispo_clip == "upper" else clamp(ratio, low, high)
+        loss = -w.detach() * adv * lp
+    elif loss_type == "sapo":
+        tau = torch.where(adv > 0, torch.tensor(sapo_tau_pos, dtype=dtype), torch.tensor(sapo_tau_neg, dtype=dtype))
+        loss = -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * adv
+    elif loss_type == "gpg":
+        loss = -lp * adv
+    elif loss_type == "dro":
+        loss = -(lp * adv - 0.5 * dro_beta * (lp - old).square())
+    elif loss_type in ("dppo_tv", "dppo_kl"):
+        capped = clamp(ratio, None, dppo_ratio_cap).detach()
+        loss = -adv * capped * lp * _dppo_valid(loss_type, lp.detach(), old, adv, clip_low, clip_high)
+    elif loss_type == "vespo":
+        phi = _vespo_phi(adv[:, :1], (lp - old).detach(), weights, isw, *vespo)
+        loss = -phi * adv * lp
+    elif loss_type == "geo_mean":
+        return _geo_mean(lp, old, adv, weights, clip_low, clip_high, isw)
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+    if isw is not None and loss_type != "vespo":
+        loss = loss * isw
+    if kl_coef != 0.0:
+        kl = kl_term(lp, ref_logprobs.detach().to(dtype), kl_estimator)
+        loss = loss + kl_coef * (kl * ratio if kl_is_corrected else kl)
+    total = aggregate(loss, weights, agg, global_tokens=global_tokens, num_sequences=num_sequences, horizon=horizon)
+    if entropy is not None and entropy_coef != 0.0:
+        entropy_mode = agg if entropy_agg is None else entropy_agg
+        total = total - entropy_coef * aggregate(
+            entropy.to(dtype), weights, entropy_mode, num_sequences=num_sequences, horizon=horizon
+        )
+    stats = _stats(ratio, log_ratio, lp, old, adv, weights, low, high, dual_clip, entropy)
+    return total, stats
+
+
+def _geo_mean(lp, old, adv, weights, clip_low, clip_high, isw):
+    d = lp - old
+    sign = torch.sign(adv)
+    d_min = sign * torch.minimum(sign * d, sign * clamp(d, -clip_low, clip_high))
+    counts = weights.sum(-1)
+    ratio = torch.exp((d_min * weights).sum(-1) / (counts + 1e-8))
+    seq_adv = (adv * weights).sum(-1) / (counts + 1e-8)
+    losses = -seq_adv * ratio
+    if isw is not None:
+        losses = losses * torch.exp((torch.log(isw + 1e-10) * weights).sum(-1) / (counts + 1e-8))
+    return losses.mean(), _stats(
+        torch.exp(d), d.detach(), lp, old, adv, weights, 1 - clip_low, 1 + clip_high, None, None
+    )
+
+
+def _masked_mean(x, weights):
+    total = weights.sum()
+    return (x * weights).sum() / torch.where(total > 0, total, 1)
+
+
+def _dual_clipped(ratio, adv, low, high, dual_clip):
+    if dual_clip is None:
+        return torch.zeros_like(ratio, dtype=torch.bool)
+    clip_loss = torch.maximum(-adv * ratio, -adv * clamp(ratio, low, high))
+    return (adv < 0) & (clip_loss > -adv * dual_clip)
+
+
+@torch.no_grad()
+def _stats(ratio, log_ratio, lp, old, adv, weights, low, high, dual_clip, entropy):
+    ratio = ratio.detach()
+    d = (lp - old).detach()
+    any_valid = weights > 0
+    stats = {
+        # TRL's clip_ratio/low_mean and high_mean: clipped where the clip binds.
+        "clipfrac_low": _masked_mean(((ratio < low) & (adv < 0)).to(lp.dtype), weights),
+        "clipfrac_high": _masked_mean(((ratio > high) & (adv > 0)).to(lp.dtype), weights),
+        # verl's pg_clipfrac_lower: the dual clip binds (A < 0, clipped loss above -A c).
+        "dual_clipfrac": _masked_mean(_dual_clipped(ratio, adv, low, high, dual_clip).to(lp.dtype), weights),
+        # verl's actor/ppo_kl (k1 of KL(old || new)) and Schulman's k3 of it.
+        "ppo_kl": _masked_mean(-d, weights),
+        "approx_kl": _masked_mean(torch.expm1(d) - d, weights),
+        "ratio_mean": _masked_mean(ratio, weights),
+        "ratio_max": torch.where(any_valid, ratio, 0).amax() if ratio.numel() else ratio.new_zeros(()),
+    }
+    if entropy is not None:
+        stats["entropy"] = _masked_mean(entropy.detach().to(lp.dtype), weights)
+    return stats

@@ -1,0 +1,207 @@
+"""Reference group-relative advantages (the critic-free estimators of verl 0.9.1 and TRL 1.16).
+
+Per-sequence estimators take scores s [B] (verl: token_level_rewards.sum(-1)) and a
+group per sequence; g(b) is b's group, n_g its size, mean_g / std_g its mean and
+unbiased standard deviation (torch.std):
+
+    grpo, grpo_vectorized   (s - mean_g) / (std_g + eps)      norm_by_std=False: s - mean_g
+    grpo_passk              best of the group: (s_max - s_second) [/ (std_g + eps)], others 0
+    rloo                    n_g / (n_g - 1) (s - mean_g)
+    rloo_vectorized         the same
+    opo                     s - sum_g(L s) / sum_g(L)          L = response lengths
+    gpg                     alpha (s - mean_g) / f_norm         alpha = B / max(#(s != 0), 1)
+    reinforce_plus_plus_baseline  whiten_L(s - mean_g)         token-weighted batch whitening
+    gdpo                    whiten_L(sum_k w_k grpo(s[:, k]))   scores [B, K]
+    trl                     (s - mean_g) / (std + eps), std by `scale_rewards`:
+                            "group" std_g, "batch" the batch's std, "none" no division
+                            (TRL's GRPO uses eps = 1e-4; Dr. GRPO is scale_rewards="none")
+
+whiten_L is verl's masked_whiten over the [B, T] broadcast, i.e. weighted by the lengths
+L: (x - mu) / sqrt(var + 1e-8), mu = sum L x / (sum L + 1e-8), var the weighted
+variance times N / (N - 1), N = sum L.
+
+Groups of one sequence, as verl 0.9.1 handles them (each estimator its own way):
+grpo, grpo_vectorized, gpg, reinforce_plus_plus_baseline, gdpo: mean 0 and std 1, so
+the advantage is s / (1 + eps) (s with norm_by_std=False); rloo: the raw score s;
+rloo_vectorized: 0; opo: baseline 0 (s); grpo_passk: an error (needs two); trl: std 0
+so the advantage is 0 (group) or the batch-scaled (s - s) = 0.
+
+Token-level estimators return [B, T] from token_rewards [B, T] and the mask:
+    remax                   returns_t = sum_{u >= t} r_u m_u;  A = returns - baseline_b m_t
+    reinforce_plus_plus     returns_t = r_t + gamma returns_{t+1} over valid tokens
+                            (mask-0 positions carry the running return), A = whiten(returns) m
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+
+SEQUENCE_ESTIMATORS = (
+    "grpo",
+    "grpo_vectorized",
+    "grpo_passk",
+    "rloo",
+    "rloo_vectorized",
+    "opo",
+    "gpg",
+    "reinforce_plus_plus_baseline",
+    "gdpo",
+    "trl",
+)
+TOKEN_ESTIMATORS = ("remax", "reinforce_plus_plus")
+ESTIMATORS = SEQUENCE_ESTIMATORS + TOKEN_ESTIMATORS
+SCALE_REWARDS = ("group", "batch", "none")
+# verl's masked_whiten: rsqrt(var + 1e-8), means over (mask.sum() + 1e-8).
+WHITEN_EPS = 1e-8
+
+
+def group_ids(batch: int, group_index: Optional[torch.Tensor], group_size: Optional[int], device) -> torch.Tensor:
+    """Dense group ids 0..G-1 [B]: from any integer labels, or contiguous runs of group_size (TRL's layout)."""
+    if group_index is not None:
+        return torch.unique(group_index, return_inverse=True)[1].to(device)
+    size = batch if group_size is None else group_size
+    return torch.arange(batch, device=device) // size
+
+
+def _group_stats(x: torch.Tensor, ids: torch.Tensor):
+    """Per-group (count, mean, unbiased std) [G], gathered back to [B]; std of a singleton is 0 here."""
+    G = int(ids.max()) + 1 if ids.numel() else 0
+    count = torch.zeros(G, dtype=x.dtype, device=x.device).index_add_(0, ids, torch.ones_like(x))
+    mean = torch.zeros(G, dtype=x.dtype, device=x.device).index_add_(0, ids, x) / count.clamp(min=1)
+    centered = x - mean[ids]
+    var = torch.zeros(G, dtype=x.dtype, device=x.device).index_add_(0, ids, centered * centered)
+    std = (var / (count - 1).clamp(min=1)).sqrt()
+    return count[ids], mean[ids], std[ids]
+
+
+def _whiten_by_length(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """verl's masked_whiten of x[:, None] * mask over the mask (weights = response lengths)."""
+    total = lengths.sum()
+    if total <= 1:
+        # verl's masked_var raises here ("at least one element" / "sum of the mask is one").
+        raise ValueError("whitening needs at least two valid tokens in the batch (verl raises too)")
+    mean = (x * lengths).sum() / (total + WHITEN_EPS)
+    var = (((x - mean) ** 2) * lengths).sum() / (total + WHITEN_EPS) * (total / (total - 1))
+    return (x - mean) * torch.rsqrt(var + WHITEN_EPS)
+
+
+def _grpo(s, ids, eps, norm_by_std):
+    count, mean, std = _group_stats(s, ids)
+    single = count <= 1
+    mean = torch.where(single, 0, mean)
+    std = torch.where(single, 1, std)
+    return (s - mean) / (std + eps) if norm_by_std else s - mean
+
+
+def _passk(s, ids, eps, norm_by_std):
+    count, _, std = _group_stats(s, ids)
+    if bool((count < 2).any()):
+        raise ValueError("grpo_passk needs at least 2 sequences per group (verl raises too)")
+    G = int(ids.max()) + 1
+    # First and second largest per group; the first index of the maximum is the best sequence.
+    best = torch.full((G,), -torch.inf, dtype=s.dtype, device=s.device).scatter_reduce(0, ids, s, "amax")
+    position = torch.arange(s.numel(), device=s.device)
+    is_max = s == best[ids]
+    first = torch.full((G,), s.numel(), device=s.device).scatter_reduce(
+        0, ids, torch.where(is_max, position, s.numel()), "amin"
+    )
+    winner = position == first[ids]
+    second = torch.full((G,), -torch.inf, dtype=s.dtype, device=s.device).scatter_reduce(
+        0, ids, torch.where(winner, -torch.inf, s), "amax"
+    )
+    gap = best[ids] - second[ids]
+    if norm_by_std:
+        gap = gap / (std + eps)
+    return torch.where(winner, gap, 0)
+
+
+def _trl(s, ids, eps, scale_rewards):
+    _, mean, std = _group_stats(s, ids)
+    if scale_rewards == "batch":
+        std = s.std().expand_as(s) if s.numel() > 1 else torch.zeros_like(s)
+    advantages = s - mean
+    return advantages if scale_rewards == "none" else advantages / (std + eps)
+
+
+def group_advantages(
+    scores: torch.Tensor,
+    group_index: Optional[torch.Tensor] = None,
+    *,
+    group_size: Optional[int] = None,
+    estimator: str = "grpo",
+    eps: float = 1e-6,
+    norm_by_std: bool = True,
+    scale_rewards: str = "group",
+    lengths: Optional[torch.Tensor] = None,
+    f_norm: float = 1.0,
+    reward_weights: Optional[Sequence[float]] = None,
+    token_rewards: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    reward_baselines: Optional[torch.Tensor] = None,
+    gamma: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Advantages [B] (sequence estimators) or [B, T] (token estimators); see the module docstring."""
+    if estimator in TOKEN_ESTIMATORS:
+        return _token_estimator(estimator, token_rewards, mask, reward_baselines, gamma, dtype)
+    # Group statistics in float64: sums of a few scores, so exactness costs nothing.
+    s = scores.detach().to(torch.float64)
+    ids = group_ids(s.shape[0], group_index, group_size, s.device)
+    if estimator in ("grpo", "grpo_vectorized"):
+        out = _grpo(s, ids, eps, norm_by_std)
+    elif estimator == "grpo_passk":
+        out = _passk(s, ids, eps, norm_by_std)
+    elif estimator in ("rloo", "rloo_vectorized"):
+        count, mean, _ = _group_stats(s, ids)
+        single_value = s if estimator == "rloo" else torch.zeros_like(s)
+        out = torch.where(count > 1, count / (count - 1).clamp(min=1) * (s - mean), single_value)
+    elif estimator == "opo":
+        L = lengths.to(torch.float64)
+        count, _, _ = _group_stats(s, ids)
+        G = int(ids.max()) + 1
+        weighted = torch.zeros(G, dtype=s.dtype, device=s.device).index_add_(0, ids, L * s)
+        total = torch.zeros(G, dtype=s.dtype, device=s.device).index_add_(0, ids, L)
+        out = s - torch.where(count > 1, weighted[ids] / total[ids], 0)
+    elif estimator == "gpg":
+        alpha = s.shape[0] / max(int((s != 0).sum()), 1)
+        count, mean, _ = _group_stats(s, ids)
+        out = alpha * (s - torch.where(count > 1, mean, 0)) / f_norm
+    elif estimator == "reinforce_plus_plus_baseline":
+        count, mean, _ = _group_stats(s, ids)
+        out = _whiten_by_length(s - torch.where(count > 1, mean, 0), lengths.to(torch.float64))
+    elif estimator == "gdpo":
+        columns = s if s.dim() == 2 else s[:, None]
+        weights = [1.0] * columns.shape[1] if reward_weights is None else list(reward_weights)
+        total = sum(w * _grpo(columns[:, k], ids, eps, norm_by_std) for k, w in enumerate(weights))
+        out = _whiten_by_length(total, lengths.to(torch.float64))
+    elif estimator == "trl":
+        out = _trl(s, ids, eps, scale_rewards)
+    else:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    return out.to(dtype)
+
+
+def _token_estimator(estimator, token_rewards, mask, reward_baselines, gamma, dtype):
+    r = token_rewards.detach().to(torch.float64)
+    m = mask.to(torch.float64)
+    if estimator == "remax":
+        returns = (r * m).flip(-1).cumsum(-1).flip(-1)
+        return (returns - reward_baselines.detach().to(torch.float64)[:, None] * m).to(dtype)
+    returns = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.shape[1])):
+        new = r[:, t] + gamma * running
+        returns[:, t] = new * m[:, t]
+        running = new * m[:, t] + running * (1 - m[:, t])
+    total = m.sum()
+    mean = (returns * m).sum() / (total + WHITEN_EPS)
+    var = (((returns - mean) ** 2) * m).sum() / (total + WHITEN_EPS) * (total / (total - 1))
+    return ((returns - mean) * torch.rsqrt(var + WHITEN_EPS) * m).to(dtype)
+
+
+def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sequence advantages [B] as token advantages [B, T]: A_b on valid tokens, 0 elsewhere."""
+    return advantages[:, None] * mask.to(advantages.dtype)
