@@ -129,7 +129,7 @@ def _grpo_policy_loss_kernel(
         ratio_max = tl.maximum(ratio_max, tl.where(m != 0, ratio, 0.0))
         if NEED_GRAD:
             tl.store(grad_ptr + base + t, row_weight * m * dloss, mask=ok)
-    out = stats_ptr + N_STATS * row
+    out = stats_ptr + 8 * row  # N_STATS: a module-level int is not visible to the GPU compiler
     tl.store(out, row_weight * tl.sum(loss_sum, 0))
     tl.store(out + 1, tl.sum(low_sum, 0))
     tl.store(out + 2, tl.sum(high_sum, 0))
