@@ -46,7 +46,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "triton-resources.md")
-FAMILIES = ("logprobs", "kl", "ppo", "gae", "masked", "dpo", "rm")
+FAMILIES = ("logprobs", "kl", "ppo", "gae", "masked", "dpo", "rm", "grpo")
 # (kernel name, target cc) -> why a spill is accepted. Empty: no kernel spills.
 ALLOWED_SPILLS: dict[tuple[str, int], str] = {}
 # (kernel name, target cc, triton version prefix) -> why more than MAX_REGISTERS (no
@@ -197,6 +197,23 @@ def ppo_calls():
         policy,
     )
     yield from _sweep("ppo_value_loss", LENGTHS, dict(dtype=FLOATS, clip=(0.2, None), need_grad=(True, False)), value)
+
+
+def grpo_calls():
+    m = importlib.import_module("rlhf_kernels.triton.grpo")
+    params = [0.8, 1.28, 3.0, 1.5, 20.0, 1.0, 1.05, 0.5, 0.8, 1.28, 0.1, 0.0]
+
+    def policy(T, dtype, loss_code, kl_code, has_isw, need_grad):
+        x = meta(256, T, dtype=dtype)
+        isw = x if has_isw else meta(0, dtype=dtype)
+        m.grpo_policy_loss(x, x, x, x, isw, x, meta(256, dtype=dtype), loss_code, kl_code, params, need_grad)
+
+    # Every loss type with and without a KL term, weights and gradient; every KL
+    # estimator (and its straight-through "+") on the clip family.
+    options = dict(dtype=FLOATS, loss_code=(0, 1, 2, 3), kl_code=(0, 13), has_isw=(True, False), need_grad=(True, False))
+    yield from _sweep("grpo_policy_loss", LENGTHS, options, policy)
+    kl_options = dict(dtype=FLOATS, loss_code=(0,), kl_code=(1, 2, 3, 4, 5, 9, 10, 11, 12), has_isw=(False,), need_grad=(True,))
+    yield from _sweep("grpo_policy_loss kl", LENGTHS[-1:], kl_options, policy)
 
 
 def gae_calls():
