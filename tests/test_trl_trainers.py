@@ -143,8 +143,10 @@ def test_fused_lm_head_gradients_match_trl(outputs):
 
 
 def test_patch_refuses_an_unsupported_trl_version(monkeypatch):
-    monkeypatch.setattr(trl, "__version__", "0.9.0")
-    with pytest.warns(RuntimeWarning, match="TRL 0.9.0 is installed"):
+    from rlhf_kernels.integrations import _version
+
+    monkeypatch.setattr(_version, "installed_version", lambda distribution: "0.9.0")
+    with pytest.warns(_version.UnsupportedVersionWarning, match="trl 0.9.0 is installed"):
         assert rk_trl.patch() == 0
     import trl.trainer.utils as trl_utils
 

@@ -30,8 +30,10 @@ import torch
 
 import rlhf_kernels as rk
 
+from ._version import supported_version
+
 # TRL versions whose signatures and semantics these drop-ins follow (patch() refuses others).
-SUPPORTED_VERSIONS = ("1.16",)
+SUPPORTED_VERSIONS = ("1.16.*",)
 # TRL's ChunkedLogProbFunction outputs besides the log-probabilities (trl.kernels.chunked_logprob).
 _CHUNKED_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -139,7 +141,9 @@ class ChunkedLogProbFunction:
         with torch.autocast(device_type, enabled=False):
             logprobs, entropy = rk.linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True, **options)
             extra = [name for name in ("log_sum_sq_probs", "mean_logits", "is_top1") if name in outputs]
-            stats = _logit_statistics(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, extra)
+            stats = _logit_statistics(
+                hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, extra
+            )
         return (
             logprobs,
             entropy if "entropy" in outputs else None,
@@ -197,21 +201,8 @@ def _trl_modules():
 
 
 def _supported() -> bool:
-    """Whether the installed TRL is one these drop-ins follow; warns (once per call) if not."""
-    import warnings
-
-    import trl
-
-    version = getattr(trl, "__version__", "unknown")
-    if any(version == v or version.startswith(v + ".") for v in SUPPORTED_VERSIONS):
-        return True
-    warnings.warn(
-        f"rlhf_kernels.integrations.trl: TRL {version} is installed; the drop-ins follow TRL "
-        f"{', '.join(SUPPORTED_VERSIONS)}. Nothing was patched (a mismatched signature would be patched wrong).",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    return False
+    """Whether the installed TRL is one these drop-ins follow; warns if not."""
+    return supported_version("trl", "trl", SUPPORTED_VERSIONS) is not None
 
 
 def patch() -> int:
