@@ -13,15 +13,18 @@
 #                  fallback (one warning, the CPU build, info says why).
 #   torch 2.13.0   tested by .ci/run's README test command.
 #
-# Budget: each version ~5-6 min on the 2-core CI machine (install ~1.5 min, build ~1.5 min,
-# tests ~3 min). To keep .ci/run within 20 minutes the suite runs here without
-# tests/test_trainer.py and tests/test_label.py (the bundled trainer's minutes-long
-# runs; they exercise no kernel the rest does not) and tests/test_triton_aot.py (a
-# developer gate that drives Triton's GPU compiler internals, minutes with a cold
-# cache, tied to the Triton versions it was written for; the README test command
-# runs all three). Each venv (5+ GB) holds its own copy of the tree
-# (so the main checkout's editable build is left alone) and is removed when done; pip's
-# cache is off: nothing is kept between runs.
+# Budget (measured on the 2-core machine, others' jobs running too): each version ~10 min
+# with the whole suite (install and build 3-4 min, tests 5-7 min). To keep .ci/run near
+# its 20 minutes the suite runs here without the files whose minutes buy the least
+# per torch version (the README test command runs them all, on torch 2.13):
+#   tests/test_trainer.py, tests/test_label.py   the bundled trainer's minutes-long runs
+#       (no kernel the rest does not exercise);
+#   tests/test_triton_aot.py   a developer gate driving Triton's GPU compiler internals,
+#       minutes with a cold cache, tied to the Triton versions it was written for;
+#   tests/test_gpu_script.py   a CPU dry run of bench/gpu.sh (~50 s);
+#   tests/test_batch_invariance.py   bitwise batch invariance at V = 32000 (~100 s).
+# Each venv (5+ GB) holds its own copy of the tree (so the main checkout's editable build
+# is left alone) and is removed when done; pip's cache is off: nothing is kept between runs.
 #
 # Usage: .ci/torch_versions.sh [VERSION...]   (default: 2.14.1 and OLDEST)
 set -euo pipefail
@@ -68,7 +71,8 @@ run_version() {
                 || { echo "FAIL: torch $version (CUDA ${cuda:-none}): expected the CPU fallback"; exit 1; }
         fi
         python -m pytest -q tests -p no:cacheprovider \
-            --ignore=tests/test_trainer.py --ignore=tests/test_label.py --ignore=tests/test_triton_aot.py
+            --ignore=tests/test_trainer.py --ignore=tests/test_label.py --ignore=tests/test_triton_aot.py \
+            --ignore=tests/test_gpu_script.py --ignore=tests/test_batch_invariance.py
     )
     rm -rf "$venv"
     echo "   torch $version: done in $((SECONDS - start)) s"
