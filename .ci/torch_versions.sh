@@ -70,7 +70,11 @@ run_version() {
             grep -q "^build: C++ CPU kernels only, no CUDA kernels: " ../info.txt \
                 || { echo "FAIL: torch $version (CUDA ${cuda:-none}): expected the CPU fallback"; exit 1; }
         fi
-        python -m pytest -q tests -p no:cacheprovider \
+        # The oldest torch skips the Triton-interpreter cases too (half the suite's time,
+        # ~7.5 min -> ~3.5 min on the 2-core CI machine): they run under 2.13 and 2.14.1.
+        local select=()
+        [ "$version" = "$OLDEST" ] && select=(-k "not triton")
+        python -m pytest -q tests -p no:cacheprovider "${select[@]}" \
             --ignore=tests/test_trainer.py --ignore=tests/test_label.py --ignore=tests/test_triton_aot.py \
             --ignore=tests/test_gpu_script.py --ignore=tests/test_batch_invariance.py
     )

@@ -16,6 +16,12 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+# The gate drives Triton's binder and compiler internals, verified on 3.6 (the GPU
+# machine's) and 3.9 (CI's); 3.4's differ.
+pytestmark = pytest.mark.skipif(
+    tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6),
+    reason=f"the AOT gate needs Triton >= 3.6, found {triton.__version__}",
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
