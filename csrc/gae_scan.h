@@ -59,23 +59,29 @@ C10_HOST_DEVICE inline GaeState<acc_t> gae_apply(const GaeMap<acc_t>& f, const G
   return {f.p * s.next_value + f.x, f.u * s.advantage + (f.q * s.next_value + f.y)};
 }
 
-// One position's inputs as the recursion sees them (mask folded in per mode).
+// One position's inputs as the recursion sees them (mask folded in per mode). The mask
+// is folded in by selects, not products: a mask-0 position's reward and value never
+// enter the scan ("carry" leaves them unread, "multiply" makes them 0), so NaN / inf
+// there cannot reach a valid position (0 * inf is NaN).
 template <typename acc_t>
 struct GaeInput {
   acc_t reward, value, weight;  // weight: mask_t in carry mode, else 1
+  acc_t return_value;           // what returns_t adds to A_t (the reference's V_t)
 };
 
 template <typename scalar_t, typename acc_t>
 C10_HOST_DEVICE inline GaeInput<acc_t> gae_input(
     const scalar_t* rewards, const scalar_t* values, const scalar_t* mask, int64_t t, GaeMaskMode mode) {
   const acc_t m = mask == nullptr ? acc_t(1) : static_cast<acc_t>(mask[t]);
-  acc_t r = static_cast<acc_t>(rewards[t]);
-  acc_t v = static_cast<acc_t>(values[t]);
+  const acc_t r = static_cast<acc_t>(rewards[t]);
+  const acc_t v = static_cast<acc_t>(values[t]);
+  const bool live = m != acc_t(0);
   if (mode == GaeMaskMode::kMultiply) {
-    r *= m;
-    v *= m;
+    const acc_t mv = live ? v * m : acc_t(0);
+    return {live ? r * m : acc_t(0), mv, acc_t(1), mv};
   }
-  return {r, v, mode == GaeMaskMode::kCarry ? m : acc_t(1)};
+  if (mode == GaeMaskMode::kCarry) return {live ? r : acc_t(0), live ? v : acc_t(0), m, v};
+  return {r, v, acc_t(1), v};
 }
 
 // f_t: NV_t = (1 - m) NV + m V_t; A_t = m gamma NV + (m gamma lam + 1 - m) A + m (r_t - V_t).
@@ -108,7 +114,7 @@ C10_HOST_DEVICE inline GaeState<acc_t> gae_scan_segment(
     const GaeInput<acc_t> in = gae_input<scalar_t, acc_t>(rewards, values, mask, t, mode);
     state = gae_apply(gae_step(in, gamma, lam), state);
     advantages[t] = static_cast<scalar_t>(state.advantage);
-    returns[t] = static_cast<scalar_t>(state.advantage + in.value);
+    returns[t] = static_cast<scalar_t>(state.advantage + in.return_value);
   }
   return state;
 }

@@ -1,7 +1,8 @@
 // Argument checks of the token_logprobs ops shared by every device's kernel; they
 // guard direct torch.ops.rlhf_kernels calls (rlhf_kernels/_validation.py gives
-// the friendlier errors first). Label ranges are the caller's contract: they are
-// checked in Python, and kernels clamp nothing.
+// the friendlier errors first). Label ranges are checked by each kernel itself
+// (csrc/cpu/logprobs.cpp: check_labels), so no mode that skips the Python checks
+// (torch.compile, direct calls) reads or writes out of bounds.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>

@@ -102,6 +102,24 @@ def in_unit_interval(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
 
 
+def dims(name: str, dim: object, ndim: int) -> None:
+    """dim is None, an int or a tuple of distinct ints in [-ndim, ndim) (torch's IndexError
+    otherwise, on every backend: the kernels' layout would silently wrap it)."""
+    if dim is None:
+        return
+    entries = (dim,) if isinstance(dim, int) else dim
+    if not isinstance(entries, (tuple, list)) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in entries
+    ):
+        raise TypeError(f"{name} must be None, an int or a tuple of ints, got {dim!r}")
+    low, high = -max(ndim, 1), max(ndim, 1) - 1
+    for d in entries:
+        if not low <= d <= high:
+            raise IndexError(f"{name} out of range: expected in [{low}, {high}] for a {ndim}-dim x, got {d}")
+    if len({d % max(ndim, 1) for d in entries}) != len(entries):
+        raise ValueError(f"{name} must not repeat a dimension, got {dim!r}")
+
+
 def values_checked(x: torch.Tensor) -> bool:
     """Whether data-dependent checks (which read tensor values) run for `x`. They are
     free on CPU tensors, but on a GPU each is a host sync that stalls the stream and

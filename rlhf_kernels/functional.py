@@ -389,6 +389,7 @@ def masked_mean(
     check.tensor("mask", mask, dtypes=check.MASK_DTYPES)
     check.same_shape("x", x, mask=mask)
     check.same_device(x=x, mask=mask)
+    check.dims("dim", dim, x.dim())
     return _pick("masked_mean", x.device, backend, reference.masked_mean, _masked_ops.masked_mean)(x, mask, dim)
 
 
@@ -748,10 +749,12 @@ def linear_dpo_loss(
         for name, x in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
             check.tensor(name, x, ndim=1, shape_doc="[B]")
             check.shape(name, x, (n_pairs,), "[B] (half of hidden's rows)")
+        check.same_device(hidden=hidden, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     elif ref_hidden is not None:
         check.tensor("ref_hidden", ref_hidden, dtypes=(hidden.dtype,), ndim=3, shape_doc="[2B, T, H]")
         check.shape("ref_hidden", ref_hidden, hidden.shape[:2] + (ref_hidden.shape[-1],), "[2B, T, H]")
         _check_linear(ref_hidden, weight if ref_weight is None else ref_weight, None)
+        check.same_device(hidden=hidden, ref_hidden=ref_hidden, ref_weight=ref_weight)
     elif not reference_free:
         raise ValueError(
             "linear_dpo_loss needs the reference: ref_chosen_logps and ref_rejected_logps, "
@@ -760,6 +763,7 @@ def linear_dpo_loss(
     if weights is not None:
         check.tensor("weights", weights, ndim=1, shape_doc="[B]")
         check.shape("weights", weights, (n_pairs,), "[B] (half of hidden's rows)")
+        check.same_device(hidden=hidden, weights=weights)
     types = _check_dpo_options(
         beta, loss_type, label_smoothing, reference_free, cdpo, loss_weights, f_divergence_type,
         f_alpha_divergence_coef, discopop_tau, weights,

@@ -33,11 +33,12 @@ Estimator parse_estimator(c10::string_view name) {
 constexpr double kLowVarInnerClamp = 20.0;
 constexpr double kLowVarOuterClamp = 10.0;
 
-RLHF_INLINE float exp_of(float x) { return vector_math::exp(x); }
-RLHF_INLINE double exp_of(double x) { return std::exp(x); }
+RLHF_INLINE float em1mx(float x) { return vector_math::exp_minus_one_minus_x(x); }
+RLHF_INLINE double em1mx(double x) { return vector_math::exp_minus_one_minus_x(x); }
 
 template <typename T>
 RLHF_INLINE T select(bool condition, T a, T b) { return condition ? a : b; }
+// Selects, so NaN passes through as torch.clamp(nan) is nan.
 template <typename T>
 RLHF_INLINE T clamp_to(T x, T bound) { return select(x < -bound, -bound, select(x > bound, bound, x)); }
 template <typename T>
@@ -55,18 +56,18 @@ RLHF_INLINE T estimate(T d, T clamp, T& slope) {
     value = T(0.5) * d * d;
     slope = d;
   } else if constexpr (E == Estimator::kK3) {
-    const T e = exp_of(-d);
-    value = e + d - 1;
-    slope = 1 - e;
+    // exp(-d) + d - 1 without cancellation near d = 0 (d = 1e-4: 5e-9, not 0) and +inf
+    // at d = -inf (not inf - inf); the slope 1 - exp(-d) = d - k3 keeps its accuracy too.
+    value = em1mx(-d);
+    slope = select(d == std::numeric_limits<T>::infinity(), T(1), d - value);
   } else if constexpr (E == Estimator::kAbs) {
     value = d < 0 ? -d : d;
     slope = select(d > T(0), T(1), select(d < T(0), T(-1), T(0)));
   } else {  // low_var_kl: c = clamp(-d, +-20), clamp(exp(c) - c - 1, +-10)
     const T c = clamp_to(-d, T(kLowVarInnerClamp));
-    const T e = exp_of(c);
-    const T raw = e - c - 1;
+    const T raw = em1mx(c);  // exp(c) - c - 1, accurate near c = 0
     value = clamp_to(raw, T(kLowVarOuterClamp));
-    slope = -passes(-d, T(kLowVarInnerClamp)) * (e - 1) * passes(raw, T(kLowVarOuterClamp));
+    slope = -passes(-d, T(kLowVarInnerClamp)) * (c + raw) * passes(raw, T(kLowVarOuterClamp));  // c + raw = exp(c) - 1
   }
   slope *= passes(value, clamp);
   return clamp_to(value, clamp);
@@ -147,6 +148,13 @@ std::tuple<at::Tensor, at::Tensor> kl_shaped_rewards_cpu(
                     score_index->is_contiguous(),
                 "kl_shaped_rewards: score_index must be a contiguous int64 [", B, "] tensor");
   }
+  if (score_index.has_value()) {  // before any write: never an out-of-range write, in any mode
+    const int64_t* index = score_index->const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK_VALUE(index[b] >= 0 && index[b] < T, "kl_shaped_rewards: score_index must be in [0, ", T,
+                        "), got ", index[b], " at row ", b);
+    }
+  }
   const Estimator estimator = parse_estimator(estimator_name);
   at::Tensor rewards = at::empty_like(logprobs);
   at::Tensor kl = at::empty_like(logprobs);
@@ -166,13 +174,11 @@ std::tuple<at::Tensor, at::Tensor> kl_shaped_rewards_cpu(
         run_penalty(estimator, lp + offset, ref + offset, k + offset, static_cast<scalar_t*>(nullptr), T, bound);
         int64_t last_valid = -1;
         for (int64_t i = offset; i < offset + T; ++i) {
-          k[i] *= m[i];
+          k[i] = vector_math::masked(m[i], k[i]);  // NaN / inf at a mask-0 position stays out
           r[i] = -coef * k[i];
           if (m[i] != 0) last_valid = i - offset;
         }
-        const int64_t where = index != nullptr ? index[b] : last_valid;
-        TORCH_CHECK(index == nullptr || (where >= 0 && where < T), "kl_shaped_rewards: score_index must be in [0, ",
-                    T, "), got ", where);
+        const int64_t where = index != nullptr ? index[b] : last_valid;  // checked above
         if (where >= 0) r[b * T + where] += s[b];
       }
     });

@@ -35,8 +35,8 @@ struct FloatRows {
   static float transform_max(float* z, int64_t n, const TransformOptions& o) {
     return vector_math::transform_row_max(z, n, o.scale, o.softcap, o.inv_temperature);
   }
-  static void sum_exp(const float* z, int64_t n, float top, float& sum_exp, float* sum_exp_z) {
-    vector_math::row_sum_exp(z, n, top, sum_exp, sum_exp_z);
+  static void sum_exp(const float* z, int64_t n, float top, float& sum_exp, float* sum_exp_dz) {
+    vector_math::row_sum_exp(z, n, top, sum_exp, sum_exp_dz);
   }
   static float derivative(float z, const TransformOptions& o) {
     return vector_math::transform_derivative(z, o.scale, o.softcap, o.inv_temperature);
@@ -57,15 +57,16 @@ struct DoubleRows {
     }
     return top;
   }
-  static void sum_exp(const double* z, int64_t n, double top, double& sum_exp, double* sum_exp_z) {
+  static void sum_exp(const double* z, int64_t n, double top, double& sum_exp, double* sum_exp_dz) {
     double total_e = 0, total_ez = 0;
     for (int64_t v = 0; v < n; ++v) {
-      const double e = std::exp(z[v] - top);
+      const double dz = z[v] - top;
+      const double e = std::exp(dz);
       total_e += e;
-      total_ez += e * z[v];
+      total_ez += e > 0 ? e * dz : 0.0;  // a masked logit (p = 0) adds nothing, never 0 * -inf
     }
     sum_exp = total_e;
-    if (sum_exp_z != nullptr) *sum_exp_z = total_ez;
+    if (sum_exp_dz != nullptr) *sum_exp_dz = total_ez;
   }
   static double derivative(double z, const TransformOptions& o) {
     if (o.softcap <= 0) return o.scale * o.inv_temperature;
@@ -75,7 +76,7 @@ struct DoubleRows {
   static void grad(double* z, int64_t n, double lse, double g, double g_h, double mean_z, const TransformOptions& o) {
     for (int64_t v = 0; v < n; ++v) {
       const double p = std::exp(z[v] - lse);
-      z[v] = (-g * p - g_h * p * (z[v] - mean_z)) * derivative(z[v], o);
+      z[v] = (p > 0 ? p * (-g - g_h * (z[v] - mean_z)) : 0.0) * derivative(z[v], o);
     }
   }
 };
@@ -88,6 +89,20 @@ template <typename Rows, typename scalar_t>
 typename Rows::acc_t stage_row(const scalar_t* x, int64_t V, const TransformOptions& o, typename Rows::acc_t* z) {
   for (int64_t v = 0; v < V; ++v) z[v] = static_cast<typename Rows::acc_t>(x[v]);
   return Rows::transform_max(z, V, o);
+}
+
+// Labels are checked here, before any row is read or written: a label outside [0, V)
+// that is not ignore_index raises (a linear pass over N labels, cheap next to the rows).
+// The Python checks usually raise first, but they are skipped under torch.compile and on
+// direct torch.ops calls; without this the row loops would read z[label] and the
+// backward write at z[label] out of bounds.
+template <typename index_t>
+void check_labels(const index_t* y, int64_t N, int64_t V, int64_t ignore_index, const char* op) {
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t label = static_cast<int64_t>(y[n]);
+    TORCH_CHECK_VALUE(label == ignore_index || (label >= 0 && label < V), op, ": labels must be in [0, ", V,
+                      ") or equal ignore_index=", ignore_index, "; got ", label, " at row ", n);
+  }
 }
 
 TransformOptions make_options(double temperature, std::optional<double> softcap, double logit_scale) {
@@ -116,18 +131,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
     acc_t* lse_out = lse.mutable_data_ptr<acc_t>();
     AT_DISPATCH_INDEX_TYPES(labels.scalar_type(), "token_logprobs labels", [&] {
       const index_t* y = labels.const_data_ptr<index_t>();
+      check_labels(y, N, V, ignore_index, "token_logprobs");
       at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> z(V);
         for (int64_t n = begin; n < end; ++n) {
           const acc_t top = stage_row<Rows>(x + n * V, V, transform, z.data());
-          acc_t sum_exp, sum_exp_z = 0;
-          Rows::sum_exp(z.data(), V, top, sum_exp, return_entropy ? &sum_exp_z : nullptr);
-          const acc_t log_normaliser = top + std::log(sum_exp);
+          acc_t sum_exp, sum_exp_dz = 0;
+          Rows::sum_exp(z.data(), V, top, sum_exp, return_entropy ? &sum_exp_dz : nullptr);
+          const acc_t log_sum = std::log(sum_exp);
+          const acc_t log_normaliser = top + log_sum;
           const bool valid = static_cast<int64_t>(y[n]) != ignore_index;
           lse_out[n] = log_normaliser;
           // The label logit is the staged value itself: read exactly, never re-derived.
           lp_out[n] = valid ? z[y[n]] - log_normaliser : acc_t(0);
-          h_out[n] = valid && return_entropy ? log_normaliser - sum_exp_z / sum_exp : acc_t(0);
+          // Relative to the max: exact for masked vocabularies (-inf / finfo.min logits).
+          h_out[n] = valid && return_entropy ? log_sum - sum_exp_dz / sum_exp : acc_t(0);
         }
       });
     });
@@ -160,6 +178,7 @@ void token_logprobs_backward_into(
     scalar_t* dx = grad_logits.mutable_data_ptr<scalar_t>();
     AT_DISPATCH_INDEX_TYPES(labels.scalar_type(), "token_logprobs_backward labels", [&] {
       const index_t* y = labels.const_data_ptr<index_t>();
+      check_labels(y, N, V, ignore_index, "token_logprobs_backward");
       at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
         // fp32/fp64 logits are staged in their own gradient row: no extra buffer.
         std::vector<acc_t> buffer(stage_in_output ? 0 : V);

@@ -28,6 +28,8 @@ struct Sums {
 // The reductions over x, mask w (and the gradient g), as (first, second):
 //   kSums (w x, w); kCentered (w c^2, w c); kGrad (g', g' c); kGradAll (g, g c)
 // with c = x - mean and g' = g where w != 0, else 0 (those outputs were filled with 0).
+// Every term is a select on w != 0 (g != 0 for kGradAll's g c), not a product: NaN or
+// inf at a mask-0 position never reaches the sums (0 * inf is NaN).
 enum class Pass { kSums, kCentered, kGrad, kGradAll };
 
 template <Pass P, typename T>
@@ -37,16 +39,16 @@ RLHF_INLINE Sums pass_sums(const T* x, const T* w, const T* g, int64_t n, double
   for (int64_t i = 0; i < n; ++i) {
     const double wi = w[i], xi = x[i];
     if constexpr (P == Pass::kSums) {
-      a += wi * xi;
+      a += wi != 0.0 ? wi * xi : 0.0;
       b += wi;
     } else if constexpr (P == Pass::kCentered) {
       const double c = xi - mean;
-      a += wi * c * c;
-      b += wi * c;
+      a += wi != 0.0 ? wi * c * c : 0.0;
+      b += wi != 0.0 ? wi * c : 0.0;
     } else {
       const double live = (P == Pass::kGradAll || wi != 0.0) ? double(g[i]) : 0.0;
       a += live;
-      b += live * (xi - mean);
+      b += live != 0.0 ? live * (xi - mean) : 0.0;
     }
   }
   return {a, b};
@@ -100,7 +102,9 @@ RLHF_INLINE void whiten_grad_rows(const T* g, const T* x, const T* w, T* dx, int
                                   T var_coef, T centered_mean) {
   for (int64_t i = 0; i < n; ++i) {
     const T live = (!kFill || w[i] != T(0)) ? g[i] : T(0);
-    dx[i] = rstd * live + w[i] * mean_coef - var_coef * w[i] * (x[i] - mean - centered_mean);
+    // A mask-0 position takes no part in the statistics: no w * (x - mean) term (0 * inf).
+    const T statistics = w[i] != T(0) ? w[i] * (mean_coef - var_coef * (x[i] - mean - centered_mean)) : T(0);
+    dx[i] = rstd * live + statistics;
   }
 }
 template <typename T>

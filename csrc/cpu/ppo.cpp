@@ -41,6 +41,11 @@ void check_ppo_inputs(const char* op, std::initializer_list<at::Tensor> tensors,
 
 RLHF_INLINE float exp_of(float x) { return vector_math::exp(x); }
 RLHF_INLINE double exp_of(double x) { return std::exp(x); }
+RLHF_INLINE float em1mx(float x) { return vector_math::exp_minus_one_minus_x(x); }
+RLHF_INLINE double em1mx(double x) { return vector_math::exp_minus_one_minus_x(x); }
+using vector_math::masked;
+using vector_math::max_nan;
+using vector_math::min_nan;
 
 template <typename T>
 RLHF_INLINE T select(bool condition, T a, T b) { return condition ? a : b; }
@@ -48,14 +53,6 @@ RLHF_INLINE T select(bool condition, T a, T b) { return condition ? a : b; }
 // d max(a, b) / d a: 1, 0, or 1/2 on a tie (torch.maximum's convention).
 template <typename T>
 RLHF_INLINE T max_grad_first(T a, T b) { return select(a > b, T(1), select(a < b, T(0), T(0.5))); }
-
-// exp(x) - 1 - x without the cancellation of exp(x) - 1 near 0 (Taylor to x^6 below
-// |x| = 0.1, relative error < 1e-6 there).
-template <typename T>
-RLHF_INLINE T exp_minus_one_minus_x(T x) {
-  const T series = x * x * (T(0.5) + x * (T(1) / 6 + x * (T(1) / 24 + x * (T(1) / 120 + x * (T(1) / 720)))));
-  return select((x < T(0) ? -x : x) < T(0.1), series, exp_of(x) - T(1) - x);
-}
 
 template <typename T>
 struct PolicyOptions {
@@ -77,7 +74,7 @@ RLHF_INLINE T policy_token(T lp, T old, T a, T m, const PolicyOptions<T>& o, T& 
   T ratio_clipped = select(ratio < o.low, o.low, ratio);
   ratio_clipped = select(ratio_clipped > o.high, o.high, ratio_clipped);
   const T clipped = -a * ratio_clipped;
-  T loss = select(unclipped > clipped, unclipped, clipped);
+  T loss = max_nan(unclipped, clipped);  // NaN propagates, as torch.maximum
   const T in_range = select(ratio >= o.low && ratio <= o.high, T(1), T(0));
   T dloss = -a * (max_grad_first(unclipped, clipped) + max_grad_first(clipped, unclipped) * in_range);
   // Dual clip, for negative advantages only: loss = min(loss, -a c).
@@ -85,11 +82,12 @@ RLHF_INLINE T policy_token(T lp, T old, T a, T m, const PolicyOptions<T>& o, T& 
   const T bound = select(negative, -a * o.dual_clip, std::numeric_limits<T>::infinity());
   dual_sum += m * select(loss > bound, T(1), T(0));
   dloss *= max_grad_first(bound, loss);
-  loss = select(loss < bound, loss, bound);
-  loss_sum += m * loss;
+  loss = min_nan(loss, bound);  // a NaN loss stays NaN (a select on loss < bound gave +inf)
+  // Selects, not products: NaN / inf at a mask-0 position never reaches the sums.
+  loss_sum += masked(m, loss);
   clipped_sum += m * select(clipped > unclipped, T(1), T(0));
-  k3_sum += m * exp_minus_one_minus_x(log_ratio);
-  return m * dloss * ratio * clamp_grad;
+  k3_sum += masked(m, em1mx(log_ratio));
+  return masked(m, dloss * ratio * clamp_grad);
 }
 
 // One row of T tokens; grad may be null (forward only). Writes the row's four sums.
@@ -182,9 +180,10 @@ RLHF_INLINE T value_token(T v, T old, T ret, T m, T clip, T& loss_sum, T& clippe
   const T clipped_error = clipped_value - ret;
   const T clipped = clipped_error * clipped_error;
   const T delta_grad = select(v < low, T(0), select(v > high, T(0), T(1)));
-  loss_sum += m * T(0.5) * select(unclipped > clipped, unclipped, clipped);
+  loss_sum += masked(m, T(0.5) * max_nan(unclipped, clipped));
   clipped_sum += m * select(clipped > unclipped, T(1), T(0));
-  return m * (max_grad_first(unclipped, clipped) * error + max_grad_first(clipped, unclipped) * clipped_error * delta_grad);
+  return masked(m, max_grad_first(unclipped, clipped) * error +
+                       max_grad_first(clipped, unclipped) * clipped_error * delta_grad);
 }
 
 template <typename T, bool kHasClip>

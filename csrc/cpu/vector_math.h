@@ -7,6 +7,7 @@
 // every AMD machine: token_logprobs forward on 4096 x 32000, 2 threads of an EPYC,
 // took 118 ms that way, 78 ms with the avx2 clone, 57 ms with avx512f).
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -25,31 +26,83 @@ namespace vector_math {
 
 constexpr int kLanes = 16;
 
-// exp(x) for x <= 88 (Cephes' expf: range reduction by ln 2, degree-6 polynomial;
-// within 2 ulp of std::exp). Arguments below -87.3 give 2^-126 ~ 1.2e-38 rather than
-// a subnormal or 0: the callers only add these to sums >= 1 or use them as
-// probabilities, where that is far below fp32 resolution.
+// exp(x) for every float x (Cephes' expf: range reduction by ln 2, degree-6 polynomial;
+// within 2 ulp of std::exp on [-87.3, 88.7]). Exact at the ends, so masked logits
+// (-inf or finfo.min, far below the row's max) weigh exactly 0 and never enter a sum as
+// 1.2e-38 times a huge negative logit: below ln(FLT_MIN) = -87.34 the result is 0 (the
+// subnormal range is flushed: the callers add these to sums >= 1 or use them as
+// probabilities), above ln(FLT_MAX) it is +inf, and NaN stays NaN. The 2^n scale is
+// two normal factors, so n = 128 (x in (88.38, 88.72]) is exact too.
 RLHF_INLINE float exp(float x) {
+  constexpr float kLow = -87.3365447f;  // ln(FLT_MIN)
+  constexpr float kHigh = 88.7228394f;  // ln(FLT_MAX), rounded up: the top overflows by itself
   // Ternaries, not std::min/max: those are not inlined into the target clones.
-  x = x < -87.3365447f ? -87.3365447f : x;
-  x = x > 88.0f ? 88.0f : x;
-  // Round x / ln 2 to the nearest integer with the 1.5 * 2^23 trick (SSE2-friendly).
+  // NaN passes both (comparisons are false) and makes y NaN below.
+  float r = x < kLow ? kLow : x;
+  r = r > kHigh ? kHigh : r;
+  // Round r / ln 2 to the nearest integer with the 1.5 * 2^23 trick (SSE2-friendly).
   const float shifter = 12582912.0f;
-  const float n = (x * 1.44269504088896341f + shifter) - shifter;
-  x -= n * 0.693359375f;
-  x -= n * -2.12194440e-4f;
+  const float n = (r * 1.44269504088896341f + shifter) - shifter;
+  r -= n * 0.693359375f;
+  r -= n * -2.12194440e-4f;
   float y = 1.9875691500e-4f;
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * x * x + x + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  // 2^n = 2^h 2^(n - h), h = floor(n / 2): both factors normal for n in [-126, 128].
+  const int32_t whole = static_cast<int32_t>(n);
+  const int32_t half = whole >> 1;
+  const uint32_t bits_a = static_cast<uint32_t>(half + 127) << 23;
+  const uint32_t bits_b = static_cast<uint32_t>(whole - half + 127) << 23;
+  float scale_a, scale_b;
+  std::memcpy(&scale_a, &bits_a, sizeof(scale_a));
+  std::memcpy(&scale_b, &bits_b, sizeof(scale_b));
+  y = y * scale_a * scale_b;
+  y = x < kLow ? 0.0f : y;
+  return x > kHigh ? std::numeric_limits<float>::infinity() : y;
 }
+
+// exp(x) - 1 - x without the cancellation of exp(x) - 1 near 0: the Taylor series
+// x^2/2 + ... + x^10/10! below |x| = 0.5 (truncation < 1e-10 relative), exp(x) - 1 - x
+// above (within a few ulp there); +inf at x = +inf (not inf - inf), NaN for NaN. It is
+// k3 = exp(-d) + d - 1 at x = -d, and Schulman's (ratio - 1) - log ratio.
+RLHF_INLINE float exp_minus_one_minus_x(float x) {
+  float s = 1.0f / 3628800;
+  s = s * x + 1.0f / 362880;
+  s = s * x + 1.0f / 40320;
+  s = s * x + 1.0f / 5040;
+  s = s * x + 1.0f / 720;
+  s = s * x + 1.0f / 120;
+  s = s * x + 1.0f / 24;
+  s = s * x + 1.0f / 6;
+  s = s * x + 0.5f;
+  const float series = s * x * x;
+  const float direct = vector_math::exp(x) - 1.0f - x;
+  const float value = (x < 0.0f ? -x : x) < 0.5f ? series : direct;
+  return x == std::numeric_limits<float>::infinity() ? x : value;
+}
+
+// float64: expm1(x) - x (relative error ~ 2 eps / |x|), the series to x^6 below 1e-3.
+static inline double exp_minus_one_minus_x(double x) {
+  if (x == std::numeric_limits<double>::infinity()) return x;
+  if (std::abs(x) < 1e-3) return x * x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720)))));
+  return std::expm1(x) - x;
+}
+
+// max / min that propagate NaN as torch.maximum / torch.minimum do (a bare a > b ? a : b
+// drops a NaN in a).
+template <typename T>
+RLHF_INLINE T max_nan(T a, T b) { return (a > b || a != a) ? a : b; }
+template <typename T>
+RLHF_INLINE T min_nan(T a, T b) { return (a < b || a != a) ? a : b; }
+
+// m * x where m != 0, else 0: a mask-0 position never contributes, even when x is NaN
+// or inf there (0 * inf is NaN).
+template <typename T>
+RLHF_INLINE T masked(T m, T x) { return m != T(0) ? m * x : T(0); }
 
 // tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|) <= 1: no overflow.
 RLHF_INLINE float tanh(float u) {
@@ -92,19 +145,31 @@ RLHF_VECTORIZED static float transform_row_max(float* z, int64_t n, float scale,
   return map_row_max(z, n, [=](float x) __attribute__((always_inline)) { return factor * x; });
 }
 
-// sum_v exp(z_v - top), and sum_v exp(z_v - top) z_v when sum_exp_z is not null.
-RLHF_VECTORIZED static void row_sum_exp(const float* z, int64_t n, float top, float& sum_exp, float* sum_exp_z) {
+// dz with -inf raised to -FLT_MAX: its weight exp(dz) is exactly 0 there, and 0 * -FLT_MAX
+// is 0 where 0 * -inf is NaN. A clamp, which vectorises like exp's (a select on e > 0
+// did not: 5x slower entropy).
+RLHF_INLINE float finite_below(float dz) {
+  constexpr float kLowest = -std::numeric_limits<float>::max();
+  return dz < kLowest ? kLowest : dz;
+}
+
+// sum_v exp(z_v - top), and sum_v exp(z_v - top) (z_v - top) when sum_exp_dz is not
+// null (kept relative to the max, so a row of finfo.min logits cannot overflow it:
+// entropy = log S0 - S1 / S0). A weight of exactly 0 (a masked logit far below the max,
+// or -inf) adds nothing: never 0 * -inf.
+RLHF_VECTORIZED static void row_sum_exp(const float* z, int64_t n, float top, float& sum_exp, float* sum_exp_dz) {
   float lanes_e[kLanes] = {}, lanes_ez[kLanes] = {};
   int64_t v = 0;
-  if (sum_exp_z == nullptr) {  // separate loops: no dead multiply-add per element
+  if (sum_exp_dz == nullptr) {  // separate loops: no dead multiply-add per element
     for (; v + kLanes <= n; v += kLanes)
       for (int l = 0; l < kLanes; ++l) lanes_e[l] += vector_math::exp(z[v + l] - top);
   } else {
     for (; v + kLanes <= n; v += kLanes) {
       for (int l = 0; l < kLanes; ++l) {
-        const float e = vector_math::exp(z[v + l] - top);
+        const float dz = z[v + l] - top;
+        const float e = vector_math::exp(dz);
         lanes_e[l] += e;
-        lanes_ez[l] += e * z[v + l];
+        lanes_ez[l] += e * finite_below(dz);
       }
     }
   }
@@ -114,12 +179,13 @@ RLHF_VECTORIZED static void row_sum_exp(const float* z, int64_t n, float top, fl
     total_ez += lanes_ez[l];
   }
   for (; v < n; ++v) {
-    const float e = vector_math::exp(z[v] - top);
+    const float dz = z[v] - top;
+    const float e = vector_math::exp(dz);
     total_e += e;
-    total_ez += e * z[v];
+    total_ez += e * finite_below(dz);
   }
   sum_exp = total_e;
-  if (sum_exp_z != nullptr) *sum_exp_z = total_ez;
+  if (sum_exp_dz != nullptr) *sum_exp_dz = total_ez;
 }
 
 // In place, z[v] becomes d x[v] = (-g p - g_H p (z - mean_z)) dz/dx with p = exp(z - lse)
@@ -134,16 +200,19 @@ RLHF_INLINE float transform_derivative(float z, float scale, float softcap, floa
 RLHF_VECTORIZED static void row_grad(
     float* z, int64_t n, float lse, float g, float g_entropy, float mean_z, float scale, float softcap,
     float inv_temperature) {
+  // p = 0 (a masked logit) gives exactly 0: p multiplies a finite z - mean_z (finite_below)
+  // before anything else does, so never 0 * -inf nor 0 * an overflowed product.
   if (softcap > 0.0f) {
     for (int64_t v = 0; v < n; ++v) {
       const float p = vector_math::exp(z[v] - lse);
-      z[v] = (-g * p - g_entropy * p * (z[v] - mean_z)) * transform_derivative(z[v], scale, softcap, inv_temperature);
+      const float dz = -g * p - g_entropy * (p * finite_below(z[v] - mean_z));
+      z[v] = dz * transform_derivative(z[v], scale, softcap, inv_temperature);
     }
   } else {
     const float linear = scale * inv_temperature;
     for (int64_t v = 0; v < n; ++v) {
       const float p = vector_math::exp(z[v] - lse);
-      z[v] = (-g * p - g_entropy * p * (z[v] - mean_z)) * linear;
+      z[v] = (-g * p - g_entropy * (p * finite_below(z[v] - mean_z))) * linear;
     }
   }
 }

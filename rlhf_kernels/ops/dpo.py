@@ -6,7 +6,8 @@ that gradient (LD-DPO tails get -(1 - ld_alpha) times it). The reference log-pro
 lengths and WPO weights are constants (detached), as in TRL. The loss types that
 couple the pairs (aot, aot_unpaired: sorts across the batch; sft: a batch mean) run as
 the reference's torch code here on every backend, and several loss types are summed
-here with their loss_weights.
+here with their loss_weights. Under create_graph=True (double backward) the backward is
+the reference's per-pair loss differentiated as a graph (reference/autograd.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from .. import _extension
 from ..reference import dpo as reference
+from ..reference.autograd import recording_backward, vjp
 from . import needs_grad
 
 
@@ -55,12 +57,38 @@ def _fake(chosen, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[2])
+    ctx.save_for_backward(output[2], *inputs[:7])
+    ctx.options = inputs[7:]
     ctx.has_tails, ctx.ld_drop = inputs[4] is not None, 1.0 - inputs[15]
 
 
+def _pair_losses(chosen, rejected, tails, ref_chosen, ref_rejected, lengths, weights, options):
+    """The op's losses by the reference's formulas (differentiable in chosen, rejected, tails)."""
+    beta, loss_type, ls, reference_free, cdpo, f_type, f_alpha, f_clamp, ld_alpha, tau, _ = options
+    pairs = reference.prepare(
+        chosen, rejected, ref_chosen, ref_rejected,
+        ld_alpha=None if tails is None else ld_alpha, tail_logps=None if tails is None else tuple(tails.unbind(0)),
+        chosen_lengths=None if lengths is None else lengths[0],
+        rejected_lengths=None if lengths is None else lengths[1], dtype=chosen.dtype,
+    )  # fmt: skip
+    losses = reference.elementwise_loss(
+        pairs, loss_type, beta=beta, label_smoothing=ls, reference_free=reference_free, cdpo=cdpo,
+        f_code=reference.f_divergence_code(f_type, f_alpha), alpha=f_alpha, clamp=f_clamp, discopop_tau=tau,
+    )  # fmt: skip
+    return losses if weights is None else losses * weights
+
+
 def _backward(ctx, grad_losses, _grad_rewards, _grad_grad):
-    (grad,) = ctx.saved_tensors
+    grad, chosen, rejected, ref_chosen, ref_rejected, tails, lengths, weights = ctx.saved_tensors
+    if recording_backward():  # create_graph=True: differentiable, from the reference's formulas
+        needs = ctx.needs_input_grad
+        d_chosen, d_rejected, d_tails = vjp(
+            lambda c, r, t: _pair_losses(c, r, t, ref_chosen, ref_rejected, lengths, weights, ctx.options),
+            [chosen, rejected, tails],
+            [needs[0], needs[1], needs[4]],
+            [grad_losses],
+        )
+        return (d_chosen, d_rejected, None, None, d_tails) + (None,) * 13
     d_chosen, d_rejected = grad_losses * grad[0], grad_losses * grad[1]
     d_tails = None
     if ctx.has_tails:  # pi = full - (1 - ld_alpha) tail; the reference rows get no gradient

@@ -2,7 +2,10 @@
 
 kl_penalty's kernels return the estimate and, when autograd needs it, d kl / d d
 with d = logprobs - ref_logprobs; the backward is g * grad for logprobs and
--g * grad for ref_logprobs. kl_shaped_rewards is rollout data: no autograd.
+-g * grad for ref_logprobs (under create_graph=True, the reference's estimate
+differentiated as a graph: reference/autograd.py). kl_shaped_rewards is rollout data: no
+autograd; an out-of-range score_index (possible where the Python check is skipped) raises
+in the C++ kernel and gives a NaN row on triton, never an out-of-range write.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Optional
 import torch
 
 from .. import _extension
+from ..reference import kl as reference
+from ..reference.autograd import recording_backward, vjp
 from . import needs_grad
 
 
@@ -52,11 +57,20 @@ def _kl_shaped_rewards_fake(scores, logprobs, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1], inputs[0], inputs[1])
+    ctx.estimator, ctx.clamp = inputs[2], inputs[3]
 
 
 def _backward(ctx, grad_kl, _grad_grad):
-    (slope,) = ctx.saved_tensors
+    slope, logprobs, ref_logprobs = ctx.saved_tensors
+    if recording_backward():  # create_graph=True: differentiable, from the reference's formulas
+        grad_lp, grad_ref = vjp(
+            lambda a, b: reference.kl_penalty(a, b, estimator=ctx.estimator, clamp=ctx.clamp, dtype=a.dtype),
+            [logprobs, ref_logprobs],
+            ctx.needs_input_grad[:2],
+            [grad_kl],
+        )
+        return grad_lp, grad_ref, None, None, None
     grad = grad_kl * slope
     return grad, -grad, None, None, None
 
@@ -90,7 +104,7 @@ def kl_penalty(logprobs, ref_logprobs, *, estimator, clamp, dtype, kernel):
 
 def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator, clamp, score_index, dtype, kernel):
     """Runs `kernel` ("cpu" or "triton"); arguments and results as functional.kl_shaped_rewards."""
-    return _REWARDS[kernel]()(
+    rewards, kl = _REWARDS[kernel]()(
         scores.to(dtype).contiguous(),
         logprobs.to(dtype).contiguous(),
         ref_logprobs.to(dtype).contiguous(),
@@ -100,3 +114,9 @@ def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimato
         None if clamp is None else float(clamp),
         None if score_index is None else score_index.long().contiguous(),
     )
+    if score_index is not None and kernel == "triton":
+        # The kernel neither reads nor writes at an out-of-range index (the C++ kernel
+        # raises): that row is NaN, not a row silently without its score. No host sync.
+        out_of_range = (score_index < 0) | (score_index >= logprobs.shape[-1])
+        rewards = torch.where(out_of_range[:, None], float("nan"), rewards)
+    return rewards, kl

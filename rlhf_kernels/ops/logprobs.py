@@ -9,7 +9,9 @@
   at most reference.logprobs.CHUNK_ELEMENTS logits, each through the token kernel.
   Its backward op recomputes the logits chunk by chunk, so the extra memory is one
   chunk, and d weight / d bias accumulate in fp32.
-All of them save only per-row statistics (lse, entropy) for the backward.
+All of them save only per-row statistics (lse, entropy) for the backward. Under
+create_graph=True (double backward) the backward is the reference's math differentiated
+as a graph instead (reference/autograd.py): exact, unchunked.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ from typing import Optional
 import torch
 
 from .. import _extension
-from ..reference.logprobs import backprop_linear_chunk, chunk_rows, compute_dtype, linear_chunk
+from ..reference.autograd import recording_backward
+from ..reference.logprobs import (
+    LogitTransform,
+    backprop_linear_chunk,
+    chunk_rows,
+    compute_dtype,
+    linear_chunk,
+    linear_logprobs_vjp,
+    token_logprobs_vjp,
+)
 
 
 def _n_rows(logits: torch.Tensor) -> int:
@@ -152,6 +163,11 @@ def _register_token_autograd(op_name: str, backward_op, inplace_backward_op) -> 
 
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         logits, labels, lse, entropy = ctx.saved_tensors
+        if recording_backward():  # create_graph=True: differentiable, from the reference's formulas
+            temperature, softcap, logit_scale, ignore_index = ctx.options
+            opts = LogitTransform(temperature, softcap, logit_scale, ignore_index, True)
+            grad = token_logprobs_vjp(logits, labels, grad_logprobs, grad_entropy, opts, ctx.needs_input_grad[0])
+            return (None if grad is None else grad.to(logits.dtype),) + (None,) * 7
         grad_logprobs = grad_logprobs.contiguous()
         grad_entropy = None if grad_entropy is None else grad_entropy.contiguous()
         if ctx.inplace:
@@ -378,6 +394,14 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
     needed = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
+    if recording_backward():  # create_graph=True: differentiable, from the reference's formulas
+        temperature, softcap, logit_scale, ignore_index, _kernel, batch_invariant = ctx.options
+        opts = LogitTransform(temperature, softcap, logit_scale, ignore_index, True)
+        grads = linear_logprobs_vjp(
+            hidden, weight, bias, labels, grad_logprobs, grad_entropy, opts, batch_invariant, needed
+        )
+        grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, (hidden, weight, bias))]
+        return tuple(grads) + (None,) * 8
     grads = _linear_logprobs_backward(
         grad_logprobs.contiguous(),
         None if grad_entropy is None else grad_entropy.contiguous(),

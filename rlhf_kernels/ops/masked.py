@@ -4,7 +4,8 @@ masked_sums returns float64 per-row (sum mask * x, sum mask); its backward is th
 mask times the first column's gradient, so masked_mean = sums / count is
 differentiable through plain torch ops. masked_whiten saves its float64 statistics
 (count, mean, rstd, denominator, sum mask (x - mean)) and its backward kernel needs
-only them, x and the mask.
+only them, x and the mask. Under create_graph=True (double backward) the backward is
+the reference's whitening differentiated as a graph (reference/autograd.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Optional, Union
 import torch
 
 from .. import _extension
+from ..reference import masked as reference
+from ..reference.autograd import recording_backward, vjp
 
 
 def _triton_kernels():
@@ -63,12 +66,18 @@ def _sums_backward(ctx, grad_sums):
 
 def _register(sums_op: str, whiten_op: str, whiten_backward) -> None:
     def setup_context(ctx, inputs, output):
-        x, mask, shift_mean, _unbiased, _eps, fill_masked = inputs
+        x, mask, shift_mean, unbiased, eps, fill_masked = inputs
         ctx.save_for_backward(x, mask, output[1])
         ctx.shift_mean, ctx.fill_masked = shift_mean, fill_masked
+        ctx.options = dict(shift_mean=shift_mean, unbiased=unbiased, eps=eps, fill_masked=fill_masked)
 
     def backward(ctx, grad_out, _grad_stats):
         x, mask, stats = ctx.saved_tensors
+        if recording_backward():  # create_graph=True: differentiable, from the reference's formulas
+            (grad_x,) = vjp(
+                lambda x: reference.masked_whiten(x, mask, **ctx.options), [x], ctx.needs_input_grad[:1], [grad_out]
+            )
+            return grad_x, None, None, None, None, None
         grad_x = whiten_backward(grad_out.contiguous(), x, mask, stats, ctx.shift_mean, ctx.fill_masked)
         return grad_x, None, None, None, None, None
 
@@ -108,12 +117,14 @@ def masked_mean(
         reduced = sorted({d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim)})
         kept_shape = tuple(size for d, size in enumerate(x.shape) if d not in reduced)
     kept = [d for d in range(x.dim()) if d not in reduced]
-    columns = 1
+    n_rows, columns = 1, 1
+    for d in kept:
+        n_rows *= x.shape[d]
     for d in reduced:
         columns *= x.shape[d]
 
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype).permute(*kept, *reduced).reshape(-1, columns).contiguous()
+    def rows(t: torch.Tensor) -> torch.Tensor:  # explicit sizes: an empty x has no -1 to infer
+        return t.to(dtype).permute(*kept, *reduced).reshape(n_rows, columns).contiguous()
 
     sums = _SUMS[kernel]()(rows(x), rows(mask))
     total, count = sums[:, 0], sums[:, 1]

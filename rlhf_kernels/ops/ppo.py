@@ -4,7 +4,8 @@ The kernels (csrc/cpu/ppo.cpp, rlhf_kernels/triton/ppo.py) return per-row sums a
 the per-token gradient of the loss; the aggregation (agg) reaches them as one
 weight per row, computed here from the mask's row sums, so every agg mode is the
 same kernel: loss = sum_b row_weight_b sum_t mask_bt loss_bt. The backward is a
-scale of the stored gradient.
+scale of the stored gradient; under create_graph=True (double backward) it is the
+reference's per-token loss differentiated as a graph (reference/autograd.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Optional
 import torch
 
 from .. import _extension
+from ..reference.autograd import recording_backward, vjp
+from ..reference.masked import masked_sum
+from ..reference.ppo import policy_token_loss, valid_only, value_token_loss
 from . import needs_grad
 
 _POLICY_STATS = ("clipfrac", "dual_clipfrac", "approx_kl")
@@ -28,12 +32,12 @@ def row_weights(weights: torch.Tensor, agg: str) -> torch.Tensor:
         total = counts.sum()
         return torch.where(total > 0, 1 / torch.where(total > 0, total, 1), 0).expand(B).contiguous()
     if agg == "seq-mean-token-sum":
-        return torch.full_like(counts, 1 / B)
+        return torch.full_like(counts, 1 / max(B, 1))  # B = 0: no rows, no weight
     if agg == "seq-mean-token-mean":
         valid = counts > 0
         n_valid = valid.sum().to(counts.dtype)
         return torch.where(valid, 1 / (torch.where(valid, counts, 1) * torch.clamp(n_valid, min=1)), 0)
-    return torch.full_like(counts, 1 / T)  # seq-mean-token-sum-norm
+    return torch.full_like(counts, 1 / max(T, 1))  # seq-mean-token-sum-norm; T = 0: every row sum is 0
 
 
 def _triton_kernels():
@@ -88,7 +92,22 @@ def _fake(n_stats: int):
     return fake
 
 
+def _policy_rows(lp, old, adv, mask, row_weight, clip_low, clip_high, dual_clip, log_ratio_clamp, _need_grad):
+    """The op's differentiable output row_stats[:, 0] by the reference's formulas."""
+    lp, old, adv = valid_only(mask, lp, old, adv)
+    loss, _ = policy_token_loss(
+        lp, old, adv, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp
+    )
+    return row_weight * masked_sum(loss, mask, dim=-1)
+
+
+def _value_rows(values, old, returns, mask, row_weight, clip, _need_grad):
+    loss, _ = value_token_loss(*valid_only(mask, values, old, returns), clip=clip)
+    return row_weight * masked_sum(loss, mask, dim=-1)
+
+
 def _setup_context(ctx, inputs, output):
+    """The scale-only backward's context (kept for ops that reuse it: ops/grpo.py)."""
     ctx.save_for_backward(output[1])
     ctx.n_inputs = len(inputs)
 
@@ -99,16 +118,35 @@ def _backward(ctx, grad_row_stats, _grad_grad):
     return (grad_row_stats[:, :1] * grad,) + (None,) * (ctx.n_inputs - 1)
 
 
-def _register(op_name: str, n_stats: int) -> None:
+def _setup_context_with_inputs(ctx, inputs, output):
+    ctx.save_for_backward(output[1], *inputs[:5])
+    ctx.options = inputs[5:]
+
+
+def _backward_of(rows):
+    def backward(ctx, grad_row_stats, _grad_grad):
+        """d loss / d input = (d loss / d row_stats[b, 0]) * stored per-token gradient."""
+        grad, x, *constants = ctx.saved_tensors
+        if recording_backward():  # create_graph=True: differentiable, from the reference's formulas
+            (grad_x,) = vjp(
+                lambda x: rows(x, *constants, *ctx.options), [x], ctx.needs_input_grad[:1], [grad_row_stats[:, 0]]
+            )
+            return (grad_x,) + (None,) * (4 + len(ctx.options))
+        return (grad_row_stats[:, :1] * grad,) + (None,) * (4 + len(ctx.options))
+
+    return backward
+
+
+def _register(op_name: str, n_stats: int, rows) -> None:
     torch.library.register_fake(op_name, _fake(n_stats))
-    torch.library.register_autograd(op_name, _backward, setup_context=_setup_context)
+    torch.library.register_autograd(op_name, _backward_of(rows), setup_context=_setup_context_with_inputs)
 
 
-_register("rlhf_kernels::ppo_policy_loss_triton", 4)
-_register("rlhf_kernels::ppo_value_loss_triton", 2)
+_register("rlhf_kernels::ppo_policy_loss_triton", 4, _policy_rows)
+_register("rlhf_kernels::ppo_value_loss_triton", 2, _value_rows)
 if _extension.LOADED:
-    _register("rlhf_kernels::ppo_policy_loss", 4)
-    _register("rlhf_kernels::ppo_value_loss", 2)
+    _register("rlhf_kernels::ppo_policy_loss", 4, _policy_rows)
+    _register("rlhf_kernels::ppo_value_loss", 2, _value_rows)
 
 _OPS = {
     ("policy", "cpu"): lambda: torch.ops.rlhf_kernels.ppo_policy_loss,

@@ -277,11 +277,16 @@ def linear_dpo_loss(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, dtype=dtype, **loss_options
     )
     metrics = {
-        "chosen_rewards": chosen_rewards.mean(),
-        "rejected_rewards": rejected_rewards.mean(),
-        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
-        "reward_accuracy": (chosen_rewards > rejected_rewards).to(dtype).mean(),
-        "chosen_logps": chosen_logps.detach().mean(),
-        "rejected_logps": rejected_logps.detach().mean(),
+        "chosen_rewards": _mean(chosen_rewards),
+        "rejected_rewards": _mean(rejected_rewards),
+        "reward_margin": _mean(chosen_rewards - rejected_rewards),
+        "reward_accuracy": _mean((chosen_rewards > rejected_rewards).to(dtype)),
+        "chosen_logps": _mean(chosen_logps.detach()),
+        "rejected_logps": _mean(rejected_logps.detach()),
     }
-    return losses.mean(), metrics
+    return _mean(losses), metrics
+
+
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean, 0 for no pairs (B = 0) rather than NaN."""
+    return x.mean() if x.numel() else x.sum()

@@ -9,6 +9,8 @@ mask_mode:
     "multiply" r and V multiplied by mask first (OpenRLHF)
     "carry"    a mask-0 position passes V_{t+1} and A_{t+1} through unchanged,
                and reports the carried advantage (verl, before its whitening)
+The mask enters by selects: in "multiply" and "carry" mode a mask-0 position's reward
+and value never reach another position (NaN / inf there stays out; 0 * inf is NaN).
 """
 
 from __future__ import annotations
@@ -34,18 +36,23 @@ def gae(
     r = rewards.detach().double()
     v = values.detach().double()
     m = torch.ones_like(r) if mask is None else mask.detach().double()
+    live = m != 0
+    zero = torch.zeros_like(r)
     if mask_mode == "multiply":
-        r, v = r * m, v * m
+        r, v = torch.where(live, r * m, zero), torch.where(live, v * m, zero)
+    # What the recursion reads in carry mode: mask-0 positions are passed over unread.
+    r_read, v_read = (torch.where(live, r, zero), torch.where(live, v, zero)) if mask_mode == "carry" else (r, v)
     B, T = r.shape
     advantages = torch.empty_like(r)
     next_value = torch.zeros(B, dtype=r.dtype, device=r.device)
     running = torch.zeros_like(next_value)
     for t in range(T - 1, -1, -1):
-        delta = r[:, t] + gamma * next_value - v[:, t]
+        delta = r_read[:, t] + gamma * next_value - v_read[:, t]
         advantage = delta + gamma * lam * running
         if mask_mode == "carry":
-            next_value = m[:, t] * v[:, t] + (1 - m[:, t]) * next_value
-            running = m[:, t] * advantage + (1 - m[:, t]) * running
+            keep = live[:, t]
+            next_value = torch.where(keep, m[:, t] * v_read[:, t] + (1 - m[:, t]) * next_value, next_value)
+            running = torch.where(keep, m[:, t] * advantage + (1 - m[:, t]) * running, running)
         else:
             next_value, running = v[:, t], advantage
         advantages[:, t] = running

@@ -7,7 +7,11 @@ Math per row, with x the raw logits and z the transformed ones:
     z = logit_scale * x / T                               (otherwise)
     logprob = z[label] - logsumexp(z)
     entropy = logsumexp(z) - sum_v softmax(z)_v z_v
-Rows whose label == ignore_index get 0 and zero gradient.
+Rows whose label == ignore_index get 0 and zero gradient. A label outside [0, V)
+that is not ignore_index (possible where the Python check is skipped: torch.compile)
+is never read: its row's log-prob and gradient are NaN.
+Double backward (create_graph=True) is exact: the backward then recomputes the
+gradient as a graph (reference/autograd.py), unchunked.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from .autograd import recording_backward, vjp
 
 # 16M fp32 logits = 64 MiB per [chunk, V] buffer; a chunk's forward holds about
 # three such buffers (z, softmax, product), so ~200 MiB at any V.
@@ -94,13 +100,18 @@ def linear_chunk(hidden, weight, bias, rows: slice, batch_invariant: bool = Fals
 
 def _chunk_logprobs(x: torch.Tensor, labels: torch.Tensor, opts: LogitTransform):
     """x [C, V] raw logits in the compute dtype -> (logprobs [C], entropy [C] or None)."""
-    z = opts.apply(x)
     valid = labels != opts.ignore_index
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    # An ignored row is never read: NaN / inf there reaches neither output nor gradient.
+    z = opts.apply(torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device)))
+    in_vocab = (labels >= 0) & (labels < z.shape[-1])
+    safe_labels = torch.where(valid & in_vocab, labels, torch.zeros_like(labels)).long()
     lse = torch.logsumexp(z, dim=-1)
     label_z = z.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    logprobs = torch.where(valid, label_z - lse, zero)
+    # An out-of-range label is never gathered; its row is NaN, gradient included (the
+    # factor multiplies the whole log-prob, so its backward is NaN too).
+    poison = torch.where(in_vocab | ~valid, 1.0, float("nan")).to(z.dtype)
+    logprobs = torch.where(valid, (label_z - lse) * poison, zero)
     if not opts.return_entropy:
         return logprobs, None
     # A masked logit (-inf or finfo.min) has p = 0: its z must not enter, neither as
@@ -108,6 +119,35 @@ def _chunk_logprobs(x: torch.Tensor, labels: torch.Tensor, opts: LogitTransform)
     p = torch.softmax(z, dim=-1)
     entropy = lse - (p * torch.where(p > 0, z, torch.zeros_like(z))).sum(-1)
     return logprobs, torch.where(valid, entropy, zero)
+
+
+def _entropy_opts(opts: LogitTransform) -> LogitTransform:
+    return LogitTransform(opts.temperature, opts.softcap, opts.logit_scale, opts.ignore_index, True)
+
+
+def token_logprobs_vjp(logits, labels, grad_logprobs, grad_entropy, opts: LogitTransform, needed: bool = True):
+    """d logits of token log-probs [N, V] as a graph (double backward; any backend)."""
+    dtype = compute_dtype(logits.dtype)
+    (grad,) = vjp(
+        lambda x: _chunk_logprobs(x.reshape(-1, x.shape[-1]).to(dtype), labels, _entropy_opts(opts)),
+        [logits],
+        [needed],
+        [grad_logprobs, grad_entropy],
+    )
+    return grad
+
+
+def linear_logprobs_vjp(
+    hidden, weight, bias, labels, grad_logprobs, grad_entropy, opts: LogitTransform, batch_invariant, needs
+):
+    """(d hidden, d weight, d bias) of linear log-probs as a graph (double backward; any backend)."""
+    dtype = compute_dtype(hidden.dtype)
+
+    def forward(h, w, b):
+        z = linear_chunk(h, w, b, slice(None), batch_invariant).to(dtype)
+        return _chunk_logprobs(z, labels, _entropy_opts(opts))
+
+    return vjp(forward, [hidden, weight, bias], needs, [grad_logprobs, grad_entropy])
 
 
 def _chunk_grad(x, labels, grad_logprobs, grad_entropy, opts: LogitTransform) -> torch.Tensor:
@@ -150,6 +190,9 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         logits, labels = ctx.saved_tensors
+        if recording_backward():  # create_graph=True: a differentiable backward
+            grad = token_logprobs_vjp(logits, labels, grad_logprobs, grad_entropy, ctx.opts)
+            return grad.to(logits.dtype), None, None, None
         dtype = compute_dtype(logits.dtype)
         # In place: each chunk is read (into its own fp32 copy) before it is overwritten.
         grad_logits = logits if ctx.inplace_backward else torch.empty_like(logits)
@@ -188,6 +231,13 @@ class _LinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, labels = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if recording_backward():  # create_graph=True: a differentiable backward
+            grads = linear_logprobs_vjp(
+                hidden, weight, bias, labels, grad_logprobs, grad_entropy, ctx.opts, ctx.batch_invariant,
+                (need_hidden, need_weight, need_bias),
+            )  # fmt: skip
+            grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, (hidden, weight, bias))]
+            return (*grads, None, None, None)
         dtype = compute_dtype(hidden.dtype)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         # d weight and d bias accumulate over chunks in fp32 (fp64 for fp64 inputs).

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ..reference.dpo import NORMALISED, PAIR_LOSS_TYPES, f_divergence_code
 from ._launch import launch, widest_block
+from ._math import maximum, minimum
 
 LOSS_CODES = {name: code for code, name in enumerate(PAIR_LOSS_TYPES)}
 _TRUE_RATIO_ONLY = ("nca_pair", "sppo_hard", "bco_pair")
@@ -24,7 +25,7 @@ BLOCK = 1024
 
 @triton.jit
 def _log_sigmoid(x):
-    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+    return minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
 @triton.jit
@@ -52,7 +53,7 @@ def _score(x, fdiv, f_alpha, f_alpha_clamp):
         slope = _sigmoid(-x)
     else:  # alpha_divergence; the clamp passes the gradient on its closed interval, as torch's
         t = (f_alpha - 1.0) * x
-        e = tl.exp(tl.minimum(t, f_alpha_clamp))
+        e = tl.exp(minimum(t, f_alpha_clamp))
         score = (e - 1.0) * (1.0 / (f_alpha - 1.0))
         slope = tl.where(t <= f_alpha_clamp, e, 0.0)
     return score, slope
@@ -111,8 +112,8 @@ def _dpo_loss_kernel(
         s_c, ds_c = _score(a, fdiv, f_alpha, f_alpha_clamp)
         s_r, ds_r = _score(b, fdiv, f_alpha, f_alpha_clamp)
         if normalise:  # ipo with lengths, sigmoid_norm: per-token scores (lengths min 1, as TRL)
-            n_c = tl.maximum(tl.load(length_ptr + i, mask=ok, other=1.0), 1.0)
-            n_r = tl.maximum(tl.load(length_ptr + B + i, mask=ok, other=1.0), 1.0)
+            n_c = maximum(tl.load(length_ptr + i, mask=ok, other=1.0), 1.0)
+            n_r = maximum(tl.load(length_ptr + B + i, mask=ok, other=1.0), 1.0)
             s_c, ds_c, s_r, ds_r = s_c / n_c, ds_c / n_c, s_r / n_r, ds_r / n_r
         z = beta * (s_c - s_r)
         if LOSS == 0 or LOSS == 11:  # sigmoid (cDPO smoothing when asked), sigmoid_norm (sigmoid_ls = 0)
@@ -122,7 +123,7 @@ def _dpo_loss_kernel(
             loss = (-_log_sigmoid(z) * (1.0 - ls) + _log_sigmoid(-z) * ls) / (1.0 - 2.0 * ls)
             dz = (-(1.0 - ls) * _sigmoid(-z) - ls * _sigmoid(z)) / (1.0 - 2.0 * ls)
         elif LOSS == 2:  # hinge; relu'(0) = 0 as torch
-            loss = tl.maximum(1.0 - z, 0.0)
+            loss = maximum(1.0 - z, 0.0)  # NaN stays NaN (tl.maximum gave 0)
             dz = tl.where(1.0 - z > 0, -1.0, 0.0)
         elif LOSS == 3:  # ipo
             gap = (s_c - s_r) - 0.5 / beta

@@ -74,13 +74,15 @@ def _gae_kernel(
         else:
             m = tl.where(ok, 1.0, 0.0).to(ACC)
             m_next = tl.where(has_next, 1.0, 0.0).to(ACC)
+        # The mask enters by selects, not products: a mask-0 position's r and V never
+        # reach the scans (0 * inf is NaN), as in csrc/gae_scan.h.
         if MODE == 1:  # multiply
-            r = r * m
-            v = v * m
-            v_next = v_next * m_next
+            r = tl.where(m != 0, r * m, 0.0)
+            v = tl.where(m != 0, v * m, 0.0)
+            v_next = tl.where(m_next != 0, v_next * m_next, 0.0)
         if MODE == 2:  # carry: the next valid value, a scan
             a_nv = tl.where(ok, 1.0 - m_next, 1.0).to(ACC)
-            b_nv = tl.where(ok, m_next * v_next, 0.0).to(ACC)
+            b_nv = tl.where(ok & (m_next != 0), m_next * v_next, 0.0).to(ACC)
             a_nv, b_nv = tl.associative_scan((a_nv, b_nv), 0, _compose, reverse=True)
             next_value = b_nv + a_nv * carried_next_value
         else:
@@ -88,9 +90,9 @@ def _gae_kernel(
         delta = r + gamma * next_value - v
         if MODE == 2:
             a_adv = tl.where(ok, m * gamma * lam + 1.0 - m, 1.0).to(ACC)
-            b_adv = tl.where(ok, m * delta, 0.0).to(ACC)
+            b_adv = tl.where(ok & (m != 0), m * delta, 0.0).to(ACC)
         else:
-            a_adv = tl.where(ok, gamma * lam + 0.0 * delta, 1.0).to(ACC)
+            a_adv = tl.where(ok, gamma * lam + tl.zeros_like(delta), 1.0).to(ACC)  # not 0 * delta: inf
             b_adv = tl.where(ok, delta, 0.0).to(ACC)
         a_adv, b_adv = tl.associative_scan((a_adv, b_adv), 0, _compose, reverse=True)
         advantage = b_adv + a_adv * carried_advantage

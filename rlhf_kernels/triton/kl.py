@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 
 from ._launch import launch, row_block
+from ._math import clamp as _clamp
+from ._math import exp_minus_one_minus_x, masked
 
 ESTIMATOR_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3, "low_var_kl": 4}
 # 1024 elements a program for the elementwise kernel, and a row tile of 1024 tokens.
@@ -34,20 +36,20 @@ def _estimate(d, clamp, ESTIMATOR: tl.constexpr, HAS_CLAMP: tl.constexpr):
         value = 0.5 * d * d
         slope = d
     elif ESTIMATOR == 2:
-        e = tl.exp(-d)
-        value = e + d - 1.0
-        slope = 1.0 - e
+        # exp(-d) + d - 1 without cancellation near 0, +inf at d = -inf; slope 1 - exp(-d) = d - k3
+        value = exp_minus_one_minus_x(-d)
+        slope = tl.where(d == float("inf"), 1.0, d - value)
     elif ESTIMATOR == 3:
         value = tl.abs(d)
         slope = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-    else:
-        c = tl.minimum(tl.maximum(-d, -20.0), 20.0)
-        raw = tl.exp(c) - c - 1.0
-        value = tl.minimum(tl.maximum(raw, -10.0), 10.0)
-        slope = -_passes(-d, 20.0) * (tl.exp(c) - 1.0) * _passes(raw, 10.0)
+    else:  # clamps by select: NaN stays NaN (tl.minimum / tl.maximum dropped it)
+        c = _clamp(-d, -20.0, 20.0)
+        raw = exp_minus_one_minus_x(c)
+        value = _clamp(raw, -10.0, 10.0)
+        slope = -_passes(-d, 20.0) * (c + raw) * _passes(raw, 10.0)  # c + raw = exp(c) - 1
     if HAS_CLAMP:
         slope = slope * _passes(value, clamp)
-        value = tl.minimum(tl.maximum(value, -clamp), clamp)
+        value = _clamp(value, -clamp, clamp)
     return value, slope
 
 
@@ -99,7 +101,7 @@ def _kl_shaped_rewards_kernel(
         d = tl.load(lp_ptr + base + t, mask=ok, other=0.0) - tl.load(ref_ptr + base + t, mask=ok, other=0.0)
         m = tl.load(mask_ptr + base + t, mask=ok, other=0.0)
         value, _ = _estimate(d, clamp, ESTIMATOR, HAS_CLAMP)
-        kl = value * m
+        kl = masked(m, value)  # NaN / inf at a mask-0 position stays out
         tl.store(kl_ptr + base + t, kl, mask=ok)
         tl.store(rewards_ptr + base + t, -kl_coef * kl, mask=ok)
         last_valid = tl.maximum(last_valid, tl.where(ok & (m != 0), t.to(tl.int64), -1))
@@ -110,12 +112,12 @@ def _kl_shaped_rewards_kernel(
     # The score's position gets its reward recomputed (bit-identical) plus the score;
     # the barrier orders this store after the loop's store of the same element.
     # An index outside [0, T) (unchecked on GPU tensors: the check would sync the host)
-    # is never read or written; that row's score is then not added anywhere.
+    # is never read or written; rlhf_kernels/ops/kl.py then fills that row with NaN.
     in_row = (where >= 0) & (where < T)
     safe = tl.where(in_row, where, 0)
     d = tl.load(lp_ptr + base + safe) - tl.load(ref_ptr + base + safe)
     value, _ = _estimate(d, clamp, ESTIMATOR, HAS_CLAMP)
-    reward = -kl_coef * (value * tl.load(mask_ptr + base + safe))
+    reward = -kl_coef * masked(tl.load(mask_ptr + base + safe), value)
     tl.debug_barrier()
     tl.store(rewards_ptr + base + safe, reward + tl.load(scores_ptr + row), mask=in_row)
 

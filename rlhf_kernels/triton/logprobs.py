@@ -407,7 +407,7 @@ def _vocab_splits(n_row_blocks: int, v_tiles: int, device: torch.device, batch_i
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = 4 if device.type == "cpu" else 132
-    return max(1, min(triton.cdiv(2 * sms, n_row_blocks), v_tiles))
+    return max(1, min(triton.cdiv(2 * sms, max(n_row_blocks, 1)), v_tiles))  # N = 0: no row block
 
 
 def _combine_vocab_splits(

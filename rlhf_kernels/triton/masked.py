@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
+from ._math import masked
 
 # A program reduces 16 tiles of 1024: each lane adds 16 values before the tree sum,
 # and [8 x 8192] fp32 already gives 8 programs' worth of parallel rows.
@@ -49,18 +50,19 @@ def _partial_sums_kernel(
         ok = col < C
         x = tl.load(x_ptr + row * C + col, mask=ok, other=0.0)
         w = tl.load(w_ptr + row * C + col, mask=ok, other=0.0)
+        # selects, not products: NaN / inf at a mask-0 position never reaches a sum
         if PASS == SUMS:
-            acc_u += w * x
+            acc_u += masked(w, x)
             acc_v += w
         elif PASS == CENTERED:
             c = x - mean  # w = 0 past the end
-            acc_u += w * c * c
-            acc_v += w * c
+            acc_u += masked(w, c * c)
+            acc_v += masked(w, c)
         else:
             g = tl.load(g_ptr + row * C + col, mask=ok, other=0.0)
             live = g if PASS == GRAD_ALL else tl.where(w != 0, g, 0.0)
             acc_u += live
-            acc_v += live * (x - mean)
+            acc_v += masked(live, x - mean)
     out = out_ptr + (row * n_splits + split) * 2
     tl.store(out, tl.sum(acc_u, axis=0))
     tl.store(out + 1, tl.sum(acc_v, axis=0))
@@ -102,7 +104,9 @@ def _whiten_backward_kernel(
     x = tl.load(x_ptr + i, mask=ok, other=0.0)
     w = tl.load(w_ptr + i, mask=ok, other=0.0)
     live = tl.where(w != 0, g, 0.0) if FILL else g
-    tl.store(out_ptr + i, rstd * live + w * mean_coef - var_coef * w * (x - mean - centered_mean), mask=ok)
+    # a mask-0 position took no part in the statistics: no w (x - mean) term (0 * inf)
+    statistics = masked(w, mean_coef - var_coef * (x - mean - centered_mean))
+    tl.store(out_ptr + i, rstd * live + statistics, mask=ok)
 
 
 def _pair_sums(x: torch.Tensor, w: torch.Tensor, pass_code: tl.constexpr, stats=None, grad=None) -> torch.Tensor:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch, row_block, widest_block
+from ._math import clamp, exp_minus_one_minus_x, masked, maximum, minimum
 
 # 1024 tokens a tile: T = 8192 in 8 iterations; four fp32 accumulators of 1024 lanes.
 BLOCK_T = 1024
@@ -24,14 +25,6 @@ BLOCK_T = 1024
 def _max_grad_first(a, b):
     """d max(a, b) / d a: 1, 0, or 1/2 on a tie."""
     return tl.where(a > b, 1.0, tl.where(a < b, 0.0, 0.5))
-
-
-@triton.jit
-def _exp_minus_one_minus_x(x):
-    """exp(x) - 1 - x without the cancellation of exp(x) - 1 near 0 (Taylor to x^6
-    below |x| = 0.1, relative error < 1e-6 there)."""
-    series = x * x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720)))))
-    return tl.where(tl.abs(x) < 0.1, series, tl.exp(x) - 1.0 - x)
 
 
 @triton.jit
@@ -74,11 +67,12 @@ def _ppo_policy_loss_kernel(
         clamp_grad = tl.full([BLOCK], 1.0, ACC)
         if HAS_CLAMP:
             clamp_grad = tl.where(tl.abs(log_ratio) <= log_ratio_clamp, 1.0, 0.0)
-            log_ratio = tl.minimum(tl.maximum(log_ratio, -log_ratio_clamp), log_ratio_clamp)
+            log_ratio = clamp(log_ratio, -log_ratio_clamp, log_ratio_clamp)
         ratio = tl.exp(log_ratio)
         unclipped = -a * ratio
-        clipped = -a * tl.minimum(tl.maximum(ratio, low), high)
-        loss = tl.maximum(unclipped, clipped)
+        # selects (_math.py): a NaN log-prob gives a NaN loss, as torch.clamp / torch.maximum
+        clipped = -a * clamp(ratio, low, high)
+        loss = maximum(unclipped, clipped)
         in_range = tl.where((ratio >= low) & (ratio <= high), 1.0, 0.0)
         dloss = -a * (_max_grad_first(unclipped, clipped) + _max_grad_first(clipped, unclipped) * in_range)
         if HAS_DUAL_CLIP:
@@ -86,12 +80,13 @@ def _ppo_policy_loss_kernel(
             negative = a < 0
             dual_sum += m * tl.where(negative & (loss > bound), 1.0, 0.0)
             dloss = tl.where(negative, dloss * _max_grad_first(bound, loss), dloss)
-            loss = tl.where(negative, tl.minimum(loss, bound), loss)
-        loss_sum += m * loss
+            loss = tl.where(negative, minimum(loss, bound), loss)
+        # masks by select: NaN / inf at a mask-0 position never reaches the sums
+        loss_sum += masked(m, loss)
         clipped_sum += m * tl.where(clipped > unclipped, 1.0, 0.0)
-        k3_sum += m * _exp_minus_one_minus_x(log_ratio)
+        k3_sum += masked(m, exp_minus_one_minus_x(log_ratio))
         if NEED_GRAD:
-            tl.store(grad_ptr + base + t, row_weight * m * dloss * ratio * clamp_grad, mask=ok)
+            tl.store(grad_ptr + base + t, row_weight * masked(m, dloss * ratio * clamp_grad), mask=ok)
     tl.store(stats_ptr + 4 * row, row_weight * tl.sum(loss_sum, 0))
     tl.store(stats_ptr + 4 * row + 1, tl.sum(clipped_sum, 0))
     tl.store(stats_ptr + 4 * row + 2, tl.sum(dual_sum, 0))
@@ -134,18 +129,18 @@ def _ppo_value_loss_kernel(
             low = old - clip
             high = old + clip
             # clamp(v, old - clip, old + clip): exactly v inside the band (csrc/cpu/ppo.cpp)
-            clipped_error = tl.minimum(tl.maximum(v, low), high) - ret
+            clipped_error = clamp(v, low, high) - ret
             clipped = clipped_error * clipped_error
             delta_grad = tl.where((v >= low) & (v <= high), 1.0, 0.0)
-            loss = 0.5 * tl.maximum(unclipped, clipped)
+            loss = 0.5 * maximum(unclipped, clipped)
             dloss = (
                 _max_grad_first(unclipped, clipped) * error
                 + _max_grad_first(clipped, unclipped) * clipped_error * delta_grad
             )
             clipped_sum += m * tl.where(clipped > unclipped, 1.0, 0.0)
-        loss_sum += m * loss
+        loss_sum += masked(m, loss)
         if NEED_GRAD:
-            tl.store(grad_ptr + base + t, row_weight * m * dloss, mask=ok)
+            tl.store(grad_ptr + base + t, row_weight * masked(m, dloss), mask=ok)
     tl.store(stats_ptr + 2 * row, row_weight * tl.sum(loss_sum, 0))
     tl.store(stats_ptr + 2 * row + 1, tl.sum(clipped_sum, 0))
 

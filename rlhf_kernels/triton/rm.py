@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
+from ._math import minimum
 
 BLOCK = 1024
 # Pair tiles of ranking_loss: [32, 32] is 8 values per thread at 4 warps (16 registers
@@ -24,7 +25,7 @@ def _neg_log_sigmoid(x):
     """(-logsigmoid(x), its derivative -sigmoid(-x))."""
     e = tl.exp(-tl.abs(x))
     slope = tl.where(x >= 0, -e / (1.0 + e), -1.0 / (1.0 + e))
-    return tl.log(1.0 + e) - tl.minimum(x, 0.0), slope
+    return tl.log(1.0 + e) - minimum(x, 0.0), slope
 
 
 @triton.jit
