@@ -74,6 +74,11 @@ def linear_impls(device: str, quick: bool) -> dict[str, Callable]:
     impls["naive matmul+log_softmax+gather"] = _naive_linear
     if not quick:
         impls["torch.compile(naive)"] = torch.compile(_naive_linear)
+    trl_chunked = _optional("trl.kernels", "ChunkedLogProbFunction")
+    if trl_chunked is not None:
+        # TRL 1.16's fused LM head (what its DPO/GRPO trainers run; our trl.patch() replaces
+        # it): 32768-wide vocabulary chunks as TRL's add_fused_lm_head passes them.
+        impls["trl ChunkedLogProbFunction"] = lambda h, w, y: trl_chunked.apply(h, w, None, y, 1.0, 32768)[0]
     cce = _optional("cut_cross_entropy", "linear_cross_entropy")
     if cce is not None and device == "cuda":
         impls["cce linear_cross_entropy"] = lambda h, w, y: -cce(h, w, y, reduction="none")
