@@ -60,6 +60,35 @@ def test_launches_are_recorded_not_run_with_their_gpu_configuration():
     assert sums.grid == (1 << 20,)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_batch_invariant_linear_launch_does_not_depend_on_the_number_of_rows(dtype):
+    """The GPU launch configuration of the fused linear forward, as the AOT gate compiles
+    it: in batch-invariant mode only the number of 64-row blocks (grid axis 0) follows N;
+    tiles, warps, stages and the vocabulary splits, which fix each row's reduction order
+    over H and V, are the same at N = 1 and N = 65536. Without the mode the splits follow N."""
+    from rlhf_kernels.triton import logprobs
+    from rlhf_kernels.triton._launch import recording
+
+    H, V = 4096, 152064
+    weight = torch.empty(V, H, dtype=dtype, device="meta")
+
+    def configuration(N, batch_invariant):
+        hidden = torch.empty(N, H, dtype=dtype, device="meta")
+        labels = torch.empty(N, dtype=torch.int64, device="meta")
+        with recording() as launches:
+            logprobs.linear_logprobs_forward(
+                hidden, weight, None, labels, 1.0, None, 1.0, -100, True, batch_invariant=batch_invariant
+            )
+        (launch,) = launches
+        vocab_chunk = launch.args[8]  # the vocabulary columns each split covers
+        return launch.kernel, launch.grid[1], vocab_chunk, launch.num_warps, launch.num_stages, launch.constexprs
+
+    rows = (1, 64, 300, 8192, 65536)
+    invariant = [configuration(N, True) for N in rows]
+    assert all(config == invariant[0] for config in invariant)
+    assert len({configuration(N, False)[1] for N in rows}) > 1
+
+
 def test_a_grid_over_the_hardware_limit_is_a_clear_error():
     from rlhf_kernels.triton import gae
     from rlhf_kernels.triton._launch import launch
