@@ -2,10 +2,16 @@
 available backend against the frameworks' own eager code for the same loss type,
 side by side: TRL 1.16's GRPOTrainer._compute_loss (tests/trl_grpo.py) and verl
 0.9.1's registered policy losses (vendored, tests/verl_ref.py), where importable.
+linear_policy_loss (from hidden states x lm_head weight) against the unfused path
+(the [B, T, V] logits, log_softmax, then policy_loss) and Liger's
+LigerFusedLinearGRPOLoss (chunked torch; torch.compile'd chunks on a GPU), where
+importable.
 
-Rate: GB/s of the useful traffic, the same for every implementation: forward reads
-the four [B, T] inputs (five with ref_logprobs); forward+backward also writes the
-[B, T] gradient.
+Rate: GB/s of the useful traffic for policy_loss, the same for every
+implementation: forward reads the four [B, T] inputs (five with ref_logprobs);
+forward+backward also writes the [B, T] gradient. TFLOP/s for linear_policy_loss:
+2 B T H V forward, 6 B T H V forward+backward (the logits GEMM and its two
+gradient GEMMs; recomputing the logits in backward is not counted as work).
 """
 
 from __future__ import annotations
@@ -23,11 +29,17 @@ from rlhf_kernels import backend
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the framework oracles
 
 DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.float32}
+# {"policy": [(B, T)] for policy_loss, "linear": [(B, T, H, V)] for linear_policy_loss}.
+# linear: G = 8 completions of 2 prompts, Qwen2.5-0.5B's H = 896 and V = 151936 on a GPU,
+# a 32000 vocabulary on CPU.
 SHAPES = {
-    ("cpu", True): [(64, 1024)],
-    ("cpu", False): [(256, 4096)],
-    ("cuda", True): [(256, 4096)],
-    ("cuda", False): [(256, 4096), (512, 16384)],
+    ("cpu", True): {"policy": [(64, 1024)], "linear": [(4, 128, 512, 32000)]},
+    ("cpu", False): {"policy": [(256, 4096)], "linear": [(16, 256, 896, 32000)]},
+    ("cuda", True): {"policy": [(256, 4096)], "linear": [(16, 512, 896, 151936)]},
+    ("cuda", False): {
+        "policy": [(256, 4096), (512, 16384)],
+        "linear": [(16, 1024, 896, 151936), (8, 2048, 3584, 152064)],
+    },
 }
 # (case, our options, framework, framework options)
 CASES = [
@@ -82,7 +94,7 @@ def _impls(device: str, ours: dict, kind: str, theirs: dict) -> dict:
 
 def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
     bytes_per = torch.finfo(dtype).bits // 8
-    for B, T in SHAPES[(device, quick)]:
+    for B, T in SHAPES[(device, quick)]["policy"]:
 
         def make(B=B, T=T):
             lp = -torch.rand(B, T, device=device, dtype=dtype) * 3
@@ -102,3 +114,53 @@ def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
                     "forward+backward": (reads + 1) * B * T * bytes_per / 1e9,
                 },
             )
+    yield from linear_cases(device, quick, dtype)
+
+
+def _unfused_linear(hidden, weight, labels, mask, old, adv):
+    logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    logprobs = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return rk.policy_loss(logprobs, old, adv, mask, loss_type="dapo", clip_high=0.28, backend="reference")[0]
+
+
+def linear_impls(device: str) -> dict:
+    impls = {
+        f"ours:{name}": (
+            lambda name: lambda h, w, y, m, old, adv: rk.linear_policy_loss(
+                h, w, y, m, old_logprobs=old, advantages=adv, loss_type="dapo", clip_high=0.28, backend=name
+            )[0]
+        )(name)
+        for name in backend.available("linear_policy_loss", device)
+    }
+    impls["unfused logits+log_softmax+policy_loss"] = _unfused_linear
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except Exception:  # noqa: BLE001  (not installed or not importable: no Liger row)
+        return impls
+    liger = LigerFusedLinearGRPOLoss(
+        beta=0.0, compiled=device == "cuda", use_ref_model=False, epsilon_high=0.28, loss_type="dapo"
+    )
+    impls["liger LigerFusedLinearGRPOLoss"] = lambda h, w, y, m, old, adv: liger(
+        h, w, y, m, adv, old_per_token_logps=old
+    )[0]
+    return impls
+
+
+def linear_cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
+    for B, T, H, V in SHAPES[(device, quick)]["linear"]:
+
+        def make(B=B, T=T, H=H, V=V):
+            hidden = torch.randn(B, T, H, device=device, dtype=dtype)
+            weight = torch.randn(V, H, device=device, dtype=dtype) / H**0.5
+            labels = torch.randint(0, V, (B, T), device=device)
+            mask = harness.right_padded_mask(B, T, device, torch.float32)
+            old = -3 * torch.rand(B, T, device=device)
+            return (hidden, weight, labels, mask, old, torch.randn(B, device=device)), (0, 1)
+
+        yield dict(
+            name=f"linear_policy_loss dapo B={B} T={T} H={H} V={V} {str(dtype)[6:]}",
+            impls=linear_impls(device),
+            make=make,
+            unit="TFLOP/s",
+            work={"forward": 2 * B * T * H * V / 1e12, "forward+backward": 6 * B * T * H * V / 1e12},
+        )

@@ -43,6 +43,7 @@ OP_FAMILY: dict[str, str] = {
     "bradley_terry_loss": "rm",
     "ranking_loss": "rm",
     "policy_loss": "grpo",
+    "linear_policy_loss": "grpo",
 }
 FAMILIES = tuple(dict.fromkeys(OP_FAMILY.values()))
 
@@ -68,6 +69,7 @@ COMPILED_OPS: dict[str, tuple[str, ...]] = {
     "masked_mean": ("masked_sums",),
     "masked_whiten": ("masked_whiten", "masked_whiten_backward"),
     "policy_loss": ("grpo_policy_loss",),
+    "linear_policy_loss": (*_LOGPROBS_OPS, "grpo_policy_loss"),
 }
 
 # Auto's order on CUDA tensors, fastest first. Triton leads until an op's
@@ -110,6 +112,7 @@ TRITON_MODULES: dict[str, str] = {
     "bradley_terry_loss": "rm",
     "ranking_loss": "rm",
     "policy_loss": "grpo",
+    "linear_policy_loss": "grpo",
 }
 
 

@@ -1080,3 +1080,76 @@ def policy_loss(
         "policy_loss", logprobs.device, backend, _grpo_reference.policy_loss, _grpo_ops.policy_loss
     )
     return implementation(logprobs, old_logprobs, advantages, mask, **options)
+
+
+def linear_policy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    *,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    ref_logprobs: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    loss_type: str = "grpo",
+    entropy_coef: float = 0.0,
+    batch_invariant: Optional[bool] = None,
+    backend: Optional[str] = None,
+    **policy_options,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """policy_loss from final hidden states x lm_head weight, never materializing [B, T, V] logits.
+
+    Args: hidden [B, T, H], weight [V, H] (lm_head.weight, hidden's dtype), bias [V] or
+    None, labels [B, T] (the sampled tokens; not read where mask is 0), mask [B, T];
+    old_logprobs [B, T], advantages [B] or [B, T], ref_logprobs [B, T] or None.
+    loss_type, entropy_coef and every other keyword of policy_loss (clip_low, clip_high,
+    kl_coef, kl_estimator, agg, importance_sampling_level, is_weights, ...) mean what they
+    mean there. The log-probs and entropy of logits / temperature come from
+    linear_logprobs (one fused pass over the vocabulary per row block, logits recomputed
+    tile by tile in backward), then policy_loss runs on the [B, T] results on the same
+    backend: the [N, V] logits exist only as tiles. Entropy is computed for the stats and
+    is differentiated only when entropy_coef != 0.
+    Returns: (loss [] float32 (float64 for float64 input), stats as policy_loss's, with
+    entropy). Differentiable w.r.t. hidden, weight and bias.
+    Precision: logits in the input dtype (as the unfused model), log-probs and the loss
+    in fp32; equal to policy_loss(log_softmax(hidden @ weight.T / temperature)...) to fp32
+    rounding in fp32 (bf16: the logits' own bf16 rounding, as the unfused model's).
+    Batch invariance: batch_invariant as linear_logprobs; the loss is a batch mean.
+    """
+    _check_sequences(hidden, weight, labels, mask)
+    if bias is not None:
+        _check_linear(hidden, weight, bias)
+        check.same_device(hidden=hidden, bias=bias)
+    check.positive("temperature", temperature)
+    check.number("entropy_coef", entropy_coef)
+    if "entropy" in policy_options or "logprobs" in policy_options:
+        raise TypeError("linear_policy_loss computes logprobs and entropy itself from hidden and weight")
+    check.labels_in_range(labels, weight.shape[0], ignore_index=-100, mask=mask)
+    B, T, H = hidden.shape
+    resolved = _backend.resolve("linear_policy_loss", hidden.device, backend)
+    tokens = torch.where(mask != 0, labels, torch.full_like(labels, -100))
+    logprobs, entropy = linear_logprobs(
+        hidden.reshape(B * T, H),
+        weight,
+        tokens.reshape(B * T),
+        bias=bias,
+        temperature=temperature,
+        return_entropy=True,
+        batch_invariant=batch_invariant,
+        backend=resolved,
+    )
+    entropy = entropy.reshape(B, T)
+    return policy_loss(
+        logprobs.reshape(B, T),
+        old_logprobs,
+        advantages,
+        mask,
+        ref_logprobs=ref_logprobs,
+        loss_type=loss_type,
+        entropy=entropy if entropy_coef != 0.0 else entropy.detach(),
+        entropy_coef=entropy_coef,
+        backend=resolved,
+        **policy_options,
+    )

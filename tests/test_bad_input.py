@@ -43,6 +43,17 @@ def _valid():
             rk.policy_loss,
             dict(logprobs=lp, old_logprobs=lp.clone(), advantages=torch.randn(B), mask=torch.ones(B, T)),
         ),
+        "linear_policy_loss": (
+            rk.linear_policy_loss,
+            dict(
+                hidden=torch.randn(B, T, H),
+                weight=torch.randn(V, H),
+                labels=torch.randint(0, V, (B, T)),
+                mask=torch.ones(B, T),
+                old_logprobs=lp,
+                advantages=torch.randn(B),
+            ),
+        ),
         "ppo_value_loss": (
             rk.ppo_value_loss,
             dict(
@@ -142,6 +153,9 @@ CASES = [
     ("policy_loss", "dual_clip", lambda k: 0.5, ValueError, "dual_clip must be > 1"),
     ("policy_loss", "ref_logprobs", lambda k: torch.randn(2, 2), ValueError, "ref_logprobs must have the shape"),
     ("policy_loss", "kl_coef", lambda k: float("nan"), ValueError, "kl_coef must be a finite number"),
+    ("linear_policy_loss", "labels", lambda k: torch.full((2, 3), 5), ValueError, "labels must be in [0, 5)"),
+    ("linear_policy_loss", "old_logprobs", lambda k: torch.randn(2, 4), ValueError, "old_logprobs must have the shape"),
+    ("linear_policy_loss", "weight", lambda k: torch.randn(5, 3), ValueError, "weight must be [V, H] with H"),
     ("ppo_value_loss", "returns", lambda k: k["returns"][None], ValueError, "returns must have 2 dims [B, T]"),
     ("dpo_loss", "loss_type", lambda k: "kto", ValueError, "loss_type must be one of"),
     ("dpo_loss", "ref_rejected_logps", lambda k: torch.randn(3), ValueError, "ref_rejected_logps must have the shape"),
