@@ -871,13 +871,24 @@ def _reference_only(name: str, backend: Optional[str]) -> None:
         raise ValueError(f"{name} runs on the reference backend only (backend=None or 'reference'), got {backend!r}")
 
 
+def _check_groups(B: int, group_index: Optional[Tensor], group_size: Optional[int]) -> None:
+    if group_index is not None:
+        check.tensor("group_index", group_index, dtypes=check.INDEX_DTYPES, ndim=1, shape_doc="[B]")
+        check.shape("group_index", group_index, (B,), "[B]")
+    if group_size is not None:
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1 or B % group_size:
+            raise ValueError(f"group_size must be an int >= 1 dividing B = {B}, got {group_size!r}")
+        if group_index is not None:
+            raise ValueError("pass group_index or group_size, not both")
+
+
 def group_advantages(
     scores: Optional[Tensor],
     group_index: Optional[Tensor] = None,
     *,
     group_size: Optional[int] = None,
     estimator: str = "grpo",
-    eps: float = 1e-6,
+    eps: Optional[float] = None,
     norm_by_std: bool = True,
     scale_rewards: str = "group",
     lengths: Optional[Tensor] = None,
@@ -887,6 +898,10 @@ def group_advantages(
     mask: Optional[Tensor] = None,
     reward_baselines: Optional[Tensor] = None,
     gamma: float = 1.0,
+    old_logprobs: Optional[Tensor] = None,
+    sum_pi_squared: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    handle_zero_tail: bool = True,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Group-relative advantages of verl 0.9.1's estimators and TRL 1.16's GRPO.
@@ -897,13 +912,21 @@ def group_advantages(
     or contiguous runs of `group_size` (TRL's layout; default: one group). opo,
     reinforce_plus_plus_baseline and gdpo need `lengths` [B] (valid tokens per sequence).
     "trl" is TRL's GRPO: scale_rewards "group" / "batch" / "none" (Dr. GRPO), TRL's eps is 1e-4.
-    Token estimators (remax, reinforce_plus_plus) take token_rewards and mask [B, T]
-    (remax: reward_baselines [B]) and return [B, T]; scores is then unused (None).
+    Token estimators (remax, reinforce_plus_plus, optimal_token_baseline,
+    tir_optimal_token_baseline) take token_rewards and mask [B, T] (0/1, any mask dtype)
+    and return [B, T]; scores is then unused (None). remax needs reward_baselines [B].
+    The optimal-token-baseline estimators (verl's OTB and its multi-turn variant) need
+    old_logprobs [B, T] (the rollout policy's log-probs of the sampled tokens) and
+    sum_pi_squared [B, T] (sum over the vocabulary of pi^2 at each position), take the
+    rollout IS weights as is_weights [B, T] (optional: W is scaled by is_weights^2) and
+    handle_zero_tail (verl's default True), and group by group_index / group_size.
+    eps None is verl's default of the estimator: 1e-6, and 1e-8 for the two OTB estimators.
     Singleton groups follow verl (see reference/grpo_advantages.py). Not differentiable.
     Returns: advantages [B] or [B, T], float32 (float64 for float64 input).
     """
     check.choice("estimator", estimator, _grpo_advantages.ESTIMATORS)
     check.choice("scale_rewards", scale_rewards, _grpo_advantages.SCALE_REWARDS)
+    eps = _grpo_advantages.default_eps(estimator) if eps is None else eps
     check.number("eps", eps)
     if estimator in _grpo_advantages.TOKEN_ESTIMATORS:
         _check_token_grid(mask, token_rewards=token_rewards)
@@ -911,7 +934,21 @@ def group_advantages(
         if estimator == "remax":
             check.tensor("reward_baselines", reward_baselines, ndim=1, shape_doc="[B]")
             check.shape("reward_baselines", reward_baselines, token_rewards.shape[:1], "[B]")
-        device = token_rewards.device
+        if estimator in _grpo_advantages.OTB_ESTIMATORS:
+            check.tensor("old_logprobs", old_logprobs, ndim=2, shape_doc="[B, T]")
+            check.tensor("sum_pi_squared", sum_pi_squared, ndim=2, shape_doc="[B, T]")
+            check.optional_tensor("is_weights", is_weights, ndim=2, shape_doc="[B, T]")
+            check.same_shape(
+                "token_rewards", token_rewards, old_logprobs=old_logprobs, sum_pi_squared=sum_pi_squared,
+                is_weights=is_weights,
+            )  # fmt: skip
+            _check_groups(token_rewards.shape[0], group_index, group_size)
+            check.same_device(
+                token_rewards=token_rewards, group_index=group_index, old_logprobs=old_logprobs,
+                sum_pi_squared=sum_pi_squared, is_weights=is_weights,
+            )  # fmt: skip
+            if not isinstance(handle_zero_tail, bool):
+                raise TypeError(f"handle_zero_tail must be a bool, got {type(handle_zero_tail).__name__}")
         dtype = check.result_dtype(token_rewards)
     else:
         check.tensor("scores", scores, min_ndim=1, shape_doc="[B] ([B, K] for gdpo)")
@@ -920,19 +957,11 @@ def group_advantages(
         B = scores.shape[0]
         if B == 0:
             raise ValueError("scores must hold at least one sequence")
-        if group_index is not None:
-            check.tensor("group_index", group_index, dtypes=check.INDEX_DTYPES, ndim=1, shape_doc="[B]")
-            check.shape("group_index", group_index, (B,), "[B]")
-        if group_size is not None:
-            if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1 or B % group_size:
-                raise ValueError(f"group_size must be an int >= 1 dividing B = {B}, got {group_size!r}")
-            if group_index is not None:
-                raise ValueError("pass group_index or group_size, not both")
+        _check_groups(B, group_index, group_size)
         if estimator in ("opo", "reinforce_plus_plus_baseline", "gdpo"):
             check.tensor("lengths", lengths, dtypes=check.FLOAT_DTYPES + check.INDEX_DTYPES, ndim=1, shape_doc="[B]")
             check.shape("lengths", lengths, (B,), "[B]")
         check.same_device(scores=scores, group_index=group_index, lengths=lengths)
-        device = scores.device
         dtype = check.result_dtype(scores)
     _reference_only("group_advantages", backend)
     return _grpo_advantages.group_advantages(
@@ -950,6 +979,10 @@ def group_advantages(
         mask=mask,
         reward_baselines=reward_baselines,
         gamma=gamma,
+        old_logprobs=old_logprobs,
+        sum_pi_squared=sum_pi_squared,
+        is_weights=is_weights,
+        handle_zero_tail=handle_zero_tail,
         dtype=dtype,
     )
 

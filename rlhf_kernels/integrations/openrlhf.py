@@ -60,7 +60,6 @@ dtype: 16-bit inputs round once where OpenRLHF rounds each intermediate.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import sys
 from typing import Optional, Union
@@ -71,6 +70,7 @@ from torch import nn
 import rlhf_kernels as rk
 
 from ._aggregation import global_scale
+from ._patching import Patches, loaded_modules, patched_block
 from ._version import supported_version
 
 # The OpenRLHF releases these drop-ins follow; patch() patches nothing on another.
@@ -521,16 +521,11 @@ def drop_ins(version: str = "0.11.2") -> dict:
     }
 
 
-_patched: list[tuple[object, str, object]] = []
-_installed: dict = {}
+_patches = Patches()
 
 
 def _openrlhf_modules():
-    return [
-        module
-        for name, module in list(sys.modules.items())
-        if module is not None and (name == "openrlhf" or name.startswith("openrlhf."))
-    ]
+    return loaded_modules("openrlhf")
 
 
 def patch() -> int:
@@ -540,51 +535,27 @@ def patch() -> int:
     its module is loaded; returns how many attributes were replaced. The installed
     openrlhf's version is checked first: one outside SUPPORTED_VERSIONS gets a warning
     (UnsupportedVersionWarning) and nothing is patched (returns 0)."""
-    if _patched:
+    if _patches:
         return 0
     version = supported_version("openrlhf", "openrlhf", SUPPORTED_VERSIONS)
     if version is None:
         return 0
     ours = drop_ins(version)
     theirs = {name: getattr(importlib.import_module(home), name) for name, home in _HOMES.items()}
-    for module in _openrlhf_modules():
-        namespace = vars(module)
-        for name, original in theirs.items():
-            if namespace.get(name) is original:
-                setattr(module, name, ours[name])
-                _patched.append((module, name, original))
+    _patches.replace_holders(_openrlhf_modules(), [(theirs[name], ours[name]) for name in theirs])
     maker = getattr(sys.modules.get(_MAKER_MODULE), _MAKER_CLASS, None)
     if isinstance(maker, type):
         for name, method in _MAKER_METHODS.items():
-            original = vars(maker).get(name)
-            if original is not None:
-                setattr(maker, name, method)
-                _patched.append((maker, name, original))
-    _installed.update(ours)
-    return len(_patched)
+            if vars(maker).get(name) is not None:
+                _patches.set_attr(maker, name, method)
+    return len(_patches)
 
 
 def unpatch() -> None:
     """Restores every attribute patch() replaced, and OpenRLHF's object wherever an
     openrlhf module imported ours while patched."""
-    originals = {}
-    while _patched:
-        owner, name, original = _patched.pop()
-        setattr(owner, name, original)
-        originals[name] = original
-    for module in _openrlhf_modules():
-        namespace = vars(module)
-        for name, ours in _installed.items():
-            if namespace.get(name) is ours and name in originals:
-                setattr(module, name, originals[name])
-    _installed.clear()
+    _patches.undo(_openrlhf_modules())
 
 
-@contextlib.contextmanager
-def patched():
-    """with patched(): OpenRLHF runs on rlhf_kernels inside the block."""
-    patch()
-    try:
-        yield
-    finally:
-        unpatch()
+patched = patched_block(patch, unpatch)
+patched.__doc__ = """with patched(): OpenRLHF runs on rlhf_kernels inside the block."""

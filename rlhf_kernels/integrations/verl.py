@@ -13,17 +13,50 @@ clip as old +- cliprange; agg_loss's global normalisations (dp_size,
 batch_num_tokens, global_batch_size, loss_scale_factor; seq modes count only
 sequences with a token). Departures: means over no valid token are 0 (verl: 0 or
 0/0); masked_whiten's errors for a mask sum of 0 or 1 are verl's own.
+
+patch() / unpatch() / patched() (verl 0.9.1, SUPPORTED_VERSIONS) run unchanged verl code
+on these drop-ins:
+
+    from rlhf_kernels.integrations import verl as rk_verl
+    rk_verl.patch()        # algorithm.adv_estimator and actor.policy_loss.loss_mode now pick ours
+    ...
+    rk_verl.unpatch()      # or: with rk_verl.patched(): ...
+
+patch() swaps the entries of core_algos.ADV_ESTIMATOR_REGISTRY and POLICY_LOSS_REGISTRY
+named in ADV_ESTIMATORS and POLICY_LOSSES for adapters with verl's exact signatures
+and return values (estimators: (advantages, returns); policy losses: (loss, metrics with
+verl's keys)), and every attribute of core_algos and of the loaded verl modules that
+holds one of those functions or one of MODULE_FUNCTIONS (agg_loss, kl_penalty,
+compute_value_loss, the functional compute_policy_loss), so get_adv_estimator_fn /
+get_policy_loss_fn, the trainer's direct calls (core_algos.compute_grpo_outcome_advantage,
+compute_gae_advantage_return) and dp_actor's `from core_algos import agg_loss, kl_penalty`
+all reach ours. A registry entry that is not verl's own function (a user's
+register_adv_est) is left alone. Not covered, left verl's: NOT_COVERED (clip_cov,
+kl_cov: their token selection is random (torch.randperm) or a batch top-k with no
+rlhf_kernels op; bypass_mode: it needs verl's rollout_corr_helper, and its "ppo_clip"
+path calls core_algos.compute_policy_loss_vanilla, which is ours while patched).
+Like the frameworks' own, verl's actors run in Ray workers: patch() there too (e.g.
+runtime_env={"worker_process_setup_hook": "rlhf_kernels.integrations.verl.patch"}).
+The adapters compute in fp32 (float64 for float64 input) and return verl's dtypes;
+metrics are Python floats as verl's.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import importlib
+from typing import Any, Optional
 
 import torch
 
 import rlhf_kernels as rk
 
+from ..reference.grpo import _dppo_valid
 from ._aggregation import global_scale, kernel_agg
+from ._patching import Patches, loaded_modules, patched_block
+from ._version import supported_version
+
+# The verl releases these drop-ins follow; patch() patches nothing on another.
+SUPPORTED_VERSIONS = ("0.9.1",)
 
 LOG_RATIO_CLAMP = 20.0
 KL_NAMES = {
@@ -207,3 +240,638 @@ def linear_cross_entropy(
     elif reduction == "mean":
         logprobs = logprobs.mean()
     return logprobs, entropy
+
+
+# ------------------------------------------------ advantage estimators (registry) --
+# verl 0.9.1's registered estimators, each with verl's signature, returning
+# (advantages, returns) [B, T] in verl's dtype. `index` is verl's group labels (the
+# "uid" array: strings, ints, any hashable values, or an integer tensor).
+
+
+def _group_index(index, device) -> torch.Tensor:
+    """Dense group ids [B] of verl's labels; equal labels share a group (verl's defaultdict)."""
+    if isinstance(index, torch.Tensor) and index.dtype in (torch.int32, torch.int64):
+        return index.reshape(-1).to(device)
+    labels = index.tolist() if hasattr(index, "tolist") else list(index)
+    dense: dict = {}
+    return torch.tensor([dense.setdefault(label, len(dense)) for label in labels], dtype=torch.long, device=device)
+
+
+def _out_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for x in tensors[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def _outcome(estimator: str, token_level_rewards, response_mask, index, **options):
+    """A sequence estimator on the summed token rewards, broadcast over the response."""
+    with torch.no_grad():
+        scores = token_level_rewards.sum(dim=-1)
+        groups = _group_index(index, scores.device)
+        advantages = rk.group_advantages(scores, groups, estimator=estimator, **options)
+        out = rk.broadcast_advantages(advantages, response_mask).to(_out_dtype(token_level_rewards, response_mask))
+    return out, out
+
+
+def _lengths(response_mask):
+    return response_mask.sum(dim=-1).to(torch.float64)
+
+
+def compute_grpo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _outcome("grpo", token_level_rewards, response_mask, index, eps=epsilon, norm_by_std=norm_adv_by_std_in_grpo)
+
+
+def compute_grpo_vectorized_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _outcome(
+        "grpo_vectorized", token_level_rewards, response_mask, index, eps=epsilon, norm_by_std=norm_adv_by_std_in_grpo
+    )
+
+
+def compute_gdpo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config=None,
+    non_tensor_batch: Optional[dict] = None,
+    batch: Optional[dict] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GDPO: each reward component (algorithm.gdpo_reward_keys of non_tensor_batch) GRPO-
+    normalised in its group, weighted (gdpo_reward_weights), summed and whitened; with
+    no config / non_tensor_batch / batch, the summed token rewards are the one component."""
+    weights = None
+    with torch.no_grad():
+        if config is not None and non_tensor_batch is not None and batch is not None:
+            import numpy as np
+
+            keys = config.get("gdpo_reward_keys", None)
+            assert keys, (
+                "GDPO requires 'algorithm.gdpo_reward_keys' listing the individual reward "
+                "component keys returned by compute_score (e.g. ['format_reward', 'accuracy_reward'])."
+            )
+            columns = []
+            for key in keys:
+                assert key in non_tensor_batch, (
+                    f"GDPO reward key '{key}' not found in non_tensor_batch. "
+                    f"Available keys: {list(non_tensor_batch.keys())}. "
+                    f"Make sure your compute_score returns a dict containing '{key}'."
+                )
+                component = np.asarray(non_tensor_batch[key], dtype=np.float32)
+                columns.append(torch.tensor(component, device=token_level_rewards.device))
+            scores = torch.stack(columns, dim=-1)  # verl places each at the last response token and sums
+            if config.get("gdpo_reward_weights", None) is not None:
+                weights = [float(w) for w in config.get("gdpo_reward_weights")]
+        else:
+            scores = token_level_rewards.sum(dim=-1, keepdim=True)
+        advantages = rk.group_advantages(
+            scores, _group_index(index, scores.device), estimator="gdpo", eps=epsilon,
+            norm_by_std=norm_adv_by_std_in_grpo, lengths=_lengths(response_mask), reward_weights=weights,
+        )  # fmt: skip
+        out = rk.broadcast_advantages(advantages, response_mask).to(_out_dtype(scores, response_mask))
+    return out, out
+
+
+def compute_grpo_passk_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config=None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass@k: norm_adv_by_std_in_grpo is read from config (verl ignores the argument)."""
+    assert config is not None
+    norm = config.get("norm_adv_by_std_in_grpo", True)
+    return _outcome("grpo_passk", token_level_rewards, response_mask, index, eps=epsilon, norm_by_std=norm)
+
+
+def compute_reinforce_plus_plus_baseline_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index,
+    epsilon: float = 1e-6,
+    config=None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _outcome(
+        "reinforce_plus_plus_baseline", token_level_rewards, response_mask, index, lengths=_lengths(response_mask)
+    )
+
+
+def compute_rloo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index,
+    epsilon: float = 1e-6,
+    config=None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _outcome("rloo", token_level_rewards, response_mask, index)
+
+
+def compute_opo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index,
+    epsilon: float = 1e-6,
+    config=None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _outcome("opo", token_level_rewards, response_mask, index, lengths=_lengths(response_mask))
+
+
+def compute_reinforce_plus_plus_outcome_advantage(
+    token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config=None, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Discounted returns over valid tokens (mask-0 positions carry the running return,
+    their own return is 0), whitened: (advantages, returns)."""
+    assert config is not None
+    with torch.no_grad():
+        dtype = _out_dtype(token_level_rewards, response_mask)
+        mask = response_mask.to(dtype)
+        returns = rk.discounted_returns(token_level_rewards, response_mask, gamma=float(config.gamma)) * mask
+        advantages = masked_whiten(returns, mask) * mask
+    return advantages.to(dtype), returns.to(dtype)
+
+
+def compute_remax_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    reward_baselines: torch.Tensor,
+    response_mask: torch.Tensor,
+    config=None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """returns_t = sum_{u >= t} r_u m_u; advantages = returns - baseline m."""
+    with torch.no_grad():
+        dtype = _out_dtype(token_level_rewards, response_mask)
+        returns = rk.discounted_returns(token_level_rewards, response_mask).to(dtype)
+        advantages = returns - reward_baselines.unsqueeze(-1) * response_mask
+    return advantages.to(dtype), returns
+
+
+def compute_gpg_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index,
+    epsilon: float = 1e-6,
+    f_norm: float = 1.0,
+    alpha: float = 1.0,
+    config=None,
+    **kwargs,
+):
+    """alpha is B / #(scores != 0), as verl computes it (the argument is unused there too)."""
+    return _outcome("gpg", token_level_rewards, response_mask, index, f_norm=f_norm)
+
+
+def compute_rloo_vectorized_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index,
+    epsilon: float = 1e-6,
+    config=None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _outcome("rloo_vectorized", token_level_rewards, response_mask, index)
+
+
+def _optimal_token_baseline(
+    estimator, token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared, rollout_is_weights,
+    handle_zero_tail, epsilon,
+):  # fmt: skip
+    with torch.no_grad():
+        dtype = _out_dtype(token_level_rewards, response_mask)
+        advantages = rk.group_advantages(
+            None, _group_index(index, token_level_rewards.device), estimator=estimator,
+            token_rewards=token_level_rewards, mask=response_mask, old_logprobs=old_log_probs,
+            sum_pi_squared=sum_pi_squared, is_weights=rollout_is_weights, handle_zero_tail=handle_zero_tail,
+            eps=epsilon,
+        )  # fmt: skip
+        returns = rk.discounted_returns(token_level_rewards, response_mask)
+    return advantages.to(dtype), returns.to(dtype)
+
+
+def compute_optimal_token_baseline_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index,
+    old_log_probs: torch.Tensor,
+    sum_pi_squared: torch.Tensor,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    handle_zero_tail: bool = True,
+    epsilon: float = 1e-8,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimal Token Baseline: (advantages, returns to go); see rk.group_advantages."""
+    return _optimal_token_baseline(
+        "optimal_token_baseline", token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared,
+        rollout_is_weights, handle_zero_tail, epsilon,
+    )  # fmt: skip
+
+
+def compute_multi_turn_optimal_token_baseline_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index,
+    old_log_probs: torch.Tensor,
+    sum_pi_squared: torch.Tensor,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    handle_zero_tail: bool = True,
+    epsilon: float = 1e-8,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-turn (tir) Optimal Token Baseline: sequences aligned by valid-token ordinal."""
+    return _optimal_token_baseline(
+        "tir_optimal_token_baseline", token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared,
+        rollout_is_weights, handle_zero_tail, epsilon,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------ policy losses (registry) --
+# verl 0.9.1's registered policy losses: (old_log_prob, log_prob, advantages,
+# response_mask, loss_agg_mode, config: ActorConfig, rollout_is_weights) -> (loss,
+# metrics), the loss by rk.policy_loss, aggregated as verl's agg_loss with
+# config.global_batch_info (dp_size, batch_num_tokens, global_batch_size,
+# loss_scale_factor).
+
+_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _clip_range(config) -> tuple[float, float]:
+    clip = config.clip_ratio
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
+    return low, high
+
+
+def _number(x):
+    return float(x.item()) if isinstance(x, torch.Tensor) else x
+
+
+def _policy_loss(loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, is_weights,
+                 **options):  # fmt: skip
+    """rk.policy_loss with verl's agg_loss normalisation: (loss in verl's dtype, stats)."""
+    info = dict(getattr(config, "global_batch_info", None) or {})
+    dp_size = info.pop("dp_size", 1)
+    batch_num_tokens = _number(info.pop("batch_num_tokens", None))
+    global_batch_size = _number(info.pop("global_batch_size", None))
+    loss_scale_factor = _number(info.pop("loss_scale_factor", None))
+    if info:
+        raise TypeError(f"agg_loss() got unexpected keyword arguments {sorted(info)} (config.global_batch_info)")
+    if loss_agg_mode not in _AGG_MODES:
+        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
+    if dp_size > 1 and loss_agg_mode == "token-mean" and batch_num_tokens is None:
+        raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+    if dp_size > 1 and loss_agg_mode.startswith("seq-mean") and global_batch_size is None:
+        raise ValueError("global_batch_size is required when dp_size > 1")
+    loss, stats = rk.policy_loss(
+        log_prob, old_log_prob, advantages, response_mask, loss_type=loss_type, agg=loss_agg_mode,
+        is_weights=is_weights, global_tokens=batch_num_tokens if loss_agg_mode == "token-mean" else None,
+        num_sequences=global_batch_size if loss_agg_mode.startswith("seq-mean") else None,
+        horizon=loss_scale_factor if loss_agg_mode == "seq-mean-token-sum-norm" else None, **options,
+    )  # fmt: skip
+    if dp_size != 1:
+        loss = loss * dp_size
+    return loss.to(_out_dtype(log_prob, old_log_prob, advantages)), stats
+
+
+def _mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return rk.masked_mean(x.to(torch.float32) if x.dtype == torch.bool else x, mask).item()
+
+
+def _ppo_kl(log_prob, old_log_prob, response_mask, clamp: bool) -> float:
+    negative_kl = (log_prob - old_log_prob).detach()
+    if clamp:
+        negative_kl = negative_kl.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return rk.masked_mean(-negative_kl, response_mask).item()
+
+
+def compute_policy_loss_vanilla(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """PPO clip with the dual clip c = clip_ratio_c (3.0) and the +-20 log-ratio clamp."""
+    assert config is not None
+    low, high = _clip_range(config)
+    clip_ratio_c = config.get("clip_ratio_c", 3.0)
+    assert clip_ratio_c > 1.0, (
+        "The lower bound of the clip_ratio_c for dual-clip PPO should be greater than 1.0,"
+        + f" but get the value: {clip_ratio_c}."
+    )
+    loss, stats = _policy_loss(
+        "vanilla", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+        clip_low=low, clip_high=high, dual_clip=clip_ratio_c, log_ratio_clamp=LOG_RATIO_CLAMP,
+    )  # fmt: skip
+    return loss, {
+        "actor/pg_clipfrac": (stats["clipfrac_low"] + stats["clipfrac_high"]).item(),
+        "actor/ppo_kl": _ppo_kl(log_prob, old_log_prob, response_mask, clamp=True),
+        "actor/pg_clipfrac_lower": stats["dual_clipfrac"].item(),
+    }
+
+
+def _dppo(loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights):
+    assert config is not None
+    low, high = _clip_range(config)  # divergence thresholds (TV or binary KL), not ratio clips
+    cap = config.get("clip_ratio_c", 20.0)
+    loss, _ = _policy_loss(
+        loss_type, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+        clip_low=low, clip_high=high, dppo_ratio_cap=cap, log_ratio_clamp=LOG_RATIO_CLAMP,
+    )  # fmt: skip
+    with torch.no_grad():
+        lp, old = log_prob.detach(), old_log_prob.detach()
+        valid = _dppo_valid(loss_type, lp, old, advantages.detach(), low, high)
+        ratio = torch.exp((lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        metrics = {
+            "actor/pg_clipfrac": _mean(1.0 - valid, response_mask),
+            "actor/ppo_kl": _ppo_kl(lp, old, response_mask, clamp=True),
+            "actor/pg_clipfrac_lower": _mean((ratio > cap).to(valid.dtype) * valid, response_mask),
+        }
+    return loss, metrics
+
+
+def compute_policy_loss_dppo_tv(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """DPPO-Binary-TV: clip_ratio(_low/_high) are TV thresholds; the ratio is capped at clip_ratio_c."""
+    return _dppo("dppo_tv", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                 rollout_is_weights)  # fmt: skip
+
+
+def compute_policy_loss_dppo_kl(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """DPPO-Binary-KL: clip_ratio(_low/_high) are binary-KL thresholds."""
+    return _dppo("dppo_kl", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                 rollout_is_weights)  # fmt: skip
+
+
+def compute_policy_loss_gspo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """GSPO: the clipped surrogate on exp(lp - sg(lp) + sg(mean_t(lp - old))), log clamped at 10."""
+    assert config is not None
+    low, high = _clip_range(config)
+    loss, stats = _policy_loss(
+        "gspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+        clip_low=low, clip_high=high,
+    )  # fmt: skip
+    return loss, {
+        "actor/pg_clipfrac": (stats["clipfrac_low"] + stats["clipfrac_high"]).item(),
+        "actor/ppo_kl": stats["ppo_kl"].item(),
+        "actor/pg_clipfrac_lower": 0.0,
+    }
+
+
+def compute_policy_loss_sapo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """SAPO: aggregated seq-mean-token-mean whatever loss_agg_mode says (as verl does)."""
+    assert config is not None
+    loss, _ = _policy_loss(
+        "sapo", old_log_prob, log_prob, advantages, response_mask, "seq-mean-token-mean", config,
+        rollout_is_weights, sapo_tau_pos=float(config.tau_pos), sapo_tau_neg=float(config.tau_neg),
+        log_ratio_clamp=LOG_RATIO_CLAMP,
+    )  # fmt: skip
+    return loss, {
+        "actor/pg_clipfrac": 0.0,
+        "actor/ppo_kl": _ppo_kl(log_prob, old_log_prob, response_mask, clamp=True),
+        "actor/pg_clipfrac_lower": 0.0,
+    }
+
+
+def compute_policy_loss_gpg(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """GPG: -A lp, no metrics."""
+    assert config is not None
+    loss, _ = _policy_loss(
+        "gpg", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
+    )
+    return loss, {}
+
+
+def compute_policy_loss_geo_mean(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """GMPO: a mean over sequences of -mean_t(A) x the geometric mean of the clipped ratios
+    (loss_agg_mode and global_batch_info are not used, as in verl)."""
+    assert config is not None
+    low, high = _clip_range(config)
+    loss, stats = rk.policy_loss(
+        log_prob, old_log_prob, advantages, response_mask, loss_type="geo_mean", clip_low=low, clip_high=high,
+        is_weights=rollout_is_weights,
+    )  # fmt: skip
+    with torch.no_grad():
+        d = (log_prob - old_log_prob).detach()
+        clipped = (d < -low) | (d > high)
+        metrics = {
+            "actor/pg_clipfrac": _mean(clipped & (advantages > 0), response_mask),
+            "actor/ppo_kl": stats["ppo_kl"].item(),
+            "actor/pg_clipfrac_lower": _mean(clipped & (advantages < 0), response_mask),
+        }
+    return loss.to(_out_dtype(log_prob, old_log_prob, advantages)), metrics
+
+
+def compute_policy_loss_dro(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """DRO: -(A lp - beta / 2 (lp - old)^2), beta = policy_loss.dro_beta."""
+    assert config is not None
+    assert config.policy_loss is not None
+    beta = config.policy_loss.dro_beta
+    if beta is None or beta <= 0:
+        raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
+    loss, stats = _policy_loss(
+        "dro", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+        dro_beta=float(beta),
+    )  # fmt: skip
+    return loss, {"actor/ppo_kl": stats["ppo_kl"].item()}
+
+
+def compute_policy_loss_cispo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """CISPO: -sg(clip(r, 1 - low, 1 + high)) A lp (verl's band clip, +-20 log-ratio clamp)."""
+    assert config is not None
+    low, high = _clip_range(config)
+    loss, _ = _policy_loss(
+        "cispo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+        clip_low=low, clip_high=high, cispo_clip="band", log_ratio_clamp=LOG_RATIO_CLAMP,
+    )  # fmt: skip
+    with torch.no_grad():
+        ratio = torch.exp((log_prob - old_log_prob).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        metrics = {
+            "actor/pg_clipfrac": _mean((ratio < 1 - low) | (ratio > 1 + high), response_mask),
+            "actor/ppo_kl": _ppo_kl(log_prob, old_log_prob, response_mask, clamp=True),
+            "actor/pg_clipfrac_lower": 0.0,
+        }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------- patch --
+
+# Registry name -> our adapter, for verl 0.9.1's ADV_ESTIMATOR_REGISTRY and POLICY_LOSS_REGISTRY.
+ADV_ESTIMATORS = {
+    "gae": compute_gae_advantage_return,
+    "grpo": compute_grpo_outcome_advantage,
+    "grpo_vectorized": compute_grpo_vectorized_outcome_advantage,
+    "gdpo": compute_gdpo_outcome_advantage,
+    "grpo_passk": compute_grpo_passk_outcome_advantage,
+    "reinforce_plus_plus_baseline": compute_reinforce_plus_plus_baseline_outcome_advantage,
+    "rloo": compute_rloo_outcome_advantage,
+    "opo": compute_opo_outcome_advantage,
+    "reinforce_plus_plus": compute_reinforce_plus_plus_outcome_advantage,
+    "remax": compute_remax_outcome_advantage,
+    "gpg": compute_gpg_outcome_advantage,
+    "rloo_vectorized": compute_rloo_vectorized_outcome_advantage,
+    "optimal_token_baseline": compute_optimal_token_baseline_advantage,
+    "tir_optimal_token_baseline": compute_multi_turn_optimal_token_baseline_advantage,
+}
+POLICY_LOSSES = {
+    "vanilla": compute_policy_loss_vanilla,
+    "dppo_tv": compute_policy_loss_dppo_tv,
+    "dppo_kl": compute_policy_loss_dppo_kl,
+    "gspo": compute_policy_loss_gspo,
+    "sapo": compute_policy_loss_sapo,
+    "gpg": compute_policy_loss_gpg,
+    "geo_mean": compute_policy_loss_geo_mean,
+    "dro": compute_policy_loss_dro,
+    "cispo": compute_policy_loss_cispo,
+}
+# verl's policy losses patch() leaves verl's own, and why.
+NOT_COVERED = {
+    "clip_cov": "its clipped tokens are drawn at random (torch.randperm); no rlhf_kernels op",
+    "kl_cov": "a batch top-k of the advantage-log-prob covariance; no rlhf_kernels op",
+    "bypass_mode": "needs verl's rollout_corr_helper; its ppo_clip path calls compute_policy_loss_vanilla (ours)",
+}
+# core_algos functions outside the registries that patch() replaces too.
+MODULE_FUNCTIONS = {
+    "agg_loss": agg_loss,
+    "kl_penalty": kl_penalty,
+    "compute_value_loss": compute_value_loss,
+    "compute_policy_loss": compute_policy_loss,
+}
+
+_patches = Patches()
+_patched_module: list = []
+
+
+def _core_algos():
+    return importlib.import_module("verl.trainer.ppo.core_algos")
+
+
+def _is_verls(fn, module) -> bool:
+    """Whether `fn` is verl's own function of `module` (not a user's registration)."""
+    return callable(fn) and getattr(fn, "__module__", None) == module.__name__
+
+
+def patch(module=None) -> int:
+    """Swaps verl's registered estimators and policy losses (ADV_ESTIMATORS, POLICY_LOSSES)
+    and MODULE_FUNCTIONS for ours in core_algos (`module`, default: imported
+    verl.trainer.ppo.core_algos) and in every loaded verl module holding them; returns
+    how many entries and attributes were replaced. The installed verl's version is checked
+    first (before importing it): one outside SUPPORTED_VERSIONS gets a warning
+    (UnsupportedVersionWarning) and nothing is patched (returns 0), as does a second
+    patch() before unpatch()."""
+    if _patches:
+        return 0
+    if supported_version("verl", "verl", SUPPORTED_VERSIONS) is None:
+        return 0
+    module = _core_algos() if module is None else module
+    pairs = []
+    for registry_name, ours in (("ADV_ESTIMATOR_REGISTRY", ADV_ESTIMATORS), ("POLICY_LOSS_REGISTRY", POLICY_LOSSES)):
+        registry = getattr(module, registry_name)
+        for name, adapter in ours.items():
+            original = registry.get(name)
+            if _is_verls(original, module):
+                _patches.set_item(registry, name, adapter)
+                pairs.append((original, adapter))
+    for name, adapter in MODULE_FUNCTIONS.items():
+        original = vars(module).get(name)
+        if _is_verls(original, module):
+            pairs.append((original, adapter))
+    _patches.replace_holders([module, *loaded_modules("verl")], pairs)
+    if _patches:
+        _patched_module.append(module)
+    return len(_patches)
+
+
+def unpatch() -> None:
+    """Restores every registry entry and attribute patch() replaced, and verl's function
+    wherever a verl module imported ours while patched."""
+    _patches.undo([*_patched_module, *loaded_modules("verl")])
+    _patched_module.clear()
+
+
+patched = patched_block(patch, unpatch)
+patched.__doc__ = """with patched(module=None): verl runs on rlhf_kernels inside the block."""

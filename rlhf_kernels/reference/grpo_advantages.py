@@ -30,6 +30,23 @@ Token-level estimators return [B, T] from token_rewards [B, T] and the mask:
     remax                   returns_t = sum_{u >= t} r_u m_u;  A = returns - baseline_b m_t
     reinforce_plus_plus     returns_t = r_t + gamma returns_{t+1} over valid tokens
                             (mask-0 positions carry the running return), A = whiten(returns) m
+    optimal_token_baseline  A_t = (G_t - B_t) m_t, per-timestep group baseline
+                            B_t = sum_g G_t W_t m_t / (sum_g W_t m_t + eps), over the
+                            sequences of b's group at the same position t, with
+                            G_t = sum_{u >= t} r_u m_u (returns to go) and
+                            W_t = sum_{u <= t} w_u m_u, w = (1 - 2 exp(old_lp) + sum_pi_squared)
+                            [x is_weights^2] (the path-variance proxy |e_a - pi|^2)
+    tir_optimal_token_baseline  the same, but the sequences of a group are aligned by the
+                            ordinal of the valid token (k-th response token of each), not by
+                            position t, so multi-turn rows with observation spans line up
+
+Both follow verl 0.9.1 (compute_optimal_token_baseline_advantage and
+compute_multi_turn_optimal_token_baseline_advantage), whose epsilon default is 1e-8:
+a group of one sequence gets baseline 0 (A = G m); tir leaves rows with no valid token
+out of their group (their advantage is 0), optimal_token_baseline counts them (they add
+nothing to the sums). handle_zero_tail: in a group of >= 2, when one sequence is
+strictly the longest, its baseline is 0 from the second-longest length on (position for
+optimal_token_baseline, ordinal for tir), where it would be its own return.
 """
 
 from __future__ import annotations
@@ -51,18 +68,27 @@ SEQUENCE_ESTIMATORS = (
     "gdpo",
     "trl",
 )
-TOKEN_ESTIMATORS = ("remax", "reinforce_plus_plus")
+OTB_ESTIMATORS = ("optimal_token_baseline", "tir_optimal_token_baseline")
+TOKEN_ESTIMATORS = ("remax", "reinforce_plus_plus") + OTB_ESTIMATORS
+# verl's epsilon defaults: 1e-6 for the group-normalised estimators, 1e-8 for OTB.
+DEFAULT_EPS = 1e-6
+OTB_EPS = 1e-8
 ESTIMATORS = SEQUENCE_ESTIMATORS + TOKEN_ESTIMATORS
 SCALE_REWARDS = ("group", "batch", "none")
 # verl's masked_whiten: rsqrt(var + 1e-8), means over (mask.sum() + 1e-8).
 WHITEN_EPS = 1e-8
 
 
+def default_eps(estimator: str) -> float:
+    """verl's epsilon of `estimator` (eps=None)."""
+    return OTB_EPS if estimator in OTB_ESTIMATORS else DEFAULT_EPS
+
+
 def group_ids(batch: int, group_index: Optional[torch.Tensor], group_size: Optional[int], device) -> torch.Tensor:
     """Dense group ids 0..G-1 [B]: from any integer labels, or contiguous runs of group_size (TRL's layout)."""
     if group_index is not None:
         return torch.unique(group_index, return_inverse=True)[1].to(device)
-    size = batch if group_size is None else group_size
+    size = max(batch, 1) if group_size is None else group_size
     return torch.arange(batch, device=device) // size
 
 
@@ -132,7 +158,7 @@ def group_advantages(
     *,
     group_size: Optional[int] = None,
     estimator: str = "grpo",
-    eps: float = 1e-6,
+    eps: Optional[float] = None,
     norm_by_std: bool = True,
     scale_rewards: str = "group",
     lengths: Optional[torch.Tensor] = None,
@@ -142,9 +168,20 @@ def group_advantages(
     mask: Optional[torch.Tensor] = None,
     reward_baselines: Optional[torch.Tensor] = None,
     gamma: float = 1.0,
+    old_logprobs: Optional[torch.Tensor] = None,
+    sum_pi_squared: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
+    handle_zero_tail: bool = True,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Advantages [B] (sequence estimators) or [B, T] (token estimators); see the module docstring."""
+    eps = default_eps(estimator) if eps is None else eps
+    if estimator in OTB_ESTIMATORS:
+        ids = group_ids(token_rewards.shape[0], group_index, group_size, token_rewards.device)
+        return _optimal_token_baseline(
+            token_rewards, mask, ids, old_logprobs, sum_pi_squared, is_weights,
+            aligned=estimator == "tir_optimal_token_baseline", handle_zero_tail=handle_zero_tail, eps=eps,
+        ).to(dtype)  # fmt: skip
     if estimator in TOKEN_ESTIMATORS:
         return _token_estimator(estimator, token_rewards, mask, reward_baselines, gamma, dtype)
     # Group statistics in float64: sums of a few scores, so exactness costs nothing.
@@ -205,3 +242,73 @@ def _token_estimator(estimator, token_rewards, mask, reward_baselines, gamma, dt
 def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sequence advantages [B] as token advantages [B, T]: A_b on valid tokens, 0 elsewhere."""
     return advantages[:, None] * mask.to(advantages.dtype)
+
+
+def _zero_tail(baselines, lengths, ids, member):
+    """verl's handle_zero_tail: in each group of >= 2 members, a member strictly longer
+    than every other gets baseline 0 from the second-longest length on (columns of
+    `baselines` are positions or ordinals, whichever `lengths` counts)."""
+    G = int(ids.max()) + 1
+    neg = torch.tensor(-torch.inf, dtype=lengths.dtype, device=lengths.device)
+    L = torch.where(member, lengths, neg)
+    longest = torch.full((G,), -torch.inf, dtype=L.dtype, device=L.device).scatter_reduce(0, ids, L, "amax")
+    is_longest = member & (L == longest[ids])
+    zeros = torch.zeros(G, dtype=L.dtype, device=L.device)
+    n_longest = zeros.index_add(0, ids, is_longest.to(L.dtype))
+    n_members = zeros.index_add(0, ids, member.to(L.dtype))
+    second = torch.full((G,), -torch.inf, dtype=L.dtype, device=L.device).scatter_reduce(
+        0, ids, torch.where(is_longest, neg, L), "amax"
+    )
+    unique = is_longest & (n_longest[ids] == 1) & (n_members[ids] >= 2)
+    column = torch.arange(baselines.shape[1], device=baselines.device, dtype=L.dtype)
+    tail = unique[:, None] & (column[None, :] >= second[ids][:, None])
+    return torch.where(tail, 0, baselines)
+
+
+def _group_baseline(returns, weights, ids, member, eps):
+    """Per-column sum_g(R W) / (sum_g(W) + eps) of each row's group [B, C]; 0 for groups
+    with fewer than two members (verl: a single trajectory has no baseline)."""
+    G = int(ids.max()) + 1
+    grid = torch.zeros((G, returns.shape[1]), dtype=returns.dtype, device=returns.device)
+    numerator = grid.index_add(0, ids, returns * weights)
+    denominator = grid.index_add(0, ids, weights) + eps
+    members = torch.zeros(G, dtype=returns.dtype, device=returns.device).index_add(0, ids, member.to(returns.dtype))
+    return torch.where((members[ids] >= 2)[:, None], (numerator / denominator)[ids], 0)
+
+
+def _optimal_token_baseline(r, mask, ids, old_logprobs, sum_pi_squared, is_weights, *, aligned, handle_zero_tail, eps):
+    """verl 0.9.1's optimal token baseline (aligned=False: by position t) and its
+    multi-turn variant tir (aligned=True: by the ordinal of the valid token), in float64."""
+    r = r.detach().to(torch.float64)
+    B, T = r.shape
+    if B == 0 or T == 0:
+        return torch.zeros_like(r)
+    m = mask.detach().to(torch.float64)
+    returns = (r * m).flip(-1).cumsum(-1).flip(-1)
+    w = 1 - 2 * torch.exp(old_logprobs.detach().to(torch.float64)) + sum_pi_squared.detach().to(torch.float64)
+    if is_weights is not None:
+        w = w * is_weights.detach().to(torch.float64) ** 2
+    path = (w * m).cumsum(-1)
+    if not aligned:
+        member = torch.ones(B, dtype=torch.bool, device=r.device)
+        baselines = _group_baseline(returns, path * m, ids, member, eps)
+        if handle_zero_tail:
+            baselines = _zero_tail(baselines, m.sum(-1).floor(), ids, member)
+        return (returns - baselines) * m
+    # tir: row i's k-th valid token sits in column k of a [B, max length] grid.
+    valid = mask.detach() != 0
+    lengths = valid.sum(-1)
+    width = int(lengths.max())
+    rows, columns = valid.nonzero(as_tuple=True)
+    ordinal = (valid.cumsum(-1) - 1)[rows, columns]
+    packed_returns = r.new_zeros((B, width))
+    packed_path = r.new_zeros((B, width))
+    packed_returns[rows, ordinal] = returns[rows, columns]
+    packed_path[rows, ordinal] = path[rows, columns]
+    member = lengths > 0  # rows with no valid token belong to no group
+    baselines = _group_baseline(packed_returns, packed_path, ids, member, eps)
+    if handle_zero_tail:
+        baselines = _zero_tail(baselines, lengths.to(torch.float64), ids, member)
+    advantages = torch.zeros_like(r)
+    advantages[rows, columns] = (packed_returns - baselines)[rows, ordinal]
+    return advantages * m
