@@ -1,7 +1,8 @@
-"""`rlhf-kernels train sft|rm|ppo|dpo` and `rlhf-kernels demo` (wired from rlhf_kernels.cli).
+"""`rlhf-kernels train sft|rm|ppo|dpo|grpo` and `rlhf-kernels demo` (wired from rlhf_kernels.cli).
 
 train options come from flags or a JSON/YAML config file (flags win); a stage's
-config keys are its dataclass fields (SFTConfig, RMConfig, PPOConfig, DPOConfig).
+config keys are its dataclass fields (SFTConfig, RMConfig, PPOConfig, DPOConfig,
+GRPOConfig).
 Without --model a tiny built-in model is used, without --data the built-in task's
 data; on a CUDA machine the device is cuda and, with --bf16, weights are bf16.
 """
@@ -18,13 +19,14 @@ import torch
 from . import common, task
 from .data import DataError, read_jsonl, write_jsonl
 from .dpo import DPOConfig, train_dpo
+from .grpo import GRPOConfig, train_grpo
 from .models import RewardModel, load_causal_lm, tiny_model
 from .ppo import PPOConfig, train_ppo
 from .rm import RMConfig, train_rm
 from .sft import SFTConfig, train_sft
 from .tokenizer import builtin_tokenizer
 
-CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig}
+CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig, "grpo": GRPOConfig}
 
 
 def _read_config(path: str | None) -> dict:
@@ -61,14 +63,15 @@ def _stage_config(stage: str, file_options: dict, overrides: list[str]) -> objec
 
 
 def add_train_parser(commands) -> None:
-    train = commands.add_parser("train", help="train one stage: sft, rm, ppo or dpo")
+    train = commands.add_parser("train", help="train one stage: sft, rm, ppo, dpo or grpo")
     train.add_argument("stage", choices=tuple(CONFIGS))
     train.add_argument("--config", help="JSON or YAML file of the stage's options")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one option (repeatable)")
     train.add_argument("--model", help="local Hugging Face causal LM (default: a tiny built-in model)")
-    train.add_argument("--reward-model", help="ppo: a reward model saved by `train rm` (its reward_model_hf folder)")
+    train.add_argument("--reward-model", help="ppo, grpo: a reward model saved by `train rm` (its reward_model_hf "
+                       "folder); grpo on the built-in task can use its verifiable reward instead: --set reward=gold")  # fmt: skip
     train.add_argument("--data", help="JSONL data (sft: prompt/response; rm, dpo: prompt/chosen/rejected; "
-                       "rm --rankings: prompt/responses/ranks; ppo: prompt)")  # fmt: skip
+                       "rm --rankings: prompt/responses/ranks; ppo, grpo: prompt)")  # fmt: skip
     train.add_argument("--rankings", action="store_true", help="rm: K-way ranking data")
     train.add_argument("--output", required=True, help="folder for the checkpoint and metrics.jsonl")
     train.add_argument("--resume", help="a checkpoint folder written by an earlier run of this stage")
@@ -129,6 +132,15 @@ def _run_train(args) -> int:
             print(f"held-out accuracy {accuracy:.1%}")
     elif stage == "dpo":
         train_dpo(model, tokenizer, records, config, log, output=args.output, resume=args.resume)
+    elif stage == "grpo":
+        if config.reward == "gold" and args.data:
+            raise ValueError("--set reward=gold is the built-in task's reward: without --data, or use --reward-model")
+        if config.reward == "rm" and not args.reward_model:
+            raise ValueError("train grpo needs --reward-model (the reward_model_hf folder `train rm` writes), "
+                             "or --set reward=gold on the built-in task")  # fmt: skip
+        reward_model = RewardModel.load(args.reward_model).to(device=device, dtype=dtype) if args.reward_model else None
+        train_grpo(model, tokenizer, [r["prompt"] for r in records], config, log, reward_model=reward_model,
+                   gold_fn=None if args.data else task.gold_reward, output=args.output, resume=args.resume)  # fmt: skip
     else:
         if not args.reward_model:
             raise ValueError("train ppo needs --reward-model (the reward_model_hf folder `train rm` writes)")
