@@ -17,6 +17,7 @@ from . import _batch_invariance
 from . import _validation as check
 from . import backend as _backend
 from . import reference
+from . import vocab_parallel as _vocab_parallel
 from .ops import dpo as _dpo_ops
 from .ops import gae as _gae_ops
 from .ops import kl as _kl_ops
@@ -72,6 +73,8 @@ def token_logprobs(
     softcap: Optional[float] = None,
     logit_scale: float = 1.0,
     inplace_backward: bool = False,
+    process_group=None,
+    vocab_size: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Per-token log p(label) (and entropy) under softmax(z), never a [..., V] fp32 copy at once.
@@ -88,11 +91,24 @@ def token_logprobs(
             (no second [..., V] buffer: half the backward's memory at V = 128k). The
             logits are garbage afterwards; meant for logits a model produced (not a
             leaf you keep), contiguous (otherwise a copy is what gets overwritten).
+        process_group: a torch.distributed group over which the vocabulary is sharded:
+            logits is this rank's contiguous shard [..., V_r] (rank order, sizes may
+            differ), labels are global indices, the same on every rank. Results equal
+            the unsharded op; d logits is this rank's shard. rlhf_kernels/vocab_parallel.py
+            (the contract and the collectives: 2 all_gathers forward, none backward).
+        vocab_size: the true global V when the (last) shards are padded: padded columns
+            never enter the softmax and get gradient 0. Also without a group.
     Returns:
         logprobs [...] float32 (float64 for float64 logits), and entropy [...] when
         return_entropy. Differentiable w.r.t. logits (gradient in the logits dtype).
     Precision: fp32 accumulation; the label logit is read exactly.
     """
+    if process_group is not None or vocab_size is not None:
+        return _vocab_parallel.token_logprobs(
+            logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+            softcap=softcap, logit_scale=logit_scale, inplace_backward=inplace_backward,
+            process_group=process_group, vocab_size=vocab_size, backend=backend,
+        )  # fmt: skip
     check.tensor("logits", logits, min_ndim=1, shape_doc="[..., V]")
     if logits.shape[-1] == 0:
         raise ValueError(f"logits must be [..., V] with V >= 1, got {tuple(logits.shape)}")
@@ -146,6 +162,8 @@ def linear_logprobs(
     softcap: Optional[float] = None,
     logit_scale: float = 1.0,
     batch_invariant: Optional[bool] = None,
+    process_group=None,
+    vocab_size: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """token_logprobs(hidden @ weight.T + bias, labels, ...) without materializing the logits.
@@ -164,7 +182,19 @@ def linear_logprobs(
     setting, off by default) a row's log-prob, entropy and d hidden are bitwise the same
     whatever batch, position or padding it comes with, on the cpu and triton backends
     and the reference (docs/DESIGN.md, "Batch invariance"; its cost is in bench/).
+    Vocab parallel: with process_group, weight [V_r, H] and bias [V_r] are this rank's
+    contiguous vocabulary shard (a column-parallel lm_head), hidden and labels (global
+    indices) the same on every rank; d weight / d bias are the shard's, d hidden is
+    summed over the ranks. vocab_size: the true V when the shards are padded (as
+    token_logprobs). rlhf_kernels/vocab_parallel.py: 2 all_gathers forward, 1 all_reduce
+    (d hidden) backward.
     """
+    if process_group is not None or vocab_size is not None:
+        return _vocab_parallel.linear_logprobs(
+            hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
+            return_entropy=return_entropy, softcap=softcap, logit_scale=logit_scale,
+            batch_invariant=batch_invariant, process_group=process_group, vocab_size=vocab_size, backend=backend,
+        )  # fmt: skip
     _check_linear(hidden, weight, bias)
     check.tensor("labels", labels, dtypes=check.INDEX_DTYPES, shape_doc="[...]")
     check.shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
@@ -211,6 +241,8 @@ def sequence_logprobs(
     *,
     average: bool = False,
     temperature: float = 1.0,
+    process_group=None,
+    vocab_size: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Per-sequence sum (average=True: mean) of log p(label) over positions with mask != 0.
@@ -219,7 +251,13 @@ def sequence_logprobs(
     Labels at mask-0 positions are not read (any value is fine there).
     Returns: [B] float32. A sequence with no valid position gives 0.
     Never materializes the [B, T, V] logits (it runs on linear_logprobs).
+    process_group / vocab_size: weight is this rank's vocabulary shard, as linear_logprobs.
     """
+    if process_group is not None or vocab_size is not None:
+        return _vocab_parallel.sequence_logprobs(
+            hidden, weight, labels, mask, average=average, temperature=temperature,
+            process_group=process_group, vocab_size=vocab_size, backend=backend,
+        )  # fmt: skip
     _check_sequences(hidden, weight, labels, mask)
     check.positive("temperature", temperature)
     check.labels_in_range(labels, weight.shape[0], ignore_index=-100, mask=mask)
@@ -716,6 +754,8 @@ def linear_dpo_loss(
     f_alpha_divergence_coef: float = 0.5,
     weights: Optional[Tensor] = None,
     discopop_tau: float = 0.05,
+    process_group=None,
+    vocab_size: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DPO from final hidden states, never materializing the [2B, T, V] logits.
@@ -734,7 +774,56 @@ def linear_dpo_loss(
     Returns: (mean loss [] float32, metrics) with detached 0-dim chosen_rewards,
     rejected_rewards, reward_margin, reward_accuracy, chosen_logps, rejected_logps
     (batch means). Differentiable w.r.t. hidden and weight.
+    process_group / vocab_size: weight (and ref_weight) is this rank's vocabulary shard, as
+    linear_logprobs; the loss and metrics are the same on every rank.
     """
+    options = dict(
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden,
+        ref_weight=ref_weight, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        reference_free=reference_free, average=average, temperature=temperature, cdpo=cdpo,
+        loss_weights=loss_weights, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, weights=weights, discopop_tau=discopop_tau,
+    )  # fmt: skip
+    if process_group is not None or vocab_size is not None:
+        return _vocab_parallel.linear_dpo_loss(
+            hidden, weight, labels, mask, process_group=process_group, vocab_size=vocab_size, backend=backend, **options
+        )
+    types, average = _check_linear_dpo(hidden, weight, labels, mask, **options)
+    check.labels_in_range(labels, weight.shape[0], ignore_index=-100, mask=mask)
+    resolved = _backend.resolve("linear_dpo_loss", hidden.device, backend)
+    return reference.linear_dpo_loss(
+        hidden,
+        weight,
+        labels,
+        mask,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        average=average,
+        temperature=temperature,
+        dtype=check.result_dtype(hidden),
+        linear_logprobs=_linear_logprobs_on(resolved),
+        pair_loss=_pick("dpo_loss", hidden.device, resolved, reference.dpo_loss, _dpo_ops.dpo_loss),
+        beta=beta,
+        loss_type=types,
+        label_smoothing=label_smoothing,
+        reference_free=reference_free,
+        cdpo=cdpo,
+        loss_weights=loss_weights,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        weights=weights,
+        discopop_tau=discopop_tau,
+    )
+
+
+def _check_linear_dpo(
+    hidden, weight, labels, mask, *, ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, beta,
+    loss_type, label_smoothing, reference_free, average, temperature, cdpo, loss_weights, f_divergence_type,
+    f_alpha_divergence_coef, weights, discopop_tau,
+) -> tuple[list[str], bool]:  # fmt: skip
+    """linear_dpo_loss's checks (all but the label range); returns (loss types, average)."""
     check.tensor("hidden", hidden, ndim=3, shape_doc="[2B, T, H]")
     if hidden.shape[0] % 2:
         raise ValueError(
@@ -773,33 +862,7 @@ def linear_dpo_loss(
     elif average and set(types) & {"sigmoid_norm", "sft"}:
         raise ValueError("average=True gives per-token log-probs; sigmoid_norm and sft need sums (average=False)")
     check.positive("temperature", temperature)
-    check.labels_in_range(labels, weight.shape[0], ignore_index=-100, mask=mask)
-    resolved = _backend.resolve("linear_dpo_loss", hidden.device, backend)
-    return reference.linear_dpo_loss(
-        hidden,
-        weight,
-        labels,
-        mask,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-        ref_hidden=ref_hidden,
-        ref_weight=ref_weight,
-        average=average,
-        temperature=temperature,
-        dtype=check.result_dtype(hidden),
-        linear_logprobs=_linear_logprobs_on(resolved),
-        pair_loss=_pick("dpo_loss", hidden.device, resolved, reference.dpo_loss, _dpo_ops.dpo_loss),
-        beta=beta,
-        loss_type=types,
-        label_smoothing=label_smoothing,
-        reference_free=reference_free,
-        cdpo=cdpo,
-        loss_weights=loss_weights,
-        f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef,
-        weights=weights,
-        discopop_tau=discopop_tau,
-    )
+    return types, average
 
 
 # ----------------------------------------------------------------------- rm --

@@ -4,6 +4,10 @@ import inspect
 
 import rlhf_kernels as rk
 
+# The scale-out issue: the vocabulary sharded over a torch.distributed group, and the
+# true vocabulary of a padded lm_head.
+VOCAB_PARALLEL = dict(process_group=None, vocab_size=None)
+
 # name -> positional parameters, then keyword-only parameters with their defaults
 # (backend=None last everywhere).
 CONTRACT = {
@@ -16,6 +20,7 @@ CONTRACT = {
             softcap=None,
             logit_scale=1.0,
             inplace_backward=False,
+            **VOCAB_PARALLEL,
         ),
     ),  # inplace_backward: the log-prob kernels issue's opt-in
     "linear_logprobs": (
@@ -28,6 +33,7 @@ CONTRACT = {
             softcap=None,
             logit_scale=1.0,
             batch_invariant=None,
+            **VOCAB_PARALLEL,
         ),
     ),  # batch_invariant: the batch-invariance issue (None: rlhf_kernels.batch_invariant())
     "kl_penalty": (["logprobs", "ref_logprobs"], dict(estimator="k1", clamp=None)),
@@ -71,7 +77,10 @@ CONTRACT = {
     ),  # TRL 1.16's DPOTrainer options (the drop-ins issue)
     "bradley_terry_loss": (["chosen_rewards", "rejected_rewards"], dict(margin=None)),
     "ranking_loss": (["rewards", "ranks"], dict()),
-    "sequence_logprobs": (["hidden", "weight", "labels", "mask"], dict(average=False, temperature=1.0)),
+    "sequence_logprobs": (
+        ["hidden", "weight", "labels", "mask"],
+        dict(average=False, temperature=1.0, **VOCAB_PARALLEL),
+    ),
     "linear_dpo_loss": (
         ["hidden", "weight", "labels", "mask"],
         dict(
@@ -91,6 +100,7 @@ CONTRACT = {
             f_alpha_divergence_coef=0.5,
             weights=None,
             discopop_tau=0.05,
+            **VOCAB_PARALLEL,
         ),
     ),
     # The GRPO issue, part 1: estimators of verl 0.9.1 and TRL 1.16, the policy-loss zoo.
