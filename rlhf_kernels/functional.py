@@ -1192,6 +1192,8 @@ def linear_policy_loss(
     loss_type: str = "grpo",
     entropy_coef: float = 0.0,
     batch_invariant: Optional[bool] = None,
+    process_group=None,
+    vocab_size: Optional[int] = None,
     backend: Optional[str] = None,
     **policy_options,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -1213,6 +1215,8 @@ def linear_policy_loss(
     in fp32; equal to policy_loss(log_softmax(hidden @ weight.T / temperature)...) to fp32
     rounding in fp32 (bf16: the logits' own bf16 rounding, as the unfused model's).
     Batch invariance: batch_invariant as linear_logprobs; the loss is a batch mean.
+    Vocab parallel: process_group / vocab_size as linear_logprobs (weight and bias are
+    this rank's vocabulary shard; every rank gets the same loss and its shard's gradient).
     """
     _check_sequences(hidden, weight, labels, mask)
     if bias is not None:
@@ -1222,7 +1226,8 @@ def linear_policy_loss(
     check.number("entropy_coef", entropy_coef)
     if "entropy" in policy_options or "logprobs" in policy_options:
         raise TypeError("linear_policy_loss computes logprobs and entropy itself from hidden and weight")
-    check.labels_in_range(labels, weight.shape[0], ignore_index=-100, mask=mask)
+    if process_group is None:  # sharded: labels are global, checked across the ranks
+        check.labels_in_range(labels, weight.shape[0] if vocab_size is None else vocab_size, ignore_index=-100, mask=mask)
     B, T, H = hidden.shape
     resolved = _backend.resolve("linear_policy_loss", hidden.device, backend)
     tokens = torch.where(mask != 0, labels, torch.full_like(labels, -100))
@@ -1234,7 +1239,9 @@ def linear_policy_loss(
         temperature=temperature,
         return_entropy=True,
         batch_invariant=batch_invariant,
-        backend=resolved,
+        process_group=process_group,
+        vocab_size=vocab_size,
+        backend=resolved if process_group is None else backend,
     )
     entropy = entropy.reshape(B, T)
     return policy_loss(

@@ -109,7 +109,7 @@ CONTRACT = {
         dict(
             group_size=None,
             estimator="grpo",
-            eps=1e-6,
+            eps=None,
             norm_by_std=True,
             scale_rewards="group",
             lengths=None,
@@ -119,6 +119,10 @@ CONTRACT = {
             mask=None,
             reward_baselines=None,
             gamma=1.0,
+            old_logprobs=None,
+            sum_pi_squared=None,
+            is_weights=None,
+            handle_zero_tail=True,
         ),
     ),
     "broadcast_advantages": (["advantages", "mask"], dict()),
@@ -152,7 +156,24 @@ CONTRACT = {
             horizon=None,
         ),
     ),
+    # the GRPO family, part 2: every other keyword is policy_loss's (**policy_options)
+    "linear_policy_loss": (
+        ["hidden", "weight", "labels", "mask"],
+        dict(
+            old_logprobs=inspect.Parameter.empty,
+            advantages=inspect.Parameter.empty,
+            ref_logprobs=None,
+            bias=None,
+            temperature=1.0,
+            loss_type="grpo",
+            entropy_coef=0.0,
+            batch_invariant=None,
+            **VOCAB_PARALLEL,
+        ),
+    ),
 }
+# Functions that forward the rest of their keywords to another public function.
+FORWARDS_KEYWORDS = {"linear_policy_loss": "policy_loss"}
 
 
 def test_every_contract_function_is_exported():
@@ -163,6 +184,8 @@ def test_every_contract_function_is_exported():
 def test_signatures():
     for name, (positional, keyword) in CONTRACT.items():
         params = list(inspect.signature(getattr(rk, name)).parameters.values())
+        if name in FORWARDS_KEYWORDS:
+            assert params.pop().kind is inspect.Parameter.VAR_KEYWORD, name
         assert [p.name for p in params[: len(positional)]] == positional, name
         kw = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
         assert params[-1].name == "backend" and params[-1].default is None, name

@@ -289,6 +289,36 @@ def _check_bad_input(rank, shards, generator):
     rk.linear_logprobs(hidden, weight[start:end], labels, process_group=group)
 
 
+def _check_policy_and_verl(rank, shards, vocab_size, generator):
+    """linear_policy_loss and verl's vocab-parallel linear_cross_entropy on the same path."""
+    from rlhf_kernels.integrations import verl
+
+    start, end = _bounds(shards, rank)
+    V = vocab_size or sum(shards)
+    hidden, weight, _, labels = _linear_data(shards, 8, (3, 5), generator, vocab_size)
+    mask = (labels != -100).float()
+    old, advantages = -torch.rand(3, 5, generator=generator), torch.randn(3, generator=generator)
+    options = dict(old_logprobs=old, advantages=advantages, loss_type="dapo", clip_high=0.28, entropy_coef=0.01)
+    h, w = hidden.clone().requires_grad_(True), weight[:V].clone().requires_grad_(True)
+    loss, _ = rk.linear_policy_loss(h, w, labels, mask, **options)
+    loss.backward()
+    hs, ws = hidden.clone().requires_grad_(True), weight[start:end].clone().requires_grad_(True)
+    loss_s, _ = rk.linear_policy_loss(
+        hs, ws, labels, mask, process_group=dist.group.WORLD, vocab_size=vocab_size, **options
+    )
+    loss_s.backward()
+    _close(loss_s, loss.detach(), "linear_policy_loss")
+    _close(hs.grad, h.grad, "linear_policy_loss d hidden")
+    _close(ws.grad, torch.cat([w.grad, torch.zeros(sum(shards) - V, 8)])[start:end], "linear_policy_loss d weight")
+
+    if vocab_size is None:  # verl's tensor-parallel lm_head is not padded
+        safe = labels.clamp(min=0)  # verl's labels are all real tokens
+        lp, ent = verl.linear_cross_entropy(hidden, weight, safe, 0.8, "none")
+        lp_s, ent_s = verl.linear_cross_entropy(hidden, weight[start:end], safe, 0.8, "none", dist.group.WORLD)
+        _close(lp_s, lp, "verl linear_cross_entropy logprobs")
+        _close(ent_s, ent, "verl linear_cross_entropy entropy")
+
+
 def _worker(rank, world_size, port, shards, padded_shards, vocab_size):
     _init(rank, world_size, port)
     try:
@@ -300,6 +330,7 @@ def _worker(rank, world_size, port, shards, padded_shards, vocab_size):
             _check_linear(rank, layout, size, generator, softcap=3.0, logit_scale=2.0)
             for T in (1, 5):
                 _check_sequences(rank, layout, size, generator, T)
+            _check_policy_and_verl(rank, layout, size, generator)
         _check_bad_input(rank, shards, generator)
         dist.barrier()
     finally:

@@ -227,14 +227,16 @@ def linear_cross_entropy(
     dist_process_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs, entropy) of the flattened tokens, fp32, from hidden @ weight.T / T without
-    the logits; reduction "sum" / "mean" reduces the log-probs (the entropy stays per token)."""
-    if dist_process_group is not None:
-        raise NotImplementedError("vocabulary-parallel linear_cross_entropy (dist_process_group) is not supported")
+    the logits; reduction "sum" / "mean" reduces the log-probs (the entropy stays per token).
+    dist_process_group: weight is this rank's vocabulary shard (verl's tensor-parallel
+    lm_head), labels global; every rank gets the full results (rk.linear_logprobs with
+    process_group; uneven shards work too)."""
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"Invalid reduction: {reduction}")
     logprobs, entropy = rk.linear_logprobs(
-        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), temperature=temperature, return_entropy=True
-    )
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), temperature=temperature, return_entropy=True,
+        process_group=dist_process_group,
+    )  # fmt: skip
     if reduction == "sum":
         logprobs = logprobs.sum()
     elif reduction == "mean":
