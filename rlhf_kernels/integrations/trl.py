@@ -12,6 +12,10 @@ each forward: ChunkedLogProbFunction below is its drop-in, on rk.linear_logprobs
 fused kernel, no [N, V] logits; entropy with it). selective_log_softmax,
 selective_log_softmax_and_entropy and entropy_from_logits are TRL 1.16's
 (trl.trainer.utils).
+GRPOTrainer's loss: patch() also replaces `GRPOTrainer._compute_loss` by
+trl_grpo.compute_loss (TRL's forward, masks and metrics; the per-token loss, its
+normaliser, the KL and the entropy bonus by rk.policy_loss; trl_grpo.py has the
+mapping and the configurations that keep TRL's own code).
 masked_mean, masked_var and masked_whiten are the helpers of TRL's PPO code (trl.core
 up to 0.11, later trl.experimental's PPO; TRL 1.16 no longer ships them), with their
 semantics: whitening is unbiased with rsqrt(var + 1e-8) and leaves masked positions
@@ -24,12 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from typing import Optional
 
 import torch
 
 import rlhf_kernels as rk
 
+from . import trl_grpo
 from ._version import supported_version
 
 # TRL versions whose signatures and semantics these drop-ins follow (patch() refuses others).
@@ -205,13 +211,31 @@ def _supported() -> bool:
     return supported_version("trl", "trl", SUPPORTED_VERSIONS) is not None
 
 
+def _patch_grpo_loss() -> None:
+    """GRPOTrainer._compute_loss -> trl_grpo.compute_loss (a subclass that overrides it,
+    such as trl.experimental's GMPOTrainer, keeps its own)."""
+    try:
+        from trl.trainer.grpo_trainer import GRPOTrainer
+    except ImportError as error:  # a dependency of GRPOTrainer is missing: nothing to patch
+        warnings.warn(f"rlhf_kernels.integrations.trl.patch(): GRPOTrainer not patched ({error})", stacklevel=3)
+        return
+    theirs = GRPOTrainer.__dict__.get("_compute_loss")
+    if getattr(theirs, "__module__", None) != "trl.trainer.grpo_trainer":
+        return  # already replaced by someone else: leave it
+    trl_grpo.TRL_COMPUTE_LOSS = theirs
+    GRPOTrainer._compute_loss = trl_grpo.compute_loss
+    _patched.append((GRPOTrainer, "_compute_loss", theirs))
+
+
 def patch() -> int:
     """Replaces TRL's functions of DROP_INS's names in every loaded trl module that holds
-    them (the defining module and every `from ... import name`); returns how many
-    attributes were replaced. Modules imported later see the patched trl.trainer.utils.
-    With a TRL version other than SUPPORTED_VERSIONS it warns and patches nothing."""
+    them (the defining module and every `from ... import name`) and GRPOTrainer's
+    _compute_loss (by trl_grpo.compute_loss); returns how many attributes were replaced.
+    Modules imported later see the patched trl.trainer.utils. With a TRL version other
+    than SUPPORTED_VERSIONS it warns and patches nothing."""
     if _patched or not _supported():
         return 0
+    _patch_grpo_loss()
     for module in _trl_modules():
         for name, ours in DROP_INS.items():
             theirs = getattr(module, name, None)
