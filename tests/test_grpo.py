@@ -7,6 +7,8 @@ Every backend of policy_loss is compared with the reference; gradients in float6
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -360,3 +362,63 @@ def test_sequence_level_types_run_the_reference_on_every_backend(kernel):
         got, _ = rk.policy_loss(lp, old, adv, mask, backend=kernel, **case)
         want, _ = rk.policy_loss(lp, old, adv, mask, backend="reference", **case)
         torch.testing.assert_close(got, want)
+
+
+def test_vespo_reads_the_advantage_at_the_first_valid_position(kernel):
+    """Left padding: vespo's per-sequence advantage (its phi's k and lambda) is the first
+    valid position's; column 0, masked here and of the other sign, was read."""
+    lp, old, adv, _ = _batch(seed=10, dtype=torch.float64, B=4, T=6)
+    mask = torch.ones(4, 6, dtype=torch.float64)
+    mask[:, :2] = 0
+    padded = (adv[:, None] * torch.ones(4, 6, dtype=torch.float64)).clone()
+    padded[:, :2] = -adv[:, None]
+    for agg in ("token-mean", "seq-mean-token-sum"):
+        got = rk.policy_loss(lp, old, padded, mask, loss_type="vespo", agg=agg, backend=kernel)[0]
+        want = rk.policy_loss(lp, old, adv, mask, loss_type="vespo", agg=agg, backend="reference")[0]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_gpg_never_reads_old_logprobs(kernel):
+    """gpg's loss is -A lp: old_logprobs = -inf at a valid position leaves loss and gradient
+    as they are (cpu and triton computed it as dro with beta 0: 0 x inf = NaN)."""
+    lp, old, adv, mask = _batch(seed=11, dtype=torch.float64, B=3, T=5)
+    unlikely = old.clone()
+    unlikely[1, 0] = -math.inf  # position 0 is valid in every row
+    results = []
+    for old_value in (old, unlikely):
+        x = lp.clone().requires_grad_()
+        loss, _ = rk.policy_loss(x, old_value, adv, mask, loss_type="gpg", backend=kernel)
+        loss.backward()
+        results.append((loss, x.grad))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(loss_type="grpo", clip_low=0.2, clip_high=0.28, dual_clip=3.0, delta=1.4, log_ratio_clamp=20.0),
+        dict(loss_type="cispo", cispo_clip="upper", clip_high=5.0, kl_coef=0.1, kl_estimator="low_var_kl+"),
+        dict(loss_type="cispo", clip_low=0.3, kl_coef=0.2, kl_estimator="abs"),
+        dict(loss_type="sapo", sapo_tau_pos=0.9, sapo_tau_neg=1.2, kl_coef=0.1, kl_estimator="k3"),
+        dict(loss_type="dro", dro_beta=0.7),
+        dict(loss_type="gpg", dro_beta=0.7),
+    ],
+)
+def test_kernel_params_encode_the_reference_options(options):
+    """The compiled ops' double backward rebuilds the reference's options from the kernels'
+    numbers: every field the token-level types read comes back unchanged."""
+    defaults = dict(
+        clip_low=0.2, clip_high=None, dual_clip=None, delta=None, log_ratio_clamp=None, cispo_clip="band",
+        sapo_tau_pos=1.0, sapo_tau_neg=1.05, dro_beta=1.0, kl_coef=0.0, kl_estimator="k3", kl_is_corrected=False,
+        dppo_ratio_cap=20.0, vespo=(2.0, 3.0, 3.0, 2.0),
+    )  # fmt: skip
+    options = {**defaults, **options}
+    want = rk.reference.grpo.token_options(**options)
+    got = grpo_ops._token_options(
+        grpo_ops._LOSS_CODES[options["loss_type"]], grpo_ops._kl_code(options), grpo_ops._params(options)
+    )
+    fields = ("low", "high", "dual_clip", "delta", "log_ratio_clamp", "w_low", "w_high", "tau_pos", "tau_neg")
+    assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
+    if options["kl_coef"]:
+        assert (got.kl_coef, got.kl_estimator) == (want.kl_coef, want.kl_estimator)
+    assert got.dro_beta == (want.dro_beta if options["loss_type"] == "dro" else 0.0)  # gpg: dro with beta 0

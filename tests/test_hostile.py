@@ -33,6 +33,28 @@ NAN, INF = float("nan"), float("inf")
 F32_MIN = torch.finfo(torch.float32).min
 PER_PAIR_LOSSES = rk.reference.dpo.PAIR_LOSS_TYPES
 ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl")
+POLICY_LOSS_TYPES = rk.reference.grpo.LOSS_TYPES
+POLICY_AGGS = rk.reference.grpo.AGG_MODES
+POLICY_TENSORS = ("logprobs", "old_logprobs", "advantages", "is_weights", "ref_logprobs", "entropy")
+
+
+def _policy_inputs(B: int, T: int, generator=None, dtype=torch.float32) -> dict:
+    """policy_loss's tensors (POLICY_TENSORS), [B, T] each; importance weights and entropies positive."""
+    lp, old, adv, isw, ref, entropy = (torch.randn(B, T, generator=generator, dtype=dtype) for _ in POLICY_TENSORS)
+    return dict(
+        logprobs=-lp.abs(), old_logprobs=-old.abs(), advantages=adv, is_weights=isw.abs() + 0.5,
+        ref_logprobs=-ref.abs(), entropy=entropy.abs(),
+    )  # fmt: skip
+
+
+def _policy_loss(x: dict, mask, backend, *, is_weights=False, kl_coef=0.0, entropy_coef=0.0, **options):
+    """rk.policy_loss on the tensors `x`; is_weights, ref_logprobs (with a KL term) and
+    entropy (with a bonus) only where the options turn them on."""
+    return rk.policy_loss(
+        x["logprobs"], x["old_logprobs"], x["advantages"], mask, is_weights=x["is_weights"] if is_weights else None,
+        ref_logprobs=x["ref_logprobs"] if kl_coef else None, kl_coef=kl_coef,
+        entropy=x["entropy"] if entropy_coef else None, entropy_coef=entropy_coef, backend=backend, **options,
+    )  # fmt: skip
 
 
 def _backends(op: str):
@@ -62,15 +84,14 @@ def _mask(B: int, T: int) -> torch.Tensor:
 SWEPT_OPS = {
     "token_logprobs", "linear_logprobs", "sequence_logprobs", "kl_penalty", "kl_shaped_rewards", "gae",
     "discounted_returns", "masked_mean", "masked_whiten", "ppo_policy_loss", "ppo_value_loss", "dpo_loss",
-    "linear_dpo_loss", "bradley_terry_loss", "ranking_loss",
+    "linear_dpo_loss", "bradley_terry_loss", "ranking_loss", "policy_loss",
 }  # fmt: skip
 
 
 # Ops not swept yet, and why: each is a known gap, not an oversight.
 NOT_YET_SWEPT = {
-    "policy_loss": "the grpo family landed alongside this sweep; its kernels still multiply masks in "
-    "(NaN / inf at mask-0 positions reach the loss on every backend), triton's clips drop NaN (tl.minimum / "
-    "tl.maximum), its compiled double backward is the stored first derivative, and geo_mean gives NaN at B = 0",
+    "linear_policy_loss": "landed after this sweep: it is linear_logprobs' fused pass then policy_loss (both swept "
+    "here), but its own hostile cases (labels at mask-0 positions, B = 0, double backward) are not written yet",
 }
 
 
@@ -340,6 +361,13 @@ def _nan_case(op: str, variant):
         v[1, 2] = NAN
         loss = lambda b: rk.ppo_value_loss(v, old, ret, mask, clip=variant, backend=b)[0]
         return lambda b: [loss(b)], lambda b: []
+    if op == "policy_loss":
+        poisoned, options = variant
+        x = _policy_inputs(B, T)
+        x[poisoned][1, 2] = NAN
+        run = lambda b: _policy_loss(x, mask, b, **options)
+        read_it = ("ratio_mean", "ratio_max") if poisoned == "logprobs" else ()  # the statistics that read it
+        return lambda b: [run(b)[0], *(run(b)[1][name] for name in read_it)], lambda b: []
     if op == "dpo_loss":
         logps = [-torch.rand(B) * 5 for _ in range(4)]
         logps[1][0] = NAN
@@ -367,6 +395,15 @@ NAN_CASES = (
     + [("ppo_value_loss", 0.2), ("ppo_value_loss", None)]
     + [("dpo_loss", loss) for loss in PER_PAIR_LOSSES]
     + [("bradley_terry_loss", None), ("ranking_loss", None)]
+    + [("policy_loss", ("logprobs", dict(loss_type=loss))) for loss in POLICY_LOSS_TYPES]
+    + [("policy_loss", ("logprobs", dict(loss_type="grpo", dual_clip=3.0, delta=1.5, log_ratio_clamp=5.0)))]
+    + [("policy_loss", ("logprobs", dict(loss_type="cispo", cispo_clip="upper", clip_high=5.0)))]
+    + [("policy_loss", ("logprobs", dict(loss_type="dapo", importance_sampling_level="sequence")))]
+    + [("policy_loss", ("ref_logprobs", dict(loss_type="grpo", kl_coef=0.1, kl_estimator=e))) for e in ESTIMATORS]
+    + [("policy_loss", ("ref_logprobs", dict(loss_type="bnpo", kl_coef=0.1, kl_estimator="low_var_kl+")))]
+    + [("policy_loss", ("is_weights", dict(loss_type=loss, is_weights=True))) for loss in ("cispo", "vespo")]
+    + [("policy_loss", ("advantages", dict(loss_type=loss, dual_clip=3.0))) for loss in ("grpo", "sapo")]
+    + [("policy_loss", ("old_logprobs", dict(loss_type=loss))) for loss in ("dr_grpo", "dro")]
 )
 
 
@@ -381,8 +418,9 @@ NAN_CASES = (
 def test_nan_at_a_valid_position_is_never_hidden(op, variant, backend_name):
     """A NaN input at a valid position makes the outputs that read it NaN (the issue:
     ppo_policy_loss inf on cpu and -0.975 on triton, triton ppo_value_loss 0.555,
-    kl_penalty(low_var_kl) 10.0, dpo_loss(hinge) 0.0): clamp / max / min keep NaN as
-    torch's do. Outputs that do not read it stay finite."""
+    kl_penalty(low_var_kl) 10.0, dpo_loss(hinge) 0.0; policy_loss grpo 0.744 on triton
+    and its ratio_max finite on cpu and triton): clamp / max / min keep NaN as torch's
+    do. Outputs that do not read it stay finite."""
     nan_outputs, finite_outputs = _nan_case(op, variant)
     for out in nan_outputs(backend_name):
         assert torch.isnan(out).all(), out
@@ -411,6 +449,19 @@ def _masked_poison_case(op: str, variant):
                 loss, stats = rk.ppo_value_loss(x, others[0], others[1], mask, agg=variant, backend=b)
             (grad,) = torch.autograd.grad(loss, x)
             return [loss, *stats.values(), grad[mask != 0], grad[mask == 0]]
+
+        return fn
+    if op == "policy_loss":
+        clean = _policy_inputs(B, T, torch.Generator().manual_seed(2))
+
+        def fn(poison, b):
+            x = {name: poisoned(value, poison) for name, value in clean.items()}
+            x["logprobs"].requires_grad_(True)
+            x["entropy"].requires_grad_(True)
+            loss, stats = _policy_loss(x, mask, b, **variant)
+            grads = torch.autograd.grad(loss, [x["logprobs"], x["entropy"]], allow_unused=True)
+            grads = [torch.zeros(B, T) if g is None else g for g in grads]  # entropy: no bonus, no gradient
+            return [loss, *stats.values()] + [g[mask != 0] for g in grads] + [g[mask == 0] for g in grads]
 
         return fn
     if op in ("masked_mean", "masked_whiten"):
@@ -488,6 +539,16 @@ MASKED_CASES = (
     + [("gae", "multiply"), ("gae", "carry"), ("discounted_returns", None)]
     + [("kl_shaped_rewards", e) for e in ("k1", "k3", "low_var_kl")]
     + [("token_logprobs", None), ("sequence_logprobs", None), ("ranking_loss", None)]
+    + [("policy_loss", dict(loss_type="grpo", agg=agg, dual_clip=3.0, delta=1.5)) for agg in POLICY_AGGS]
+    + [
+        ("policy_loss", dict(loss_type=loss, is_weights=True, kl_coef=0.1, entropy_coef=0.01))
+        for loss in POLICY_LOSS_TYPES
+    ]
+    + [("policy_loss", dict(loss_type=loss, importance_sampling_level="sequence")) for loss in ("grpo", "cispo")]
+    + [
+        ("policy_loss", dict(loss_type="dapo", kl_coef=0.1, kl_estimator=e, kl_is_corrected=c))
+        for e, c in [("low_var_kl+", False), ("k3", True), ("abs", False)]
+    ]
 )
 
 
@@ -562,6 +623,12 @@ def _double_case(op: str, variant):
         return fn, [r(B), r(B)]
     if op == "bradley_terry_loss":
         return lambda a, b: rk.bradley_terry_loss(a, b, margin=0.3), [r(4), r(4)]
+    if op == "policy_loss":
+        x = _policy_inputs(B, T, g, dtype=torch.float64)
+        x["old_logprobs"] = x["logprobs"] + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
+        x["ref_logprobs"] = x["logprobs"] + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+        lp = x["logprobs"].clone().requires_grad_(True)
+        return lambda lp: _policy_loss(dict(x, logprobs=lp), mask, None, **variant)[0], [lp]
     assert op == "ranking_loss"
     ranks = torch.tensor([[0, 1, 1, 2], [3, 2, 1, 0]])
     return lambda x: rk.ranking_loss(x, ranks), [r(B, 4)]
@@ -575,6 +642,17 @@ DOUBLE_CASES = (
     + [("ppo_policy_loss", "token-mean"), ("ppo_policy_loss", "seq-mean-token-mean"), ("ppo_value_loss", None)]
     + [("dpo_loss", loss) for loss in ("sigmoid", "ipo", "exo_pair", "apo_down", "sigmoid_norm", "discopop")]
     + [("bradley_terry_loss", None), ("ranking_loss", None)]
+    # policy_loss: the types without a stop-gradient (a finite difference of a first derivative
+    # through sg() also moves the stopped factor; cispo's test is below)
+    + [
+        ("policy_loss", dict(loss_type="grpo", dual_clip=2.0, delta=1.15, kl_coef=0.1, kl_estimator="k3")),
+        ("policy_loss", dict(loss_type="vanilla", log_ratio_clamp=0.05, agg="seq-mean-token-sum-norm")),
+        ("policy_loss", dict(loss_type="sapo", is_weights=True, kl_coef=0.2, kl_estimator="low_var_kl")),
+        ("policy_loss", dict(loss_type="dro", dro_beta=0.5, kl_coef=0.1, kl_estimator="k2", agg="token-sum")),
+        ("policy_loss", dict(loss_type="gpg", is_weights=True, kl_coef=0.1, kl_estimator="k1+")),
+        ("policy_loss", dict(loss_type="grpo", importance_sampling_level="sequence")),
+        ("policy_loss", dict(loss_type="geo_mean")),
+    ]
 )
 
 
@@ -601,6 +679,21 @@ def test_double_backward_every_dpo_loss_type(backend_name, monkeypatch):
     for loss in PER_PAIR_LOSSES:
         fn, inputs = _double_case("dpo_loss", loss)
         assert torch.autograd.gradgradcheck(fn, inputs), loss
+
+
+@pytest.mark.parametrize("backend_name", _backends("policy_loss"))
+def test_policy_loss_cispo_second_derivative_is_the_kl_terms(backend_name):
+    """cispo's weight is a constant (sg): d2 loss / d lp2 is the KL's alone, k2's kl_coef /
+    N per valid token under token-mean (cpu and triton returned the stored first
+    derivative, so autograd saw no second derivative at all: 0, silently)."""
+    mask = _mask(2, 4).double()
+    x = _policy_inputs(2, 4, torch.Generator().manual_seed(5), dtype=torch.float64)
+    lp = x["logprobs"].clone().requires_grad_(True)
+    loss, _ = _policy_loss(dict(x, logprobs=lp), mask, backend_name, loss_type="cispo", kl_coef=0.3,
+                           kl_estimator="k2", agg="token-mean")  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, lp, create_graph=True)
+    (second,) = torch.autograd.grad(grad.sum(), lp)
+    torch.testing.assert_close(second, 0.3 * mask / mask.sum(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("backend_name", _backends("kl_penalty"))
@@ -639,13 +732,22 @@ def _empty_case(op: str, B: int, T: int, variant):
         ),
         "bradley_terry_loss": lambda b: rk.bradley_terry_loss(x(B), x(B), backend=b),
         "ranking_loss": lambda b: rk.ranking_loss(x(B, 3), torch.zeros(B, 3), backend=b),
-    }
+        "policy_loss": lambda b: _policy_loss(
+            {name: x(B, T) for name in POLICY_TENSORS}, mask, b,
+            **(variant if isinstance(variant, dict) else dict(agg=variant)),  # the meta test passes an agg
+        ),
+    }  # fmt: skip
     return calls[op]
 
 
-EMPTY_CASES = [(op, None) for op in sorted(SWEPT_OPS) if not op.startswith("ppo_")] + [
-    (op, agg) for op in ("ppo_policy_loss", "ppo_value_loss") for agg in rk.reference.ppo.AGG_MODES
-]
+FULL_POLICY_LOSS = dict(is_weights=True, kl_coef=0.1, entropy_coef=0.01)
+EMPTY_CASES = (
+    [(op, None) for op in sorted(SWEPT_OPS) if not op.startswith("ppo_") and op != "policy_loss"]
+    + [(op, agg) for op in ("ppo_policy_loss", "ppo_value_loss") for agg in rk.reference.ppo.AGG_MODES]
+    + [("policy_loss", dict(loss_type="grpo", agg=agg, **FULL_POLICY_LOSS)) for agg in POLICY_AGGS]
+    + [("policy_loss", dict(loss_type=loss, **FULL_POLICY_LOSS)) for loss in POLICY_LOSS_TYPES]
+    + [("policy_loss", dict(loss_type="grpo", importance_sampling_level="sequence", kl_is_corrected=True, kl_coef=0.1))]
+)
 
 
 def _flatten(out):
@@ -668,7 +770,9 @@ def _flatten(out):
 def test_empty_batches_give_empty_or_zero_never_nan(op, variant, backend_name, B, T):
     """B = 0 or T = 0: empty outputs, and losses / means of nothing are 0 (the seq-mean
     aggregations raised ZeroDivisionError on cpu / triton and gave NaN on the reference;
-    bradley_terry_loss on N = 0 gave NaN). kl_shaped_rewards needs a position (T >= 1)."""
+    bradley_terry_loss on N = 0 gave NaN; policy_loss geo_mean at B = 0 and
+    seq-mean-token-sum-norm at T = 0 gave NaN everywhere). kl_shaped_rewards needs a
+    position (T >= 1)."""
     run = _empty_case(op, B, T, variant)
     if op == "kl_shaped_rewards" and T == 0:
         with pytest.raises(ValueError, match="T >= 1"):
@@ -676,7 +780,7 @@ def test_empty_batches_give_empty_or_zero_never_nan(op, variant, backend_name, B
         return
     outputs = _flatten(run(backend_name))
     # Scalars over nothing are 0 (T = 0 leaves rows: only the means over tokens are empty).
-    nothing = B == 0 or op in ("ppo_policy_loss", "ppo_value_loss", "masked_mean")
+    nothing = B == 0 or op in ("ppo_policy_loss", "ppo_value_loss", "masked_mean", "policy_loss")
     for out in outputs:
         assert not torch.isnan(out).any(), (op, out)
         if out.dim() == 0 and nothing:

@@ -3,6 +3,8 @@
 // so the backward is a scale) and the row's sums. Ties of max/min split the gradient
 // in half and clamps pass it on the closed interval, as in csrc/cpu/ppo.cpp, so the
 // gradients equal autograd through the reference. An option that is off is +inf.
+// Every clamp, max and min keeps NaN as torch's do, and masks are selects: NaN / inf at a
+// mask-0 position never reaches the sums or the gradient (0 x inf would be NaN).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -13,6 +15,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+
+#include "vector_math.h"
 
 namespace rlhf_kernels {
 namespace {
@@ -32,8 +36,13 @@ struct Options {
 template <typename T>
 inline T max_grad_first(T a, T b) { return a > b ? T(1) : (a < b ? T(0) : T(0.5)); }
 
+using vector_math::masked;
+using vector_math::max_nan;
+using vector_math::min_nan;
+
+// torch.clamp: NaN stays NaN.
 template <typename T>
-inline T clamp_value(T x, T low, T high) { return std::min(std::max(x, low), high); }
+inline T clamp_value(T x, T low, T high) { return min_nan(max_nan(x, low), high); }
 
 template <typename T>
 inline T inside(T x, T low, T high) { return (x >= low && x <= high) ? T(1) : T(0); }
@@ -70,16 +79,16 @@ inline T policy_token(T lp, T old, T a, T m, T isw, T ref, const Options<T>& o, 
   const T ratio = std::exp(log_ratio);
   T loss = 0, dloss = 0;  // dloss: d loss / d lp
   if (o.loss == kClip) {
-    const T first = std::min(ratio, o.delta);
+    const T first = min_nan(ratio, o.delta);
     const T unclipped = -a * first, clipped = -a * clamp_value(ratio, o.low, o.high);
-    loss = std::max(unclipped, clipped);
+    loss = max_nan(unclipped, clipped);
     T dratio = -a * (max_grad_first(unclipped, clipped) * (ratio <= o.delta ? T(1) : T(0)) +
                      max_grad_first(clipped, unclipped) * inside(ratio, o.low, o.high));
     if (a < 0) {
       const T bound = -a * o.dual_clip;
       sums[3] += m * (loss > bound ? T(1) : T(0));
       dratio *= max_grad_first(bound, loss);
-      loss = std::min(loss, bound);
+      loss = min_nan(loss, bound);
     }
     dloss = dratio * ratio * clamp_grad;
   } else if (o.loss == kCispo) {
@@ -91,9 +100,13 @@ inline T policy_token(T lp, T old, T a, T m, T isw, T ref, const Options<T>& o, 
     const T s = T(1) / (T(1) + std::exp(-tau * (ratio - 1)));
     loss = -a * s * (T(4) / tau);
     dloss = -a * T(4) * s * (1 - s) * ratio * clamp_grad;
-  } else {  // pg: -(A lp - beta / 2 (lp - old)^2)
-    loss = -(a * lp - T(0.5) * o.dro_beta * raw * raw);
-    dloss = -a + o.dro_beta * raw;
+  } else {  // pg: -A lp + beta / 2 (lp - old)^2; beta 0 (gpg) never reads old (no 0 x inf)
+    loss = -a * lp;
+    dloss = -a;
+    if (o.dro_beta != 0) {
+      loss += T(0.5) * o.dro_beta * raw * raw;
+      dloss += o.dro_beta * raw;
+    }
   }
   loss *= isw;
   dloss *= isw;
@@ -102,14 +115,14 @@ inline T policy_token(T lp, T old, T a, T m, T isw, T ref, const Options<T>& o, 
     loss += o.kl_coef * kl_token(o.kl, lp, ref, slope);
     dloss += o.kl_coef * slope;
   }
-  sums[0] += m * loss;
+  sums[0] += masked(m, loss);
   sums[1] += m * ((ratio < o.low && a < 0) ? T(1) : T(0));
   sums[2] += m * ((ratio > o.high && a > 0) ? T(1) : T(0));
-  sums[4] += m * -raw;
-  sums[5] += m * (std::expm1(raw) - raw);
-  sums[6] += m * ratio;
-  if (m != 0) ratio_max = std::max(ratio_max, ratio);
-  return m * dloss;
+  sums[4] += masked(m, -raw);
+  sums[5] += masked(m, std::expm1(raw) - raw);
+  sums[6] += masked(m, ratio);
+  if (m != 0) ratio_max = max_nan(ratio, ratio_max);  // a NaN ratio is the maximum, as torch's amax
+  return masked(m, dloss);
 }
 
 std::tuple<at::Tensor, at::Tensor> grpo_policy_loss_cpu(
@@ -134,7 +147,9 @@ std::tuple<at::Tensor, at::Tensor> grpo_policy_loss_cpu(
   TORCH_CHECK(loss_code >= kClip && loss_code <= kPg, "grpo_policy_loss: bad loss_code ", loss_code);
   TORCH_CHECK(kl_code == kNoKl || ((kl_code & 7) >= kK1 && (kl_code & 7) <= kLowVar),
               "grpo_policy_loss: bad kl_code ", kl_code);
-  TORCH_CHECK(kl_code == kNoKl || ref_logprobs.numel() != 0, "grpo_policy_loss: a KL term needs ref_logprobs");
+  // An absent tensor is empty; a present one at B = 0 is empty too, hence the shape.
+  TORCH_CHECK(kl_code == kNoKl || ref_logprobs.sizes() == logprobs.sizes(),
+              "grpo_policy_loss: a KL term needs ref_logprobs");
   const int64_t B = logprobs.size(0), T = logprobs.size(1);
   TORCH_CHECK(row_weight.dim() == 1 && row_weight.size(0) == B && row_weight.scalar_type() == logprobs.scalar_type(),
               "grpo_policy_loss: row_weight must be [B] of the inputs' dtype");

@@ -3,11 +3,15 @@
 The kernels (csrc/cpu/grpo.cpp, rlhf_kernels/triton/grpo.py) compute the per-token
 losses of the token-level loss types (clip family, cispo, sapo, gpg / dro) with the
 importance weights and the KL term, and store d loss / d logprob, so the backward
-is a scale (ops/ppo.py's design). The aggregation reaches them as one weight per
-row. The entropy bonus is linear in the entropy, so it is torch code here (autograd
-gives d / d entropy). Loss types whose ratio couples a row (gspo, vespo, geo_mean,
+is a scale (ops/ppo.py's design); under create_graph=True (double backward) it is
+the reference's per-token loss (reference.grpo.token_loss) differentiated as a
+graph. The aggregation reaches them as one weight per row. The entropy bonus is
+linear in the entropy, so it is torch code here (autograd gives d / d entropy).
+Loss types whose ratio couples a row (gspo, vespo, geo_mean,
 importance_sampling_level="sequence", the KL's importance correction) and dppo_*
 run the reference's torch code on every backend, as DPO's batch-coupled types do.
+Mask-0 positions are never read into a result: the kernels select, the torch code
+here zeroes them first (reference.ppo.valid_only).
 """
 
 from __future__ import annotations
@@ -20,12 +24,20 @@ import torch
 
 from .. import _extension
 from ..reference import grpo as _reference
+from ..reference.autograd import recording_backward, vjp
+from ..reference.masked import masked_sum
+from ..reference.ppo import valid_only
 from . import needs_grad
-from .ppo import _backward, _masked_fraction, _setup_context
+from .ppo import _masked_fraction
 
 N_STATS = 8
+_N_TENSORS = 7  # the op's tensor inputs: logprobs ... row_weight
 _LOSS_CODES = {**{name: 0 for name in _reference.CLIP_TYPES}, "cispo": 1, "sapo": 2, "gpg": 3, "dro": 3}
+# The reference loss type that each code computes (dro with beta 0 is gpg).
+_LOSS_NAMES = {0: "ppo", 1: "cispo", 2: "sapo", 3: "dro"}
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "low_var_kl": 5}
+_KL_NAMES = {code: name for name, code in _KL_CODES.items()}
+_STRAIGHT_THROUGH = 8
 _INF = math.inf
 
 
@@ -49,7 +61,8 @@ def row_weights(weights: torch.Tensor, agg: str, global_tokens, num_sequences, h
         return torch.where(counts > 0, 1 / (torch.where(counts > 0, counts, 1) * rows), 0)
     if agg == "seq-mean-token-sum":
         return (1 / rows).expand(B).contiguous()
-    return (1 / (rows * (T if horizon is None else horizon))).expand(B).contiguous()
+    # T = 0: every row sum is 0 (the reference's aggregate divides by max(T, 1) too)
+    return (1 / (rows * (max(T, 1) if horizon is None else horizon))).expand(B).contiguous()
 
 
 def _triton_kernels():
@@ -90,6 +103,48 @@ def _fake(x, *args):
     return x.new_empty(x.shape[0], N_STATS), torch.empty_like(x) if need_grad else x.new_empty(0)
 
 
+def _token_options(loss_code: int, kl_code: int, params: list[float]) -> _reference.TokenOptions:
+    """The reference's TokenOptions that `params` (_params) encode. clip_low / clip_high are
+    read only by loss types that never reach the kernels (dppo_*, geo_mean)."""
+    low, high, dual_clip, delta, ratio_clamp, tau_pos, tau_neg, beta, w_low, w_high, kl_coef = params[:11]
+    on = lambda x: None if x == _INF else x
+    # kl_code 0: no KL term (kl_coef 0), the estimator is not read
+    estimator = _KL_NAMES.get(kl_code % _STRAIGHT_THROUGH, "k1") + ("+" if kl_code & _STRAIGHT_THROUGH else "")
+    return _reference.TokenOptions(
+        1 - low, high - 1, low, high, on(dual_clip), on(delta), on(ratio_clamp), w_low, w_high, tau_pos, tau_neg,
+        beta, kl_coef if kl_code else 0.0, estimator,
+    )  # fmt: skip
+
+
+def _loss_rows(lp, old, adv, mask, is_weights, ref, row_weight, loss_code, kl_code, params, _need_grad):
+    """The op's differentiable output row_stats[:, 0] by the reference's formulas."""
+    present = [x.shape == lp.shape for x in (is_weights, ref)]  # absent: new_empty(0)
+    optional = [x for x, here in zip((is_weights, ref), present) if here]
+    lp, old, adv, *optional = valid_only(mask, lp, old, adv, *optional)
+    isw = optional.pop(0) if present[0] else None
+    ref = optional.pop(0) if present[1] else None
+    o = _token_options(loss_code, kl_code, params)
+    log_ratio = _reference.clamped_log_ratio(lp, old, o)
+    loss = _reference.token_loss(_LOSS_NAMES[loss_code], lp, old, adv, log_ratio, mask, o, isw, ref)
+    return row_weight * masked_sum(loss, mask, dim=-1)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1], *inputs[:_N_TENSORS])
+    ctx.options = inputs[_N_TENSORS:]
+
+
+def _backward(ctx, grad_row_stats, _grad_grad):
+    """d loss / d logprobs = (d loss / d row_stats[b, 0]) * the stored per-token gradient."""
+    grad, lp, *constants = ctx.saved_tensors
+    untouched = (None,) * (_N_TENSORS - 1 + len(ctx.options))
+    if recording_backward():  # create_graph=True: differentiable, from the reference's formulas
+        rows = lambda x: _loss_rows(x, *constants, *ctx.options)
+        (grad_lp,) = vjp(rows, [lp], ctx.needs_input_grad[:1], [grad_row_stats[:, 0]])
+        return (grad_lp,) + untouched
+    return (grad_row_stats[:, :1] * grad,) + untouched
+
+
 def _register(op_name: str) -> None:
     torch.library.register_fake(op_name, _fake)
     torch.library.register_autograd(op_name, _backward, setup_context=_setup_context)
@@ -105,16 +160,14 @@ _OPS = {
 }
 
 
-def _params(o) -> list[float]:
-    clip_high = o["clip_low"] if o["clip_high"] is None else o["clip_high"]
-    low, high = 1 - o["clip_low"], 1 + clip_high
-    # cispo's constant weight: clip(r, 1 - clip_low, 1 + clip_high), or min(r, clip_high) (TRL's cap).
-    w_low, w_high = (0.0, clip_high) if o["cispo_clip"] == "upper" else (low, high)
-    beta = o["dro_beta"] if o["loss_type"] == "dro" else 0.0
+def _params(options) -> list[float]:
+    """The kernels' numbers (csrc/registration.cpp): an option that is off is +inf."""
+    o = _reference.token_options(**options)
+    beta = o.dro_beta if options["loss_type"] == "dro" else 0.0
     off = lambda x: _INF if x is None else float(x)
     return [
-        low, high, off(o["dual_clip"]), off(o["delta"]), off(o["log_ratio_clamp"]), float(o["sapo_tau_pos"]),
-        float(o["sapo_tau_neg"]), float(beta), w_low, w_high, float(o["kl_coef"]), 0.0,
+        o.low, o.high, off(o.dual_clip), off(o.delta), off(o.log_ratio_clamp), float(o.tau_pos), float(o.tau_neg),
+        float(beta), float(o.w_low), float(o.w_high), float(o.kl_coef), 0.0,
     ]  # fmt: skip
 
 
@@ -154,9 +207,11 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, kernel, **options):
     )
     total = row_stats[:, 0].sum()
     entropy = options["entropy"]
+    if entropy is not None:
+        (entropy,) = valid_only(mask, entropy.to(dtype))
     if entropy is not None and options["entropy_coef"] != 0.0:
         mode = agg if options["entropy_agg"] is None else options["entropy_agg"]
-        total = total - options["entropy_coef"] * _reference.aggregate(entropy.to(dtype), weights, mode, **divisors)
+        total = total - options["entropy_coef"] * _reference.aggregate(entropy, weights, mode, **divisors)
     return total, _stats(row_stats.detach(), weights, entropy, options["dual_clip"])
 
 
@@ -166,5 +221,5 @@ def _stats(row_stats: torch.Tensor, weights: torch.Tensor, entropy: Optional[tor
     stats = {name: _masked_fraction(sums[i], weights) for i, name in enumerate(names)}
     stats["ratio_max"] = row_stats[:, 7].amax() if row_stats.shape[0] else row_stats.new_zeros(())
     if entropy is not None:
-        stats["entropy"] = _masked_fraction((entropy.detach().to(weights.dtype) * weights).sum(), weights)
+        stats["entropy"] = _masked_fraction(masked_sum(entropy.detach(), weights), weights)
     return stats

@@ -37,16 +37,27 @@ Aggregations (verl's agg_loss; the divisors are arguments because they are globa
 S = num_sequences or the rows with a valid token (verl); TRL divides by B (pass
 num_sequences=B; it differs only when a row has no valid token). horizon = T unless
 given (verl's loss_scale_factor, TRL's max_completion_length).
+
+Hostile inputs, on every backend: every input is zeroed at its mask-0 positions before
+any arithmetic (reference.ppo.valid_only), so NaN / inf there never reaches the loss or
+the statistics and the gradient there is exactly 0; vespo reads a row's advantage at
+its first valid position and sums log is_weights over the valid ones (TRL: column 0 and
+every position). A NaN at a valid position makes the loss NaN (torch's max / min /
+clamp keep it; vespo's phi too, where TRL's nan_to_num made it a weight of 0). B = 0 or
+T = 0 gives 0 in every mode, geo_mean included. The torch code is differentiable twice;
+the compiled ops' double backward differentiates token_loss.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import NamedTuple, Optional
 
 import torch
 
 from .bounds import clamp
 from .kl import kl_penalty
+from .ppo import valid_only
 
 CLIP_TYPES = ("ppo", "vanilla", "grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 LOSS_TYPES = CLIP_TYPES + ("gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "vespo", "geo_mean")
@@ -84,7 +95,7 @@ def aggregate(loss, weights, agg, *, global_tokens=None, num_sequences=None, hor
     if agg == "seq-mean-token-sum":
         return sums
     if agg == "seq-mean-token-sum-norm":
-        return sums / (loss.shape[-1] if horizon is None else horizon)
+        return sums / (max(loss.shape[-1], 1) if horizon is None else horizon)  # T = 0: every sum is 0
     raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
 
 
@@ -115,15 +126,107 @@ def _dppo_valid(loss_type, lp, old, adv, clip_low, clip_high):
 
 
 def _vespo_phi(adv, log_ratio, weights, is_weights, k_pos, lambda_pos, k_neg, lambda_neg):
-    lower = torch.log(torch.tensor(1e-8, dtype=torch.float64)).item()
+    lower = math.log(1e-8)
     seq = (torch.clamp(log_ratio, -20.0, 20.0) * weights).sum(-1, keepdim=True)
     if is_weights is not None:
-        seq = seq + torch.clamp(torch.log(is_weights), lower, 20.0).sum(-1, keepdim=True)
+        # TRL sums log w over every position; here over the valid ones (a mask-0 weight is never read).
+        seq = seq + (torch.clamp(torch.log(is_weights), lower, 20.0) * weights).sum(-1, keepdim=True)
     log_w = torch.clamp(seq, lower, 20.0)
     nonneg = adv >= 0
     k = torch.where(nonneg, k_pos, k_neg)
     lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
-    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    # TRL's nan_to_num(nan=0, posinf=0, neginf=0), less nan=0: an overflow (a large k) gives
+    # weight 0, but a NaN input stays NaN (log w is clamped, so only a NaN input makes one).
+    return torch.where(torch.isinf(phi), torch.zeros_like(phi), phi)
+
+
+def _first_valid(x, weights):
+    """x[b, t] at each row's first valid position [B, 1] (0 for a row with none): a select,
+    so a mask-0 position is never read (T = 0 too)."""
+    live = weights != 0
+    first = live & (live.cumsum(-1) == 1)
+    return torch.where(first, x, torch.zeros_like(x)).sum(-1, keepdim=True)
+
+
+class TokenOptions(NamedTuple):
+    """policy_loss's per-token options, resolved (None: off). The compiled ops carry the
+    token-level types' ones as numbers (ops/grpo.py) and rebuild them for their double
+    backward; the last three only sequence-level types read."""
+
+    clip_low: float
+    clip_high: float
+    low: float  # 1 - clip_low: the ratio's clip band, rounded once (as the kernels get it)
+    high: float  # 1 + clip_high
+    dual_clip: Optional[float]
+    delta: Optional[float]
+    log_ratio_clamp: Optional[float]
+    w_low: float  # cispo's weight clip(r, w_low, w_high); w_low = 0 for TRL's cap min(r, clip_high)
+    w_high: float
+    tau_pos: float
+    tau_neg: float
+    dro_beta: float
+    kl_coef: float
+    kl_estimator: str
+    kl_is_corrected: bool = False
+    dppo_ratio_cap: float = 20.0
+    vespo: tuple = (2.0, 3.0, 3.0, 2.0)
+
+
+def token_options(
+    *, clip_low, clip_high, dual_clip, delta, log_ratio_clamp, cispo_clip, sapo_tau_pos, sapo_tau_neg, dro_beta,
+    kl_coef, kl_estimator, kl_is_corrected, dppo_ratio_cap, vespo, **_unused,
+) -> TokenOptions:  # fmt: skip
+    """TokenOptions from policy_loss's keyword arguments (others, such as loss_type, are ignored)."""
+    clip_high = clip_low if clip_high is None else clip_high
+    low, high = 1 - clip_low, 1 + clip_high
+    w_low, w_high = (0.0, clip_high) if cispo_clip == "upper" else (low, high)
+    return TokenOptions(
+        clip_low, clip_high, low, high, dual_clip, delta, log_ratio_clamp, w_low, w_high, sapo_tau_pos, sapo_tau_neg,
+        dro_beta, kl_coef, kl_estimator, kl_is_corrected, dppo_ratio_cap, tuple(vespo),
+    )  # fmt: skip
+
+
+def clamped_log_ratio(lp, old, o: TokenOptions):
+    log_ratio = lp - old
+    return log_ratio if o.log_ratio_clamp is None else clamp(log_ratio, -o.log_ratio_clamp, o.log_ratio_clamp)
+
+
+def token_loss(loss_type, lp, old, adv, log_ratio, weights, o: TokenOptions, isw=None, ref=None):
+    """Per-token loss [B, T] of every loss type but geo_mean, from the log-ratio (token,
+    sequence or gspo's); isw / ref None when absent. Inputs are finite at mask-0 positions
+    (valid_only), so products with the mask there are exact zeros."""
+    ratio = torch.exp(log_ratio)
+    if loss_type in CLIP_TYPES or loss_type == "gspo":
+        first = ratio if o.delta is None else clamp(ratio, None, o.delta)
+        unclipped, clipped = -adv * first, -adv * clamp(ratio, o.low, o.high)
+        loss = torch.maximum(unclipped, clipped)
+        if o.dual_clip is not None:
+            loss = torch.where(adv < 0, torch.minimum(loss, -adv * o.dual_clip), loss)
+    elif loss_type == "cispo":
+        loss = -clamp(ratio, o.w_low, o.w_high).detach() * adv * lp
+    elif loss_type == "sapo":
+        dtype = lp.dtype
+        tau = torch.where(adv > 0, torch.tensor(o.tau_pos, dtype=dtype), torch.tensor(o.tau_neg, dtype=dtype))
+        loss = -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * adv
+    elif loss_type in ("gpg", "dro"):
+        loss = -lp * adv
+        if loss_type == "dro" and o.dro_beta != 0.0:  # beta 0 is gpg, which never reads old
+            loss = loss + 0.5 * o.dro_beta * (lp - old).square()
+    elif loss_type in ("dppo_tv", "dppo_kl"):
+        capped = clamp(ratio, None, o.dppo_ratio_cap).detach()
+        loss = -adv * capped * lp * _dppo_valid(loss_type, lp.detach(), old, adv, o.clip_low, o.clip_high)
+    elif loss_type == "vespo":
+        phi = _vespo_phi(_first_valid(adv, weights), (lp - old).detach(), weights, isw, *o.vespo)
+        loss = -phi * adv * lp
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if isw is not None and loss_type != "vespo":
+        loss = loss * isw
+    if o.kl_coef != 0.0:
+        kl = kl_term(lp, ref, o.kl_estimator)
+        loss = loss + o.kl_coef * (kl * ratio if o.kl_is_corrected else kl)
+    return loss
 
 
 def policy_loss(
@@ -159,81 +262,57 @@ def policy_loss(
     horizon: Optional[float] = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    clip_high = clip_low if clip_high is None else clip_high
+    o = token_options(
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta, log_ratio_clamp=log_ratio_clamp,
+        cispo_clip=cispo_clip, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, dro_beta=dro_beta,
+        kl_coef=kl_coef, kl_estimator=kl_estimator, kl_is_corrected=kl_is_corrected, dppo_ratio_cap=dppo_ratio_cap,
+        vespo=vespo,
+    )  # fmt: skip
     agg = default_agg(loss_type) if agg is None else agg
-    lp = logprobs.to(dtype)
-    old = old_logprobs.detach().to(dtype)
     weights = mask.to(dtype)
     adv = advantages.detach().to(dtype)
-    adv = adv[:, None].expand_as(lp) if adv.dim() == 1 else adv
-    isw = None if is_weights is None else is_weights.detach().to(dtype)
+    adv = adv[:, None].expand_as(logprobs) if adv.dim() == 1 else adv
+    optional = [x for x in (is_weights, ref_logprobs, entropy) if x is not None]
+    # Every input is zeroed at its mask-0 positions before any arithmetic: NaN / inf there
+    # never reaches the loss or the statistics, and the gradient there is exactly 0.
+    lp, old, adv, *optional = valid_only(
+        mask, logprobs.to(dtype), old_logprobs.detach().to(dtype), adv, *(x.to(dtype) for x in optional)
+    )
+    isw = None if is_weights is None else optional.pop(0).detach()
+    ref = None if ref_logprobs is None else optional.pop(0).detach()
+    entropy = None if entropy is None else optional.pop(0)
 
-    log_ratio = lp - old
-    if log_ratio_clamp is not None:
-        log_ratio = clamp(log_ratio, -log_ratio_clamp, log_ratio_clamp)
+    if loss_type == "geo_mean":
+        return _geo_mean(lp, old, adv, weights, o, isw)
+    log_ratio = clamped_log_ratio(lp, old, o)
     if importance_sampling_level == "sequence":
         log_ratio = _masked_row_mean(log_ratio, weights).expand_as(lp)
     elif loss_type == "gspo":
         seq = _masked_row_mean(lp.detach() - old, weights)
         log_ratio = clamp(lp - lp.detach() + seq, None, 10.0)
-    ratio = torch.exp(log_ratio)
-    low, high = 1 - clip_low, 1 + clip_high
-
-    if loss_type in CLIP_TYPES or loss_type == "gspo":
-        first = ratio if delta is None else clamp(ratio, None, delta)
-        unclipped, clipped = -adv * first, -adv * clamp(ratio, low, high)
-        loss = torch.maximum(unclipped, clipped)
-        if dual_clip is not None:
-            loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
-    elif loss_type == "cispo":
-        w = clamp(ratio, None, clip_high) if cispo_clip == "upper" else clamp(ratio, low, high)
-        loss = -w.detach() * adv * lp
-    elif loss_type == "sapo":
-        tau = torch.where(adv > 0, torch.tensor(sapo_tau_pos, dtype=dtype), torch.tensor(sapo_tau_neg, dtype=dtype))
-        loss = -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * adv
-    elif loss_type == "gpg":
-        loss = -lp * adv
-    elif loss_type == "dro":
-        loss = -(lp * adv - 0.5 * dro_beta * (lp - old).square())
-    elif loss_type in ("dppo_tv", "dppo_kl"):
-        capped = clamp(ratio, None, dppo_ratio_cap).detach()
-        loss = -adv * capped * lp * _dppo_valid(loss_type, lp.detach(), old, adv, clip_low, clip_high)
-    elif loss_type == "vespo":
-        phi = _vespo_phi(adv[:, :1], (lp - old).detach(), weights, isw, *vespo)
-        loss = -phi * adv * lp
-    elif loss_type == "geo_mean":
-        return _geo_mean(lp, old, adv, weights, clip_low, clip_high, isw)
-    else:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-
-    if isw is not None and loss_type != "vespo":
-        loss = loss * isw
-    if kl_coef != 0.0:
-        kl = kl_term(lp, ref_logprobs.detach().to(dtype), kl_estimator)
-        loss = loss + kl_coef * (kl * ratio if kl_is_corrected else kl)
+    loss = token_loss(loss_type, lp, old, adv, log_ratio, weights, o, isw, ref)
     total = aggregate(loss, weights, agg, global_tokens=global_tokens, num_sequences=num_sequences, horizon=horizon)
     if entropy is not None and entropy_coef != 0.0:
         entropy_mode = agg if entropy_agg is None else entropy_agg
-        total = total - entropy_coef * aggregate(
-            entropy.to(dtype), weights, entropy_mode, num_sequences=num_sequences, horizon=horizon
-        )
-    stats = _stats(ratio, log_ratio, lp, old, adv, weights, low, high, dual_clip, entropy)
+        entropy_total = aggregate(entropy, weights, entropy_mode, num_sequences=num_sequences, horizon=horizon)
+        total = total - entropy_coef * entropy_total
+    stats = _stats(torch.exp(log_ratio), lp, old, adv, weights, o.low, o.high, o.dual_clip, entropy)
     return total, stats
 
 
-def _geo_mean(lp, old, adv, weights, clip_low, clip_high, isw):
+def _geo_mean(lp, old, adv, weights, o: TokenOptions, isw):
     d = lp - old
     sign = torch.sign(adv)
-    d_min = sign * torch.minimum(sign * d, sign * clamp(d, -clip_low, clip_high))
+    d_min = sign * torch.minimum(sign * d, sign * clamp(d, -o.clip_low, o.clip_high))
     counts = weights.sum(-1)
     ratio = torch.exp((d_min * weights).sum(-1) / (counts + 1e-8))
     seq_adv = (adv * weights).sum(-1) / (counts + 1e-8)
     losses = -seq_adv * ratio
     if isw is not None:
         losses = losses * torch.exp((torch.log(isw + 1e-10) * weights).sum(-1) / (counts + 1e-8))
-    return losses.mean(), _stats(
-        torch.exp(d), d.detach(), lp, old, adv, weights, 1 - clip_low, 1 + clip_high, None, None
-    )
+    # The mean over B sequences; B = 0 gives 0, as the seq-mean aggregations do.
+    stats = _stats(torch.exp(d), lp, old, adv, weights, o.low, o.high, None, None)
+    return losses.sum() / max(losses.numel(), 1), stats
 
 
 def _masked_mean(x, weights):
@@ -249,7 +328,7 @@ def _dual_clipped(ratio, adv, low, high, dual_clip):
 
 
 @torch.no_grad()
-def _stats(ratio, log_ratio, lp, old, adv, weights, low, high, dual_clip, entropy):
+def _stats(ratio, lp, old, adv, weights, low, high, dual_clip, entropy):
     ratio = ratio.detach()
     d = (lp - old).detach()
     any_valid = weights > 0

@@ -3,7 +3,9 @@
 The math and the conventions are csrc/cpu/grpo.cpp's (ties of max/min split the
 gradient in half, clamps pass it on the closed interval, an option that is off is
 +inf). The loss type and KL estimator are constexprs: each configuration compiles
-to straight-line code.
+to straight-line code. Every clamp, max and min keeps NaN as torch's do (_math.py:
+tl.maximum / tl.minimum drop it on a GPU), and masks are selects, so NaN / inf at a
+mask-0 position never reaches the sums or the gradient.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch, row_block, widest_block
-from ._math import exp_minus_one_minus_x
+from ._math import clamp, exp_minus_one_minus_x, masked, maximum, minimum
 from .ppo import _max_grad_first
 
 BLOCK_T = 1024
@@ -23,11 +25,6 @@ N_STATS = 8
 @triton.jit
 def _inside(x, low, high):
     return tl.where((x >= low) & (x <= high), 1.0, 0.0)
-
-
-@triton.jit
-def _clamp(x, low, high):
-    return tl.minimum(tl.maximum(x, low), high)
 
 
 @triton.jit
@@ -47,9 +44,9 @@ def _kl(lp, ref, KL: tl.constexpr):
         value = tl.abs(d)
         slope = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
     else:  # low_var_kl
-        c = _clamp(-d, -20.0, 20.0)
+        c = clamp(-d, -20.0, 20.0)
         raw = tl.exp(c) - c - 1.0
-        value = _clamp(raw, -10.0, 10.0)
+        value = clamp(raw, -10.0, 10.0)
         slope = -(tl.exp(c) - 1.0) * _inside(-d, -20.0, 20.0) * _inside(raw, -10.0, 10.0)
     if KL >= 8:
         slope = d
@@ -83,12 +80,12 @@ def _grpo_policy_loss_kernel(
         m = tl.load(mask_ptr + base + t, mask=ok, other=0.0)
         raw = lp - old
         clamp_grad = _inside(raw, -ratio_clamp, ratio_clamp)
-        ratio = tl.exp(_clamp(raw, -ratio_clamp, ratio_clamp))
+        ratio = tl.exp(clamp(raw, -ratio_clamp, ratio_clamp))
         if LOSS == 0:  # clip family (+ TRL's delta, dual clip for A < 0)
-            first = tl.minimum(ratio, delta)
+            first = minimum(ratio, delta)
             unclipped = -a * first
-            clipped = -a * _clamp(ratio, low, high)
-            loss = tl.maximum(unclipped, clipped)
+            clipped = -a * clamp(ratio, low, high)
+            loss = maximum(unclipped, clipped)
             dratio = -a * (
                 _max_grad_first(unclipped, clipped) * tl.where(ratio <= delta, 1.0, 0.0)
                 + _max_grad_first(clipped, unclipped) * _inside(ratio, low, high)
@@ -97,10 +94,10 @@ def _grpo_policy_loss_kernel(
             bound = tl.where(negative, -a * dual_clip, float("inf"))
             dual_sum += m * tl.where(loss > bound, 1.0, 0.0)
             dratio = dratio * _max_grad_first(bound, loss)
-            loss = tl.minimum(loss, bound)
+            loss = minimum(loss, bound)
             dloss = dratio * ratio * clamp_grad
         elif LOSS == 1:  # cispo: constant weight clip(r) times -A lp
-            w = _clamp(ratio, w_low, w_high)
+            w = clamp(ratio, w_low, w_high)
             loss = -w * a * lp
             dloss = -w * a
         elif LOSS == 2:  # sapo: -A sigmoid(tau (r - 1)) 4 / tau
@@ -108,9 +105,9 @@ def _grpo_policy_loss_kernel(
             s = tl.sigmoid(tau * (ratio - 1.0))
             loss = -a * s * (4.0 / tau)
             dloss = -a * 4.0 * s * (1.0 - s) * ratio * clamp_grad
-        else:  # pg: -(A lp - beta / 2 (lp - old)^2)
-            loss = -(a * lp - 0.5 * dro_beta * raw * raw)
-            dloss = -a + dro_beta * raw
+        else:  # pg: -A lp + beta / 2 (lp - old)^2; beta 0 (gpg) never reads old: no 0 x inf
+            loss = -a * lp + tl.where(dro_beta != 0.0, 0.5 * dro_beta * raw * raw, 0.0)
+            dloss = -a + tl.where(dro_beta != 0.0, dro_beta * raw, 0.0)
         if HAS_ISW:
             isw = tl.load(isw_ptr + base + t, mask=ok, other=0.0)
             loss = loss * isw
@@ -120,15 +117,15 @@ def _grpo_policy_loss_kernel(
             kl, slope = _kl(lp, ref, KL)
             loss += kl_coef * kl
             dloss += kl_coef * slope
-        loss_sum += m * loss
+        loss_sum += masked(m, loss)
         low_sum += m * tl.where((ratio < low) & (a < 0), 1.0, 0.0)
         high_sum += m * tl.where((ratio > high) & (a > 0), 1.0, 0.0)
-        k1_sum += m * -raw
-        k3_sum += m * exp_minus_one_minus_x(raw)
-        ratio_sum += m * ratio
-        ratio_max = tl.maximum(ratio_max, tl.where(m != 0, ratio, 0.0))
+        k1_sum += masked(m, -raw)
+        k3_sum += masked(m, exp_minus_one_minus_x(raw))
+        ratio_sum += masked(m, ratio)
+        ratio_max = maximum(ratio_max, tl.where(m != 0, ratio, 0.0))
         if NEED_GRAD:
-            tl.store(grad_ptr + base + t, row_weight * m * dloss, mask=ok)
+            tl.store(grad_ptr + base + t, row_weight * masked(m, dloss), mask=ok)
     out = stats_ptr + 8 * row  # N_STATS: a module-level int is not visible to the GPU compiler
     tl.store(out, row_weight * tl.sum(loss_sum, 0))
     tl.store(out + 1, tl.sum(low_sum, 0))
@@ -137,7 +134,7 @@ def _grpo_policy_loss_kernel(
     tl.store(out + 4, tl.sum(k1_sum, 0))
     tl.store(out + 5, tl.sum(k3_sum, 0))
     tl.store(out + 6, tl.sum(ratio_sum, 0))
-    tl.store(out + 7, tl.max(ratio_max, 0))
+    tl.store(out + 7, tl.reduce(ratio_max, 0, maximum))  # tl.max would drop a NaN on a GPU
 
 
 def grpo_policy_loss(
