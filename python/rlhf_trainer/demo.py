@@ -2,10 +2,11 @@
 
 SFT on imperfect demonstrations -> a reward model on Bradley-Terry-labelled pairs ->
 PPO against it with a KL penalty to the SFT model, DPO from the same SFT model on
-the same pairs, and a reward-hacking run (PPO with kl_coef = 0, longer). Each policy
+the same pairs, GRPO against the same reward model (group advantages, no critic), and
+a reward-hacking run (PPO with kl_coef = 0, longer). Each policy
 is judged on held-out prompts by the hidden gold reward. Writes to the output folder:
 sft.jsonl and preferences.jsonl (the data), metrics.jsonl, curves.png and report.md,
-demo_config.json and one checkpoint folder per stage (sft/, rm/, ppo/, dpo/, ppo_kl0/).
+demo_config.json and one checkpoint folder per stage (sft/, rm/, ppo/, dpo/, grpo/, ppo_kl0/).
 
 Run again on the same folder with the same options, the demo resumes: a stage with a
 final checkpoint is loaded instead of trained (the data and every stage are
@@ -26,6 +27,7 @@ from . import common, task
 from .data import write_jsonl
 from .dpo import DPOConfig, train_dpo
 from .evaluate import evaluate
+from .grpo import GRPOConfig, train_grpo
 from .models import RewardModel, frozen_copy, tiny_model
 from .ppo import PPOConfig, train_ppo
 from .report import plot_curves, stage_table, write_report
@@ -47,6 +49,8 @@ class DemoConfig:
     ppo: PPOConfig = dataclasses.field(default_factory=lambda: PPOConfig(steps=100, kl_coef=0.5))
     hacking_steps: int = 400  # PPO with kl_coef = 0 runs this long
     dpo: DPOConfig = dataclasses.field(default_factory=lambda: DPOConfig(steps=400))
+    # 16 prompts x 8 completions per step against the RM, TRL's beta 0.04 (k3 KL to SFT)
+    grpo: GRPOConfig = dataclasses.field(default_factory=lambda: GRPOConfig(steps=60, kl_coef=0.04))
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoConfig:
@@ -54,10 +58,11 @@ class DemoConfig:
         return cls(
             seed=seed, eval_prompts=128, sft=SFTConfig(steps=1000), rm=RMConfig(steps=1500, lr=1e-3),
             ppo=PPOConfig(steps=40, kl_coef=0.5), hacking_steps=150, dpo=DPOConfig(steps=200),
+            grpo=GRPOConfig(steps=25, kl_coef=0.04),
         )  # fmt: skip
 
 
-STAGES = ("sft", "rm", "ppo", "dpo", "ppo_kl0")
+STAGES = ("sft", "rm", "ppo", "dpo", "grpo", "ppo_kl0")
 
 
 def _start_or_resume(output: str, config: DemoConfig, echo) -> None:
@@ -112,14 +117,14 @@ def run_demo(output: str, config: DemoConfig | None = None, *, show_progress: bo
     train_prompts = task.eval_prompts(4000, config.seed + 4)
     rows, timings = [], {}
 
-    echo("[1/5] SFT on imperfect demonstrations")
+    echo("[1/6] SFT on imperfect demonstrations")
     start = time.perf_counter()
     policy = train_sft(tiny_model(len(tokenizer), config.seed), tokenizer, sft_data, config.sft, log,
                        show_progress=show_progress, **files("sft"))  # fmt: skip
     timings["sft"] = time.perf_counter() - start
     reference = frozen_copy(policy)
 
-    echo("[2/5] reward model on Bradley-Terry preferences")
+    echo("[2/6] reward model on Bradley-Terry preferences")
     start = time.perf_counter()
     reward_model, rm_accuracy = train_rm(
         RewardModel(tiny_model(len(tokenizer), config.seed + 100)), tokenizer, preferences, config.rm, log,
@@ -142,15 +147,23 @@ def run_demo(output: str, config: DemoConfig | None = None, *, show_progress: bo
         result = evaluate(trained, reference, reward_model, tokenizer, prompts, baseline=baseline, **judged)
         rows.append({"stage": name, **result, "seconds": time.perf_counter() - begin})
 
-    ppo_run("ppo", config.ppo, f"[3/5] PPO with a KL penalty (kl_coef={config.ppo.kl_coef})")
-    echo("[4/5] DPO from the SFT model on the same preferences")
+    ppo_run("ppo", config.ppo, f"[3/6] PPO with a KL penalty (kl_coef={config.ppo.kl_coef})")
+    echo("[4/6] DPO from the SFT model on the same preferences")
     start = time.perf_counter()
     dpo_policy = train_dpo(copy.deepcopy(policy), tokenizer, preferences, config.dpo, log, show_progress=show_progress,
                            **files("dpo"))  # fmt: skip
     rows.append({"stage": "dpo", **evaluate(dpo_policy, reference, reward_model, tokenizer, prompts,
                                             baseline=baseline, **judged), "seconds": time.perf_counter() - start})  # fmt: skip
+    echo(f"[5/6] GRPO against the reward model ({config.grpo.prompts} prompts x {config.grpo.group_size} "
+         f"completions, kl_coef={config.grpo.kl_coef})")  # fmt: skip
+    start = time.perf_counter()
+    grpo_policy = train_grpo(copy.deepcopy(policy), tokenizer, train_prompts, config.grpo, log,
+                             reward_model=reward_model, reference=reference, gold_fn=task.gold_reward,
+                             show_progress=show_progress, **files("grpo"))  # fmt: skip
+    rows.append({"stage": "grpo", **evaluate(grpo_policy, reference, reward_model, tokenizer, prompts,
+                                             baseline=baseline, **judged), "seconds": time.perf_counter() - start})  # fmt: skip
     hacking = dataclasses.replace(config.ppo, kl_coef=0.0, adaptive_kl=False, steps=config.hacking_steps)
-    ppo_run("ppo_kl0", hacking, f"[5/5] reward hacking: PPO with kl_coef=0 for {config.hacking_steps} steps")
+    ppo_run("ppo_kl0", hacking, f"[6/6] reward hacking: PPO with kl_coef=0 for {config.hacking_steps} steps")
 
     table = stage_table(rows, rm_accuracy)
     plot_path = plot_curves(log.rows, os.path.join(output, "curves.png"))

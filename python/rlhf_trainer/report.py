@@ -28,7 +28,7 @@ def conclusions(rows: list[dict], rm_accuracy: float | None) -> list[str]:
     out = []
     if rm_accuracy is not None:
         out.append(f"The reward model agrees with the held-out preference labels on {rm_accuracy:.1%} of pairs.")
-    for name, label in (("ppo", "PPO with the KL penalty"), ("dpo", "DPO")):
+    for name, label in (("ppo", "PPO with the KL penalty"), ("dpo", "DPO"), ("grpo", "GRPO")):
         if name not in by:
             continue
         row, gain = by[name], by[name]["gold_reward"] - sft["gold_reward"]
@@ -94,7 +94,7 @@ def write_report(path: str, rows, rm_accuracy, table: str, plot_path, config) ->
         "The built-in task: prompts are 2-4 letters, the gold reward (hidden from every "
         "trained model) rewards listing each prompt letter once. SFT learns from imperfect "
         "demonstrations; the reward model from Bradley-Terry-labelled pairs "
-        f"(noise {config.noise}); PPO and DPO start from the SFT model.",
+        f"(noise {config.noise}); PPO, DPO and GRPO start from the SFT model.",
         "",
         table,
         "",
