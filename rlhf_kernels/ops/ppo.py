@@ -106,18 +106,6 @@ def _value_rows(values, old, returns, mask, row_weight, clip, _need_grad):
     return row_weight * masked_sum(loss, mask, dim=-1)
 
 
-def _setup_context(ctx, inputs, output):
-    """The scale-only backward's context (kept for ops that reuse it: ops/grpo.py)."""
-    ctx.save_for_backward(output[1])
-    ctx.n_inputs = len(inputs)
-
-
-def _backward(ctx, grad_row_stats, _grad_grad):
-    """d loss / d input = (d loss / d row_stats[b, 0]) * stored per-token gradient."""
-    (grad,) = ctx.saved_tensors
-    return (grad_row_stats[:, :1] * grad,) + (None,) * (ctx.n_inputs - 1)
-
-
 def _setup_context_with_inputs(ctx, inputs, output):
     ctx.save_for_backward(output[1], *inputs[:5])
     ctx.options = inputs[5:]
