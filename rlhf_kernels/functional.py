@@ -926,6 +926,7 @@ def ranking_loss(rewards: Tensor, ranks: Tensor, *, backend: Optional[str] = Non
 from .ops import grpo as _grpo_ops  # noqa: E402  (appended family section)
 from .reference import grpo as _grpo_reference  # noqa: E402
 from .reference import grpo_advantages as _grpo_advantages  # noqa: E402
+from .reference import grpo_correction as _grpo_correction  # noqa: E402
 
 
 def _reference_only(name: str, backend: Optional[str]) -> None:
@@ -1095,6 +1096,17 @@ def policy_loss(
     global_tokens: Optional[float] = None,
     num_sequences: Optional[float] = None,
     horizon: Optional[float] = None,
+    rollout_logprobs: Optional[Tensor] = None,
+    rollout_correction: Optional[str] = None,
+    rollout_gate: str = "ratio",
+    rollout_clip_min: Optional[float] = None,
+    rollout_clip_max: Optional[float] = None,
+    rollout_log_ratio_clamp: Optional[float] = None,
+    rollout_batch_normalize: bool = False,
+    rollout_rejection=None,
+    rollout_rejection_threshold=None,
+    off_policy_mask_threshold: Optional[float] = None,
+    top_entropy_quantile: Optional[float] = None,
     backend: Optional[str] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Critic-free policy loss of verl 0.9.1 / TRL 1.16 / OpenRLHF 0.11 (formulas: reference/grpo.py).
@@ -1107,20 +1119,36 @@ def policy_loss(
     global_tokens: token-mean's divisor (DAPO: the global batch's active tokens);
     num_sequences: the seq-mean divisor (default: rows with a valid token; TRL uses B);
     horizon: seq-mean-token-sum-norm's length (Dr. GRPO: max_completion_length; default T).
+    Rollout / train mismatch correction (formulas and which framework each follows:
+    reference/grpo_correction.py; no gradient): rollout_logprobs [B, T], the inference
+    engine's log-probs; rollout_correction "token_truncate" | "token_mask" |
+    "sequence_truncate" | "sequence_mask" (TRL's vllm_importance_sampling_mode, verl's
+    rollout_is TIS / IcePop) | "geometric_mask" (OpenRLHF's seq level) with the bounds
+    rollout_clip_min / rollout_clip_max, rollout_gate "ratio" | "binary_kl" | "tv"
+    (OpenRLHF's gating), rollout_log_ratio_clamp (verl: 20), rollout_batch_normalize
+    (verl); rollout_rejection / rollout_rejection_threshold (verl's rollout_rs: token_k1,
+    seq_mean_k3, ...; rejected tokens leave the mask); off_policy_mask_threshold (TRL's
+    DeepSeek-V3.2 off-policy sequence mask, from rollout_logprobs or else old_logprobs);
+    top_entropy_quantile (TRL's top-entropy token mask; needs entropy). The weights and
+    the two masks multiply is_weights, so they scale the policy term only.
     Returns: (loss [] float32 (float64 for float64 input), stats: clipfrac_low, clipfrac_high, dual_clipfrac, ppo_kl, approx_kl,
-    ratio_mean, ratio_max, entropy when given). Differentiable w.r.t. logprobs and entropy.
+    ratio_mean, ratio_max, entropy when given; with the correction: rollout_kl,
+    rollout_is_mean / _min / _max / _frac_low / _frac_high (/ _batch_norm_factor),
+    rollout_rejected_frac, off_policy_masked_frac, top_entropy_masked_frac, each when its
+    option is set). Differentiable w.r.t. logprobs and entropy.
     """
     check.tensor("mask", mask, dtypes=check.MASK_DTYPES, shape_doc="[B, T]")
     _check_token_grid(mask, logprobs=logprobs, old_logprobs=old_logprobs)
     check.tensor("advantages", advantages, shape_doc="[B] or [B, T]")
     if advantages.shape not in (logprobs.shape, logprobs.shape[:1]):
         raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}")
-    for name, x in (("is_weights", is_weights), ("ref_logprobs", ref_logprobs), ("entropy", entropy)):
-        check.optional_tensor(name, x, ndim=2, shape_doc="[B, T]")
-    check.same_shape("logprobs", logprobs, is_weights=is_weights, ref_logprobs=ref_logprobs, entropy=entropy)
-    check.same_device(
-        logprobs=logprobs, advantages=advantages, is_weights=is_weights, ref_logprobs=ref_logprobs, entropy=entropy
+    optional = dict(
+        is_weights=is_weights, ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs
     )
+    for name, x in optional.items():
+        check.optional_tensor(name, x, ndim=2, shape_doc="[B, T]")
+    check.same_shape("logprobs", logprobs, **optional)
+    check.same_device(logprobs=logprobs, advantages=advantages, **optional)
     check.choice("loss_type", loss_type, _grpo_reference.LOSS_TYPES)
     if agg is not None:
         check.choice("agg", agg, _grpo_reference.AGG_MODES)
@@ -1144,6 +1172,29 @@ def policy_loss(
         raise ValueError("kl_coef != 0 needs ref_logprobs")
     if entropy_coef != 0.0 and entropy is None:
         raise ValueError("entropy_coef != 0 needs entropy")
+    dtype = check.result_dtype(logprobs, old_logprobs, advantages)
+    correcting = _check_rollout_correction(
+        loss_type, rollout_logprobs, rollout_correction, rollout_gate, rollout_clip_min, rollout_clip_max,
+        rollout_log_ratio_clamp, rollout_batch_normalize, rollout_rejection, rollout_rejection_threshold,
+        off_policy_mask_threshold, top_entropy_quantile, entropy,
+    )  # fmt: skip
+    correction = None
+    if correcting:
+        correction = _grpo_correction.correction(
+            logprobs, old_logprobs, advantages, mask, rollout_logprobs=rollout_logprobs,
+            rollout_correction=rollout_correction, rollout_gate=rollout_gate, rollout_clip_min=rollout_clip_min,
+            rollout_clip_max=rollout_clip_max, rollout_log_ratio_clamp=rollout_log_ratio_clamp,
+            rollout_batch_normalize=rollout_batch_normalize, rollout_rejection=rollout_rejection,
+            rollout_rejection_threshold=rollout_rejection_threshold,
+            off_policy_mask_threshold=off_policy_mask_threshold, top_entropy_quantile=top_entropy_quantile,
+            entropy=entropy, dtype=dtype,
+        )  # fmt: skip
+        if correction.weights is not None:
+            is_weights = (
+                correction.weights if is_weights is None else is_weights.detach().to(dtype) * correction.weights
+            )
+        if correction.keep is not None:  # verl's rejection replaces the mask
+            mask = torch.where(correction.keep, mask, torch.zeros_like(mask))
     options = dict(
         loss_type=loss_type,
         clip_low=clip_low,
@@ -1170,12 +1221,78 @@ def policy_loss(
         global_tokens=global_tokens,
         num_sequences=num_sequences,
         horizon=horizon,
-        dtype=check.result_dtype(logprobs, old_logprobs, advantages),
+        dtype=dtype,
     )
     implementation = _pick(
         "policy_loss", logprobs.device, backend, _grpo_reference.policy_loss, _grpo_ops.policy_loss
     )
-    return implementation(logprobs, old_logprobs, advantages, mask, **options)
+    loss, stats = implementation(logprobs, old_logprobs, advantages, mask, **options)
+    if correction is not None:
+        stats = {**stats, **correction.stats}
+    return loss, stats
+
+
+def _check_rollout_correction(
+    loss_type, rollout_logprobs, mode, gate, clip_min, clip_max, log_ratio_clamp, batch_normalize, rejection,
+    rejection_threshold, off_policy_mask_threshold, top_entropy_quantile, entropy,
+) -> bool:  # fmt: skip
+    """Validates policy_loss's correction keywords; True when any of them asks for something."""
+    if mode is not None:
+        check.choice("rollout_correction", mode, _grpo_correction.MODES)
+        if rollout_logprobs is None:
+            raise ValueError("rollout_correction needs rollout_logprobs")
+        if clip_min is None and clip_max is None:
+            raise ValueError("rollout_correction needs rollout_clip_min or rollout_clip_max (its band)")
+        if loss_type == "vespo" and mode not in ("token_truncate", "token_mask"):
+            raise ValueError(
+                f"loss_type 'vespo' takes a token-level rollout_correction (token_truncate, token_mask), got {mode!r}"
+            )
+    check.choice("rollout_gate", gate, _grpo_correction.GATES)
+    if gate != "ratio" and mode not in _grpo_correction.GATED_MODES:
+        raise ValueError(f"rollout_gate {gate!r} gates rollout_correction 'token_mask' or 'geometric_mask' only")
+    for name, value in (("rollout_clip_min", clip_min), ("rollout_clip_max", clip_max)):
+        if value is not None:
+            check.number(name, value)
+            if gate == "ratio" and value < 0:
+                raise ValueError(f"{name} bounds a ratio: must be >= 0, got {value!r}")
+    if clip_min is not None and clip_max is not None and clip_min > clip_max:
+        raise ValueError(f"rollout_clip_min must be <= rollout_clip_max, got {clip_min!r} > {clip_max!r}")
+    if gate != "ratio" and clip_min is not None and clip_min > 0:
+        raise ValueError(f"rollout_gate {gate!r} bounds a divergence: rollout_clip_min must be <= 0 or None")
+    check.optional_positive("rollout_log_ratio_clamp", log_ratio_clamp)
+    if not isinstance(batch_normalize, bool):
+        raise TypeError(f"rollout_batch_normalize must be a bool, got {type(batch_normalize).__name__}")
+    if batch_normalize and mode is None:
+        raise ValueError("rollout_batch_normalize needs rollout_correction")
+    if rejection is not None:
+        if not isinstance(rejection, (str, list, tuple)) or not all(isinstance(o, str) for o in rejection):
+            raise TypeError(f"rollout_rejection must be a str or a sequence of str, got {rejection!r}")
+        options = _grpo_correction.rejection_options(rejection)
+        if not options:
+            raise ValueError("rollout_rejection must name at least one option")
+        for option in options:
+            check.choice("rollout_rejection", option, _grpo_correction.REJECTIONS)
+        if rollout_logprobs is None:
+            raise ValueError("rollout_rejection needs rollout_logprobs")
+        if rejection_threshold is None:
+            raise ValueError("rollout_rejection needs rollout_rejection_threshold")
+        _grpo_correction.rejection_thresholds(options, rejection_threshold)
+    elif rejection_threshold is not None:
+        raise ValueError("rollout_rejection_threshold needs rollout_rejection")
+    masks = []
+    if off_policy_mask_threshold is not None:
+        check.number("off_policy_mask_threshold", off_policy_mask_threshold)
+        masks.append("off_policy_mask_threshold")
+    if top_entropy_quantile is not None:
+        check.in_unit_interval("top_entropy_quantile", top_entropy_quantile)
+        if entropy is None:
+            raise ValueError("top_entropy_quantile needs entropy")
+        masks.append("top_entropy_quantile")
+    if masks and loss_type in _grpo_correction.WEIGHT_READING_TYPES:
+        raise ValueError(
+            f"{masks[0]} masks the policy term through is_weights, which loss_type {loss_type!r} reads inside its formula"
+        )
+    return mode is not None or rejection is not None or bool(masks) or rollout_logprobs is not None
 
 
 def linear_policy_loss(
@@ -1201,7 +1318,8 @@ def linear_policy_loss(
 
     Args: hidden [B, T, H], weight [V, H] (lm_head.weight, hidden's dtype), bias [V] or
     None, labels [B, T] (the sampled tokens; not read where mask is 0), mask [B, T];
-    old_logprobs [B, T], advantages [B] or [B, T], ref_logprobs [B, T] or None.
+    old_logprobs [B, T], advantages [B] or [B, T], ref_logprobs [B, T] or None. hidden is
+    selected to 0 where mask is 0: NaN / inf padding reaches no output or gradient.
     loss_type, entropy_coef and every other keyword of policy_loss (clip_low, clip_high,
     kl_coef, kl_estimator, agg, importance_sampling_level, is_weights, ...) mean what they
     mean there. The log-probs and entropy of logits / temperature come from

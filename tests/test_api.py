@@ -8,6 +8,23 @@ import rlhf_kernels as rk
 # true vocabulary of a padded lm_head.
 VOCAB_PARALLEL = dict(process_group=None, vocab_size=None)
 
+# The GRPO issue's rollout / train mismatch correction (reference/grpo_correction.py):
+# TRL's vLLM IS modes, verl's rollout_is / rollout_rs, OpenRLHF's is_correction, TRL's
+# off-policy and top-entropy masks.
+ROLLOUT_CORRECTION = dict(
+    rollout_logprobs=None,
+    rollout_correction=None,
+    rollout_gate="ratio",
+    rollout_clip_min=None,
+    rollout_clip_max=None,
+    rollout_log_ratio_clamp=None,
+    rollout_batch_normalize=False,
+    rollout_rejection=None,
+    rollout_rejection_threshold=None,
+    off_policy_mask_threshold=None,
+    top_entropy_quantile=None,
+)
+
 # name -> positional parameters, then keyword-only parameters with their defaults
 # (backend=None last everywhere).
 CONTRACT = {
@@ -154,6 +171,7 @@ CONTRACT = {
             global_tokens=None,
             num_sequences=None,
             horizon=None,
+            **ROLLOUT_CORRECTION,
         ),
     ),
     # the GRPO family, part 2: every other keyword is policy_loss's (**policy_options)

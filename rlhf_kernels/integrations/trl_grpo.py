@@ -4,7 +4,8 @@
 `GRPOTrainer._compute_loss` (unpatch() restores TRL's). It keeps TRL's forward
 (`self._get_per_token_logps_and_entropies`: the fused LM head, which patch() puts on
 rk.linear_logprobs), TRL's mask helpers (`get_high_entropy_mask`, `get_off_policy_mask`,
-`get_gamma_weights`, called on the trainer, so a subclass's override still applies), the
+`get_gamma_weights`, called on the trainer, so a subclass's override still applies;
+the two masks otherwise as policy_loss options, below), the
 adaptive entropy controller, the auxiliary MoE loss and every logged metric; the
 per-token loss, its normaliser, the KL term and the entropy bonus are one rk.policy_loss
 call:
@@ -26,11 +27,27 @@ call:
     / gradient_accumulation_steps               the returned scalar divided (N holds it for
                                                 dapo, cispo, vespo)
 
+    off_policy_mask_threshold                   off_policy_mask_threshold, rollout_logprobs =
+                                                sampling_per_token_logps (else old)
+    top_entropy_quantile (one process, no       top_entropy_quantile, entropy
+      entropy bonus)
+
+The off-policy sequence mask, the top-entropy token mask and the vLLM importance-sampling
+ratio multiply TRL's policy term before the KL is added, which is what policy_loss's
+is_weights (and its correction options, which multiply into them) do; the masks are
+0 / 1, so the product is exact. Where the options are not TRL's exactly, this adapter
+calls TRL's helpers on the trainer and passes the product as is_weights:
+  * the vLLM ratio always: TRL's loss reads inputs["importance_sampling_ratio"], computed
+    at generation time (from old_per_token_logps and sampling_per_token_logps, with the
+    trainer's vllm_importance_sampling_mode and clip bounds: policy_loss's
+    rollout_correction of the same name would recompute the same tensor from
+    rollout_logprobs, but a trainer or a data pipeline may store another one);
+  * the off-policy mask when get_off_policy_mask is overridden or for vespo (its
+    advantage argument below is phi-folded);
+  * the top-entropy mask when get_high_entropy_mask is overridden, on several processes
+    (TRL's quantile spans every process's tokens, policy_loss's this batch) or with the
+    entropy bonus (TRL's bonus and its adaptive controller average over the kept tokens).
 Pieces rk.policy_loss has no option for, computed here with plain torch around it:
-  * the off-policy sequence mask, the top-entropy token mask and the vLLM
-    importance-sampling ratio (token_* modes [B, T], sequence_* modes [B, 1]) multiply
-    TRL's policy term before the KL is added, which is what policy_loss's `is_weights`
-    do: their product is passed as is_weights (the masks are 0 / 1, so it is exact);
   * vespo: TRL's gamma weight phi (`get_gamma_weights`, no gradient; one per sequence,
     or per token for [B, T] advantages) is folded into the advantage and policy_loss
     runs loss_type "gpg" (-A lp), i.e. vespo's -phi A lp; the masks are is_weights as
@@ -141,6 +158,15 @@ def _trl_compute_loss():
     return GRPOTrainer._compute_loss
 
 
+def _trls(trainer, name: str) -> bool:
+    """Whether trainer.<name> is GRPOTrainer's own (no override on the instance or a subclass)."""
+    if name in vars(trainer):
+        return False
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    return getattr(type(trainer), name, None) is getattr(GRPOTrainer, name)
+
+
 def _trl_with_forward(trainer, model, inputs, forward):
     """TRL's _compute_loss on the outputs of the forward that already ran (not run twice)."""
     name = "_get_per_token_logps_and_entropies"
@@ -217,13 +243,32 @@ def compute_loss(self, model, inputs):
     mode = "train" if self.model.training else "eval"
     accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
 
+    # The off-policy and top-entropy masks as policy_loss options where they are TRL's exactly:
+    # TRL's own helpers (not a subclass's override), the off-policy mask on the true advantage
+    # (not vespo's phi-folded one), the entropy quantile over one process's tokens (TRL's spans
+    # every process) and no entropy bonus (whose mean and controller read the mask itself).
+    correction = {}
+    api_off_policy = (
+        self.off_policy_mask_threshold is not None and loss_type != "vespo" and _trls(self, "get_off_policy_mask")
+    )
+    if api_off_policy:
+        correction.update(off_policy_mask_threshold=self.off_policy_mask_threshold, rollout_logprobs=sampling_logps)
+    api_top_entropy = (
+        self.top_entropy_quantile < 1.0
+        and not self._entropy_bonus_enabled
+        and self.accelerator.num_processes == 1
+        and _trls(self, "get_high_entropy_mask")
+    )
+    if api_top_entropy:
+        correction.update(top_entropy_quantile=float(self.top_entropy_quantile), entropy=entropies.detach())
+
     entropy_mask = None
-    if self.top_entropy_quantile < 1.0:
+    if self.top_entropy_quantile < 1.0 and not api_top_entropy:
         entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
 
     # TRL's factors of the policy term (applied before the KL is added): policy_loss's is_weights.
     factors = []
-    if self.off_policy_mask_threshold is not None:
+    if self.off_policy_mask_threshold is not None and not api_off_policy:
         factors.append(
             self.get_off_policy_mask(
                 advantages=advantages,
@@ -311,6 +356,7 @@ def compute_loss(self, model, inputs):
     bonus_in_policy_loss = apply_coef != 0.0 and entropy_mask is None and loss_type not in ITEM_NORMALISED
     if bonus_in_policy_loss:
         options.update(entropy=entropies, entropy_coef=float(apply_coef), entropy_agg="token-mean")
+    options.update(correction)
 
     advantage_arg = loss_advantages[:, 0] if loss_advantages.shape[1] == 1 else loss_advantages
     total, _ = rk.policy_loss(per_token_logps, old_per_token_logps, advantage_arg, mask, **options)
