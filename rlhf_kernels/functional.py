@@ -1349,6 +1349,9 @@ def linear_policy_loss(
     B, T, H = hidden.shape
     resolved = _backend.resolve("linear_policy_loss", hidden.device, backend)
     tokens = torch.where(mask != 0, labels, torch.full_like(labels, -100))
+    # A select, not a skip: a mask-0 row still enters d weight = d logits^T hidden, where
+    # its zero d logits times a NaN / inf hidden (padding) would be NaN.
+    hidden = hidden.masked_fill((mask == 0).unsqueeze(-1), 0)
     logprobs, entropy = linear_logprobs(
         hidden.reshape(B * T, H),
         weight,

@@ -57,6 +57,29 @@ def _policy_loss(x: dict, mask, backend, *, is_weights=False, kl_coef=0.0, entro
     )  # fmt: skip
 
 
+def _linear_policy_inputs(B: int, T: int, H: int, V: int, generator=None, dtype=torch.float32) -> dict:
+    """linear_policy_loss's tensors: policy_loss's [B, T] ones (its logprobs and entropy
+    unused: they come from hidden and weight), hidden [B, T, H], weight [V, H], bias [V],
+    labels [B, T] in [0, V)."""
+    x = _policy_inputs(B, T, generator, dtype)
+    return dict(
+        x, hidden=torch.randn(B, T, H, generator=generator, dtype=dtype),
+        weight=torch.randn(V, H, generator=generator, dtype=dtype) / H**0.5,
+        bias=0.1 * torch.randn(V, generator=generator, dtype=dtype),
+        labels=torch.randint(0, V, (B, T), generator=generator),
+    )  # fmt: skip
+
+
+def _linear_policy_loss(x: dict, mask, backend, *, is_weights=False, kl_coef=0.0, **options):
+    """rk.linear_policy_loss on the tensors `x` (bias where x has one); is_weights and
+    ref_logprobs (with a KL term) only where the options turn them on."""
+    return rk.linear_policy_loss(
+        x["hidden"], x["weight"], x["labels"], mask, old_logprobs=x["old_logprobs"], advantages=x["advantages"],
+        ref_logprobs=x["ref_logprobs"] if kl_coef else None, bias=x.get("bias"),
+        is_weights=x["is_weights"] if is_weights else None, kl_coef=kl_coef, backend=backend, **options,
+    )  # fmt: skip
+
+
 def _backends(op: str):
     return backends_of(op)
 
@@ -84,15 +107,12 @@ def _mask(B: int, T: int) -> torch.Tensor:
 SWEPT_OPS = {
     "token_logprobs", "linear_logprobs", "sequence_logprobs", "kl_penalty", "kl_shaped_rewards", "gae",
     "discounted_returns", "masked_mean", "masked_whiten", "ppo_policy_loss", "ppo_value_loss", "dpo_loss",
-    "linear_dpo_loss", "bradley_terry_loss", "ranking_loss", "policy_loss",
+    "linear_dpo_loss", "bradley_terry_loss", "ranking_loss", "policy_loss", "linear_policy_loss",
 }  # fmt: skip
 
 
 # Ops not swept yet, and why: each is a known gap, not an oversight.
-NOT_YET_SWEPT = {
-    "linear_policy_loss": "landed after this sweep: it is linear_logprobs' fused pass then policy_loss (both swept "
-    "here), but its own hostile cases (labels at mask-0 positions, B = 0, double backward) are not written yet",
-}
+NOT_YET_SWEPT: dict[str, str] = {}
 
 
 def test_every_public_op_is_swept():
@@ -104,7 +124,10 @@ def test_every_public_op_is_swept():
 
 # ------------------------------------------- 1. out-of-range indices --
 
-INDEX_OPS = ("token_logprobs", "linear_logprobs", "sequence_logprobs", "linear_dpo_loss", "kl_shaped_rewards")
+INDEX_OPS = (
+    "token_logprobs", "linear_logprobs", "sequence_logprobs", "linear_dpo_loss", "linear_policy_loss",
+    "kl_shaped_rewards",
+)  # fmt: skip
 
 
 def _index_case(op: str):
@@ -133,6 +156,13 @@ def _index_case(op: str):
                                       backend=b)[0]  # fmt: skip
 
         return loss, labels, bad, torch.tensor(True)
+    if op == "linear_policy_loss":
+        old, adv = -torch.rand(B, T), torch.randn(B)
+
+        def policy(y, b):
+            return rk.linear_policy_loss(hidden, weight, y, mask, old_logprobs=old, advantages=adv, backend=b)[0]
+
+        return policy, labels, bad, torch.tensor(True)
     scores, lp, ref_lp = torch.randn(B), -torch.rand(B, T), -torch.rand(B, T)
     index = torch.tensor([0, 2, 1, 2])
     bad_index = torch.tensor([0, T, -5, 2])
@@ -174,6 +204,29 @@ def test_eager_range_checks_still_raise_first(op):
     fn, _, bad, _ = _index_case(op)
     with pytest.raises(ValueError, match="must be in"):
         fn(bad, "reference")
+
+
+@pytest.mark.parametrize("backend_name", _backends("linear_policy_loss"))
+def test_linear_policy_loss_never_reads_labels_at_mask_0_positions(backend_name):
+    """Labels at mask-0 positions (padding: any value, out of the vocabulary too) are never
+    read, eager or compiled (where the range check is skipped): the loss and statistics are
+    those of in-range labels there, and the cpu kernels raise nothing."""
+    torch._dynamo.reset()
+    B, T, H, V = 3, 5, 4, 7
+    mask = _mask(B, T)
+    x = _linear_policy_inputs(B, T, H, V, torch.Generator().manual_seed(6))
+
+    def fn(labels):
+        loss, stats = _linear_policy_loss(dict(x, labels=labels), mask, backend_name, kl_coef=0.1, entropy_coef=0.01)
+        return loss, stats["ratio_mean"], stats["entropy"]
+
+    clean = fn(x["labels"])
+    assert all(torch.isfinite(out) for out in clean)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for fill in (V, -5, 10**6, -100):
+        labels = torch.where(mask != 0, x["labels"], torch.full_like(x["labels"], fill))
+        for run in (fn, compiled):
+            torch.testing.assert_close(run(labels), clean, rtol=1e-6, atol=1e-6, msg=lambda m, f=fill: f"{f}: {m}")
 
 
 @pytest.mark.skipif("token_logprobs" not in _backend.HAS_CPU, reason="rlhf_kernels._C not built")
@@ -285,6 +338,38 @@ def test_masked_vocabulary_linear_logprobs(backend_name, fill):
     assert (weight.grad[kept:] == 0).all() and (bias.grad[kept:] == 0).all()
 
 
+@pytest.mark.parametrize("fill", [-INF, F32_MIN])
+@pytest.mark.parametrize("backend_name", _backends("linear_policy_loss"))
+def test_masked_vocabulary_linear_policy_loss(backend_name, fill):
+    """Padded vocabulary rows masked through the bias: the loss, its entropy statistic and
+    the gradients are the float64 unfused computation's (_exact's log-probs and entropy, the
+    reference policy_loss), and the masked rows of weight and bias get exactly 0."""
+    B, T, H, V, kept = 2, 4, 8, 300, 20
+    mask = _mask(B, T)
+    x = _linear_policy_inputs(B, T, H, V, torch.Generator().manual_seed(7))
+    x["bias"][kept:] = fill
+    x["labels"] %= kept
+    options = dict(loss_type="grpo", kl_coef=0.1, entropy_coef=0.05, is_weights=True)
+    leaves = {name: x[name].clone().requires_grad_(True) for name in ("hidden", "weight", "bias")}
+    loss, stats = _linear_policy_loss(dict(x, **leaves), mask, backend_name, **options)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+
+    exact = {name: x[name].double().requires_grad_(True) for name in ("hidden", "weight", "bias")}
+    logits = (exact["hidden"] @ exact["weight"].T + exact["bias"]).reshape(B * T, V)
+    lp, entropy = _exact(logits, torch.where(mask != 0, x["labels"], 0).reshape(B * T))
+    doubles = {name: value.double() for name, value in x.items() if name in POLICY_TENSORS}
+    doubles.update(logprobs=lp.reshape(B, T), entropy=entropy.reshape(B, T))
+    want, want_stats = _policy_loss(doubles, mask, "reference", **options)
+    want_grads = torch.autograd.grad(want, list(exact.values()))
+
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats["entropy"].double(), want_stats["entropy"], atol=1e-5, rtol=1e-5)
+    for got, expected in zip(grads, want_grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-4)
+    assert (grads[1][kept:] == 0).all() and (grads[2][kept:] == 0).all()
+
+
 @pytest.mark.parametrize("backend_name", _backends("token_logprobs"))
 def test_minus_inf_only_for_a_label_whose_own_logit_is_minus_inf(backend_name):
     logits = torch.randn(3, 50)
@@ -368,6 +453,27 @@ def _nan_case(op: str, variant):
         run = lambda b: _policy_loss(x, mask, b, **options)
         read_it = ("ratio_mean", "ratio_max") if poisoned == "logprobs" else ()  # the statistics that read it
         return lambda b: [run(b)[0], *(run(b)[1][name] for name in read_it)], lambda b: []
+    if op == "linear_policy_loss":
+        poisoned, options = variant
+        x = _linear_policy_inputs(B, T, H, V)
+        if poisoned == "advantages[B]":
+            x["advantages"] = x["advantages"][:, 0].clone()
+            x["advantages"][1] = NAN
+        elif poisoned == "hidden":
+            x["hidden"][1, 2, 0] = NAN
+        else:
+            x[poisoned][1, 2] = NAN
+        run = lambda b: _linear_policy_loss(x, mask, b, **options)
+        # the statistics that read it (geo_mean has no entropy statistic), and one that does not
+        read_it = {"hidden": ("ratio_mean", "ratio_max"), "old_logprobs": ("ratio_mean", "ratio_max")}
+        if poisoned == "hidden" and options.get("loss_type") != "geo_mean":
+            read_it["hidden"] += ("entropy",)
+
+        def nan(b):
+            loss, stats = run(b)
+            return [loss, *(stats[name] for name in read_it.get(poisoned, ()))]
+
+        return nan, lambda b: [] if poisoned == "hidden" else [run(b)[1]["entropy"]]
     if op == "dpo_loss":
         logps = [-torch.rand(B) * 5 for _ in range(4)]
         logps[1][0] = NAN
@@ -404,6 +510,16 @@ NAN_CASES = (
     + [("policy_loss", ("is_weights", dict(loss_type=loss, is_weights=True))) for loss in ("cispo", "vespo")]
     + [("policy_loss", ("advantages", dict(loss_type=loss, dual_clip=3.0))) for loss in ("grpo", "sapo")]
     + [("policy_loss", ("old_logprobs", dict(loss_type=loss))) for loss in ("dr_grpo", "dro")]
+    + [
+        ("linear_policy_loss", ("hidden", dict(loss_type=loss, kl_coef=0.1, entropy_coef=0.01)))
+        for loss in ("grpo", "gspo", "cispo", "vespo")
+    ]
+    + [("linear_policy_loss", ("hidden", dict(loss_type="geo_mean")))]
+    + [("linear_policy_loss", ("old_logprobs", dict(loss_type="dapo", dual_clip=3.0)))]
+    + [("linear_policy_loss", ("advantages", dict(loss_type="grpo", dual_clip=3.0)))]
+    + [("linear_policy_loss", ("advantages[B]", dict(loss_type=loss))) for loss in ("sapo", "vespo")]
+    + [("linear_policy_loss", ("ref_logprobs", dict(kl_coef=0.1, kl_estimator=e))) for e in ("k3", "low_var_kl")]
+    + [("linear_policy_loss", ("is_weights", dict(loss_type="cispo", is_weights=True)))]
 )
 
 
@@ -462,6 +578,22 @@ def _masked_poison_case(op: str, variant):
             grads = torch.autograd.grad(loss, [x["logprobs"], x["entropy"]], allow_unused=True)
             grads = [torch.zeros(B, T) if g is None else g for g in grads]  # entropy: no bonus, no gradient
             return [loss, *stats.values()] + [g[mask != 0] for g in grads] + [g[mask == 0] for g in grads]
+
+        return fn
+    if op == "linear_policy_loss":
+        clean = _linear_policy_inputs(B, T, 4, 7, torch.Generator().manual_seed(4))
+
+        def fn(poison, b):  # every [B, T] input, hidden and labels (out of range too) poisoned at mask-0
+            x = {name: poisoned(clean[name], poison) for name in POLICY_TENSORS}
+            x["hidden"] = torch.where(mask[..., None] != 0, clean["hidden"], torch.full_like(clean["hidden"], poison))
+            fill = {0.0: 0, INF: -5, -INF: 7}.get(poison, 10**6)  # 0.0: the clean run's valid labels
+            x["labels"] = torch.where(mask != 0, clean["labels"], torch.full_like(clean["labels"], fill))
+            leaves = [x["hidden"].requires_grad_(True)] + [
+                x.setdefault(name, clean[name].clone().requires_grad_(True)) for name in ("weight", "bias")
+            ]
+            loss, stats = _linear_policy_loss(x, mask, b, **variant)
+            d_hidden, d_weight, d_bias = torch.autograd.grad(loss, leaves)
+            return [loss, *stats.values(), d_hidden[mask != 0], d_hidden[mask == 0], d_weight, d_bias]
 
         return fn
     if op in ("masked_mean", "masked_whiten"):
@@ -532,6 +664,7 @@ def _masked_poison_case(op: str, variant):
     return fn
 
 
+SEQUENCE_LEVEL = dict(importance_sampling_level="sequence")
 MASKED_CASES = (
     [("ppo_policy_loss", agg) for agg in rk.reference.ppo.AGG_MODES]
     + [("ppo_value_loss", "token-mean"), ("ppo_value_loss", "seq-mean-token-sum")]
@@ -548,6 +681,13 @@ MASKED_CASES = (
     + [
         ("policy_loss", dict(loss_type="dapo", kl_coef=0.1, kl_estimator=e, kl_is_corrected=c))
         for e, c in [("low_var_kl+", False), ("k3", True), ("abs", False)]
+    ]
+    + [
+        ("linear_policy_loss", dict(loss_type="grpo", is_weights=True, kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)),
+        ("linear_policy_loss", dict(loss_type="vespo", is_weights=True, kl_coef=0.1, kl_estimator="k2")),
+        ("linear_policy_loss", dict(loss_type="gspo", kl_coef=0.1, kl_estimator="low_var_kl", entropy_coef=0.01)),
+        ("linear_policy_loss", dict(loss_type="cispo", is_weights=True, entropy_coef=0.01, agg="seq-mean-token-sum")),
+        ("linear_policy_loss", dict(SEQUENCE_LEVEL, loss_type="dr_grpo", kl_is_corrected=True, kl_coef=0.1)),
     ]
 )
 
@@ -586,6 +726,13 @@ def _double_case(op: str, variant):
     if op in ("linear_logprobs", "sequence_logprobs", "linear_dpo_loss"):
         B, T, V, H = 1, 3, 3, 2  # numerical Jacobians of a chunked path: few elements
         mask, labels = _mask(B, T).double(), labels[: 2 * B] % V
+    if op == "linear_policy_loss":  # old / ref log-probs near the true ones: no clip boundary nearby
+        x = _linear_policy_inputs(B, T, 2, 3, g, dtype=torch.float64)
+        lp = torch.log_softmax(x["hidden"] @ x["weight"].T + x["bias"], -1).gather(-1, x["labels"][..., None])[..., 0]
+        x["old_logprobs"] = lp + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
+        x["ref_logprobs"] = lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+        fn = lambda h, w, b: _linear_policy_loss(dict(x, hidden=h, weight=w, bias=b), mask, None, **variant)[0]
+        return fn, [x[name].clone().requires_grad_(True) for name in ("hidden", "weight", "bias")]
     if op == "token_logprobs":
         fn = lambda x: sum(rk.token_logprobs(x, labels[:B, :2] % 4, return_entropy=True, **variant))
         return fn, [r(B, 2, 4)]
@@ -653,6 +800,11 @@ DOUBLE_CASES = (
         ("policy_loss", dict(loss_type="grpo", importance_sampling_level="sequence")),
         ("policy_loss", dict(loss_type="geo_mean")),
     ]
+    + [
+        ("linear_policy_loss", dict(loss_type="grpo", dual_clip=2.0, kl_coef=0.1, entropy_coef=0.05, is_weights=True)),
+        ("linear_policy_loss", dict(SEQUENCE_LEVEL, loss_type="vanilla", kl_coef=0.2, kl_estimator="k2")),
+        ("linear_policy_loss", dict(loss_type="vanilla", kl_coef=0.2, agg="seq-mean-token-sum-norm")),
+    ]
 )
 
 
@@ -712,6 +864,7 @@ def _empty_case(op: str, B: int, T: int, variant):
     """fn(backend) -> outputs for a batch with no rows (B = 0) or no positions (T = 0)."""
     V, H = 5, 4
     x = lambda *s: torch.randn(*s, requires_grad=True)
+    options = variant if isinstance(variant, dict) else dict(agg=variant)  # the meta test passes an agg
     mask = torch.ones(B, T)
     labels = torch.zeros(B, T, dtype=torch.long)
     calls = {
@@ -732,21 +885,27 @@ def _empty_case(op: str, B: int, T: int, variant):
         ),
         "bradley_terry_loss": lambda b: rk.bradley_terry_loss(x(B), x(B), backend=b),
         "ranking_loss": lambda b: rk.ranking_loss(x(B, 3), torch.zeros(B, 3), backend=b),
-        "policy_loss": lambda b: _policy_loss(
-            {name: x(B, T) for name in POLICY_TENSORS}, mask, b,
-            **(variant if isinstance(variant, dict) else dict(agg=variant)),  # the meta test passes an agg
+        "policy_loss": lambda b: _policy_loss({name: x(B, T) for name in POLICY_TENSORS}, mask, b, **options),
+        "linear_policy_loss": lambda b: _linear_policy_loss(
+            dict({name: x(B, T) for name in POLICY_TENSORS}, hidden=x(B, T, H), weight=x(V, H), bias=x(V), labels=labels),
+            mask, b, **options,
         ),
     }  # fmt: skip
     return calls[op]
 
 
 FULL_POLICY_LOSS = dict(is_weights=True, kl_coef=0.1, entropy_coef=0.01)
+LINEAR_POLICY_EMPTY = [(loss, None) for loss in ("grpo", "dr_grpo", "geo_mean", "vespo")] + [
+    ("dapo", "token-mean"),
+    ("gspo", "seq-mean-token-sum"),
+]
 EMPTY_CASES = (
-    [(op, None) for op in sorted(SWEPT_OPS) if not op.startswith("ppo_") and op != "policy_loss"]
+    [(op, None) for op in sorted(SWEPT_OPS) if not op.startswith("ppo_") and not op.endswith("policy_loss")]
     + [(op, agg) for op in ("ppo_policy_loss", "ppo_value_loss") for agg in rk.reference.ppo.AGG_MODES]
     + [("policy_loss", dict(loss_type="grpo", agg=agg, **FULL_POLICY_LOSS)) for agg in POLICY_AGGS]
     + [("policy_loss", dict(loss_type=loss, **FULL_POLICY_LOSS)) for loss in POLICY_LOSS_TYPES]
     + [("policy_loss", dict(loss_type="grpo", importance_sampling_level="sequence", kl_is_corrected=True, kl_coef=0.1))]
+    + [("linear_policy_loss", dict(loss_type=loss, agg=agg, **FULL_POLICY_LOSS)) for loss, agg in LINEAR_POLICY_EMPTY]
 )
 
 
@@ -780,7 +939,7 @@ def test_empty_batches_give_empty_or_zero_never_nan(op, variant, backend_name, B
         return
     outputs = _flatten(run(backend_name))
     # Scalars over nothing are 0 (T = 0 leaves rows: only the means over tokens are empty).
-    nothing = B == 0 or op in ("ppo_policy_loss", "ppo_value_loss", "masked_mean", "policy_loss")
+    nothing = B == 0 or op in ("ppo_policy_loss", "ppo_value_loss", "masked_mean") or op.endswith("policy_loss")
     for out in outputs:
         assert not torch.isnan(out).any(), (op, out)
         if out.dim() == 0 and nothing:
