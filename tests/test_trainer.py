@@ -4,6 +4,7 @@ on rlhf_kernels' ops; then checkpoint integrity (a kill between the checkpoint's
 files, corrupted weights, resumes that must be refused), bad preference records and
 the demo resuming its finished stages."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -65,8 +66,10 @@ def test_ppo_beats_sft_with_bounded_kl(demo):
     assert ppo["kl"] < 10.0  # nats per response (6 tokens)
 
 
-def test_dpo_beats_sft(demo):
-    assert demo["rows"]["dpo"]["gold_reward"] >= demo["rows"]["sft"]["gold_reward"] + 0.05
+def test_dpo_beats_sft_and_stays_near_it(demo):
+    dpo = demo["rows"]["dpo"]
+    assert dpo["gold_reward"] >= demo["rows"]["sft"]["gold_reward"] + 0.05
+    assert dpo["kl"] <= 0.5 * demo["rows"]["ppo_kl0"]["kl"]  # seed 0: 1.01 vs 4.54 nats
 
 
 def test_no_kl_penalty_drifts_much_further(demo):
@@ -363,7 +366,8 @@ def test_the_demo_resumes_its_finished_stages(tmp_path):
     script = TINY_DEMO + f"from rlhf_trainer.demo import run_demo\nrun_demo({killed!r}, CONFIG, show_progress=False)\n"
     crashed = subprocess.run([sys.executable, "-c", script], env={**os.environ, common.CRASH_ENV: "model@4"},
                              capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
-    assert crashed.returncode == -signal.SIGKILL and "[4/5] DPO" in crashed.stdout, crashed.stderr[-2000:]
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    assert "] DPO from the SFT model" in crashed.stdout, crashed.stdout
     said = []
     resumed = run_demo(killed, namespace["CONFIG"], show_progress=False, echo=said.append)
     assert [line.split()[1] for line in said if line.strip().startswith("resuming")] == ["sft", "rm", "ppo"]
@@ -375,3 +379,65 @@ def test_the_demo_resumes_its_finished_stages(tmp_path):
     assert resumed["rm_accuracy"] == straight["rm_accuracy"]
     steps = _steps(os.path.join(killed, "metrics.jsonl"))
     assert sorted(steps) == sorted(_steps(str(tmp_path / "straight" / "metrics.jsonl")))  # no duplicate rows
+
+
+def _demo_seeds():
+    """bench/demo_seeds.py, the script that writes README's demo table (not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "demo_seeds.py")
+    spec = importlib.util.spec_from_file_location("demo_seeds", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_seed_table_is_mean_min_max_per_stage():
+    demo_seeds = _demo_seeds()
+
+    def row(stage, gold, rm, kl, win):
+        return {"stage": stage, "gold_reward": gold, "rm_reward": rm, "kl": kl, "win_rate": win, "seconds": 1.0}
+
+    runs = [
+        {"seed": 0, "rows": [row("sft", 0.5, -3.0, 0.0, 0.5), row("dpo", 0.7, -2.0, 1.0, 0.6)], "rm_accuracy": 0.80},
+        {"seed": 1, "rows": [row("sft", 0.6, -2.0, 0.0, 0.5), row("dpo", 0.9, -1.0, 2.0, 0.8)], "rm_accuracy": 0.90},
+        {"seed": 2, "rows": [row("sft", 0.4, -1.0, 0.0, 0.5), row("dpo", 0.8, -3.0, 4.0, 0.7)], "rm_accuracy": 0.85},
+    ]
+    summary = demo_seeds.aggregate(runs)
+    assert list(summary["stages"]) == ["sft", "dpo"]
+    dpo = summary["stages"]["dpo"]
+    assert dpo["gold_reward"] == pytest.approx((0.8, 0.7, 0.9))
+    assert dpo["rm_reward"] == pytest.approx((-2.0, -3.0, -1.0))
+    assert dpo["kl"] == pytest.approx((7 / 3, 1.0, 4.0))
+    assert summary["rm_accuracy"] == pytest.approx((0.85, 0.80, 0.90))
+    table = demo_seeds.summary_table(runs)
+    lines = table.splitlines()
+    assert lines[0].startswith("| stage | gold reward | RM reward | KL to SFT")
+    assert lines[2:4] == [
+        "| sft | 0.500 [0.400, 0.600] | -2.000 [-3.000, -1.000] | 0.00 [0.00, 0.00] | 0.50 [0.50, 0.50] |",
+        "| dpo | 0.800 [0.700, 0.900] | -2.000 [-3.000, -1.000] | 2.33 [1.00, 4.00] | 0.70 [0.60, 0.80] |",
+    ]
+    assert "reward model held-out accuracy: 85.0% [80.0%, 90.0%] (seeds 0, 1, 2)" in table
+    assert "| 1 | dpo | 0.900 | -1.000 | 2.00 | 0.80 | 1 s |" in demo_seeds.seed_table(runs)
+    text = demo_seeds.report(runs, command="python bench/demo_seeds.py", threads=1, minutes=0.5, quick=False)
+    assert "torch " + torch.__version__ in text and f"{os.cpu_count()} CPUs" in text and table in text
+    with pytest.raises(ValueError):
+        demo_seeds.aggregate([])
+
+
+def test_the_demo_is_deterministic_in_the_seed(tmp_path):
+    """Two fresh runs of one seed print the same table; another seed, another one."""
+    namespace = {}
+    exec(TINY_DEMO, namespace)
+    config = namespace["CONFIG"]
+    keys = ("stage", "gold_reward", "rm_reward", "kl", "win_rate")
+
+    def rows(folder, seed):
+        torch.manual_seed(1234 + seed)  # the demo must not depend on the global RNG it was started with
+        result = run_demo(str(tmp_path / folder), dataclasses.replace(config, seed=seed), show_progress=False,
+                          echo=lambda *_: None)  # fmt: skip
+        return [{k: row[k] for k in keys} for row in result["rows"]], result["rm_accuracy"]
+
+    first, again, other = rows("a", 0), rows("b", 0), rows("c", 1)
+    assert first == again
+    assert first != other
