@@ -5,6 +5,8 @@ config keys are its dataclass fields (SFTConfig, RMConfig, PPOConfig, DPOConfig,
 GRPOConfig).
 Without --model a tiny built-in model is used, without --data the built-in task's
 data; on a CUDA machine the device is cuda and, with --bf16, weights are bf16.
+Under torchrun (`torchrun --nproc-per-node N -m rlhf_trainer train ...`) the stage runs
+data parallel on N processes (rlhf_trainer.distributed); rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 
 import torch
 
-from . import common, task
+from . import common, distributed, task
 from .data import DataError, read_jsonl, write_jsonl
 from .dpo import DPOConfig, train_dpo
 from .grpo import GRPOConfig, train_grpo
@@ -87,7 +89,8 @@ def _builtin_data(stage: str, seed: int, output: str) -> list[dict]:
         records = task.preference_records(4000, seed + 2)
     else:
         records = [{"prompt": p} for p in task.eval_prompts(4000, seed + 4)]
-    write_jsonl(os.path.join(output, f"builtin-{stage}.jsonl"), records)
+    if distributed.is_main():
+        write_jsonl(os.path.join(output, f"builtin-{stage}.jsonl"), records)
     return records
 
 
@@ -105,8 +108,8 @@ def _run_train(args) -> int:
     stage = args.stage
     config = _stage_config(stage, _read_config(args.config), args.set)
     config.seed = args.seed
+    device = distributed.setup(args.device)  # joins torchrun's processes, if any
     os.makedirs(args.output, exist_ok=True)
-    device = common.pick_device(args.device)
     common.seed_everything(args.seed)
     if args.model:
         model, tokenizer = load_causal_lm(args.model)
@@ -128,7 +131,7 @@ def _run_train(args) -> int:
     elif stage == "rm":
         _, accuracy = train_rm(RewardModel(model), tokenizer, records, config, log, output=args.output,
                                resume=args.resume, kind="rankings" if args.rankings else "preferences")  # fmt: skip
-        if accuracy is not None:
+        if accuracy is not None and distributed.is_main():
             print(f"held-out accuracy {accuracy:.1%}")
     elif stage == "dpo":
         train_dpo(model, tokenizer, records, config, log, output=args.output, resume=args.resume)
@@ -147,5 +150,6 @@ def _run_train(args) -> int:
         reward_model = RewardModel.load(args.reward_model).to(device=device, dtype=dtype)
         train_ppo(model, reward_model, tokenizer, [r["prompt"] for r in records], config, log,
                   gold_fn=None if args.data else task.gold_reward, output=args.output, resume=args.resume)  # fmt: skip
-    print(f"wrote {args.output}")
+    if distributed.is_main():
+        print(f"wrote {args.output}")
     return 0

@@ -1,15 +1,21 @@
 """What every stage shares: devices, seeds, the per-step batch order, checkpoints
 (save_pretrained + optimizer and trainer state) and the metrics log.
 
-A checkpoint is one folder, output/checkpoint-NNNNNN/, holding the weights, the
-optimizer and trainer state and checkpoint.json (stage, step, options, fingerprints
-of the frozen models the run depends on, and a sha256 of every file). It is written
-in full into a temporary folder and renamed into place, and only then is the previous
-one deleted, so a kill at any moment leaves a complete checkpoint, never a mix of two.
+A checkpoint is one folder, output/checkpoint-NNNNNN/, holding the weights
+(save_pretrained, or a state dict for other modules), the optimizer state
+(optimizer/, written by torch.distributed.checkpoint: every process of a data
+parallel run writes its part, and a resume on any number of processes reads it),
+trainer_state.json and checkpoint.json (stage, step, options, fingerprints of the
+frozen models the run depends on, and a sha256 of every file). It is written in full
+into a temporary folder and renamed into place, and only then is the previous one
+deleted, so a kill at any moment leaves a complete checkpoint, never a mix of two.
+Under torchrun rank 0 writes everything but the other ranks' optimizer shards, the
+metrics and the exported model; the folder must be on a filesystem every rank sees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,8 +25,11 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 
 import torch
+
+from . import distributed
 
 MANIFEST = "checkpoint.json"
 # Test hook: "model" or "model@STEP" kills the process right after a checkpoint's
@@ -31,6 +40,14 @@ CRASH_ENV = "RLHF_TRAINER_CRASH_AFTER"
 # the restored optimizer and kl_coef replaces the restored KL coefficient. Any other
 # change would silently not apply (or apply to half a run), so resume refuses it.
 RESUMABLE = ("steps", "checkpoint_every", "lr", "kl_coef")
+
+
+try:
+    from torch.distributed.checkpoint.api import CheckpointException
+except ImportError:  # torch without distributed support
+
+    class CheckpointException(BaseException):  # torch's name
+        pass
 
 
 class CheckpointError(ValueError):
@@ -60,10 +77,12 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
 
 class MetricsLog:
     """Appends one JSON object per line (stage, step, metrics) to metrics.jsonl; rows
-    already in the file are read back (a resumed demo plots every stage)."""
+    already in the file are read back (a resumed demo plots every stage). Under
+    torchrun only rank 0 reads and writes the file (the others keep rows in memory)."""
 
     def __init__(self, path: str | None):
-        self.path = path
+        self.path = path if distributed.is_main() else None
+        path = self.path
         self.rows: list[dict] = _read_rows(path) if path and os.path.exists(path) else []
 
     def log(self, stage: str, step: int, **metrics) -> dict:
@@ -137,23 +156,33 @@ def _fsync(path: str) -> None:
         os.close(descriptor)
 
 
-def publish(directory: str, fill) -> None:
+def publish(directory: str, fill, collective: bool = False) -> None:
     """Writes a folder through fill(temporary folder), fsyncs it and renames it into
     place, so readers (and a resume after a kill) see the old folder or the new one,
-    never a half-written one."""
+    never a half-written one. collective: every rank calls it and runs fill (each
+    writes its part); rank 0 prepares, fsyncs and renames, between barriers."""
+    main = not collective or distributed.is_main()
     parent, name = os.path.split(os.path.abspath(directory))
     temporary, old = os.path.join(parent, f".tmp-{name}"), os.path.join(parent, f".old-{name}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    os.makedirs(temporary)
+    if main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    if collective:
+        distributed.barrier()
     fill(temporary)
-    for relative in _files(temporary):
-        _fsync(os.path.join(temporary, relative))
-    if os.path.exists(directory):  # rename() cannot replace a non-empty folder: move it aside first
+    if collective:
+        distributed.barrier()
+    if main:
+        for relative in _files(temporary):
+            _fsync(os.path.join(temporary, relative))
+        if os.path.exists(directory):  # rename() cannot replace a non-empty folder: move it aside first
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+        os.replace(temporary, directory)
+        _fsync(parent)
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-    os.replace(temporary, directory)
-    _fsync(parent)
-    shutil.rmtree(old, ignore_errors=True)
+    if collective:
+        distributed.barrier()
 
 
 def _crash_point(name: str, step: int) -> None:
@@ -180,22 +209,78 @@ def _manifest(directory: str) -> dict:
         raise CheckpointError(f"{directory}: unreadable {MANIFEST} ({error})") from None
 
 
+OPTIMIZER = "optimizer"  # the torch.distributed.checkpoint folder of the optimizer state
+TRAINER_STATE = "trainer_state.json"
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """torch.distributed.checkpoint warns that it runs in one process when there is no
+    process group: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _save_optimizer(folder: str, models: dict, optimizer) -> None:
+    """The optimizer state keyed by parameter names (get_optimizer_state_dict), written
+    by torch.distributed.checkpoint: collective under torchrun (each rank writes its
+    part; DDP's replicated state is written once), one process otherwise."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    holder = torch.nn.ModuleDict(models)
+    with _single_process_is_intended():
+        state = {"optimizer": get_optimizer_state_dict(holder, optimizer)}
+        dcp.save(state, checkpoint_id=folder, no_dist=distributed.world_size() == 1)
+
+
+def _load_optimizer(folder: str, models: dict, optimizer) -> None:
+    """Reads what _save_optimizer wrote, on any number of processes. Parameters that
+    never had a gradient (the reward model's unused lm_head) have no saved state and
+    get none."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    holder = torch.nn.ModuleDict(models)
+    with _single_process_is_intended():
+        target = get_optimizer_state_dict(holder, optimizer)  # allocates the state to read into
+        saved = set(dcp.FileSystemReader(folder).read_metadata().state_dict_metadata)
+        for name in list(target["state"]):
+            if not any(key.startswith(f"optimizer.state.{name}.") for key in saved):
+                del target["state"][name]
+        dcp.load({"optimizer": target}, checkpoint_id=folder, no_dist=distributed.world_size() == 1)
+        set_optimizer_state_dict(holder, optimizer, target, options=StateDictOptions(strict=False))
+
+
 def save_checkpoint(output: str, *, stage: str, models: dict, optimizer, step: int, config, state: dict | None = None,
                     fingerprints: dict | None = None) -> str:  # fmt: skip
     """models: name -> module; modules with save_pretrained are saved that way, the
-    rest as state dicts; the optimizer, step and trainer state in trainer_state.pt.
-    Returns the checkpoint folder."""
-    os.makedirs(output, exist_ok=True)
+    rest as state dicts; the optimizer in optimizer/ (torch.distributed.checkpoint),
+    the trainer state in trainer_state.json. Under torchrun every rank calls it (the
+    optimizer is written collectively) and rank 0 writes the rest. Returns the
+    checkpoint folder."""
+    main = distributed.is_main()
+    if main:
+        os.makedirs(output, exist_ok=True)
 
     def fill(folder: str) -> None:
-        for name, module in models.items():
-            if hasattr(module, "save_pretrained"):
-                module.save_pretrained(os.path.join(folder, name))
-            else:
-                torch.save(module.state_dict(), os.path.join(folder, f"{name}.pt"))
-        _crash_point("model", step)
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "state": state or {}},
-                   os.path.join(folder, "trainer_state.pt"))  # fmt: skip
+        if main:
+            for name, module in models.items():
+                if hasattr(module, "save_pretrained"):
+                    module.save_pretrained(os.path.join(folder, name))
+                else:
+                    torch.save(module.state_dict(), os.path.join(folder, f"{name}.pt"))
+            _crash_point("model", step)
+        _save_optimizer(os.path.join(folder, OPTIMIZER), models, optimizer)
+        if not main:
+            return
+        with open(os.path.join(folder, TRAINER_STATE), "w") as out:
+            json.dump({"step": step, "state": state or {}}, out)
         manifest = {
             "stage": stage, "step": step, "config": dataclasses.asdict(config), "fingerprints": fingerprints or {},
             "saved_at": time.time_ns(),  # orders two complete checkpoints (a kill before the old one is deleted)
@@ -205,11 +290,14 @@ def save_checkpoint(output: str, *, stage: str, models: dict, optimizer, step: i
             json.dump(manifest, out, indent=1)
 
     directory = os.path.join(output, f"checkpoint-{step:06d}")
-    publish(directory, fill)
-    stale = [os.path.join(output, n) for n in os.listdir(output) if n.startswith(".tmp-checkpoint-")]  # killed runs'
-    for other in _checkpoints(output) + stale:  # the new one is complete: the previous ones can go
-        if os.path.abspath(other) != os.path.abspath(directory):
-            shutil.rmtree(other, ignore_errors=True)
+    publish(directory, fill, collective=True)
+    if main:
+        # killed runs' temporary folders
+        stale = [os.path.join(output, n) for n in os.listdir(output) if n.startswith(".tmp-checkpoint-")]
+        for other in _checkpoints(output) + stale:  # the new one is complete: the previous ones can go
+            if os.path.abspath(other) != os.path.abspath(directory):
+                shutil.rmtree(other, ignore_errors=True)
+    distributed.barrier()
     return directory
 
 
@@ -263,7 +351,9 @@ def _check_resume(directory: str, manifest: dict, stage: str, config, fingerprin
 def load_checkpoint(path: str, *, stage: str, models: dict, optimizer, config,
                     fingerprints: dict | None = None) -> tuple[int, dict, dict, str]:  # fmt: skip
     """Verifies and loads what save_checkpoint wrote into the given modules; returns
-    (step, trainer state, changed options {name: (old, new)}, checkpoint folder)."""
+    (step, trainer state, changed options {name: (old, new)}, checkpoint folder).
+    Under torchrun every rank verifies and loads (so all refuse a bad checkpoint alike);
+    the world size may differ from the run that wrote it."""
     directory = find_checkpoint(path)
     manifest = _manifest(directory)
     changed = _check_resume(directory, manifest, stage, config, fingerprints or {})
@@ -274,9 +364,14 @@ def load_checkpoint(path: str, *, stage: str, models: dict, optimizer, config,
                 module.load_state_dict(loaded.state_dict())
             else:
                 module.load_state_dict(torch.load(os.path.join(directory, f"{name}.pt"), weights_only=True))
-        saved = torch.load(os.path.join(directory, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        if os.path.isdir(os.path.join(directory, OPTIMIZER)):
+            _load_optimizer(os.path.join(directory, OPTIMIZER), models, optimizer)
+            with open(os.path.join(directory, TRAINER_STATE)) as source:
+                saved = json.load(source)
+        else:  # written before optimizer/: one trainer_state.pt with the optimizer's state_dict
+            saved = torch.load(os.path.join(directory, "trainer_state.pt"), weights_only=False)
+            optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"--resume {directory}: does not fit this run's model ({first})") from None
     for group in optimizer.param_groups:  # the restored optimizer carries the old lr; apply this run's
@@ -298,7 +393,7 @@ def progress(total: int, description: str, enabled: bool = True):
     stderr is not a terminal (a CI log would get one line per refresh)."""
     from tqdm.auto import tqdm
 
-    disable = not enabled or not sys.stderr.isatty()
+    disable = not enabled or not sys.stderr.isatty() or not distributed.is_main()
     return tqdm(total=total, desc=description, disable=disable, leave=False, dynamic_ncols=True)
 
 
@@ -324,7 +419,8 @@ class StageRun:
             )
             notes = "".join(f"; {key} {old!r} -> {new!r}" for key, (old, new) in self.changed.items()
                             if key in ("lr", "kl_coef"))  # fmt: skip
-            print(f"{stage}: resuming from {self.resumed_from} (step {self.start}){notes}", file=sys.stderr)
+            if distributed.is_main():
+                print(f"{stage}: resuming from {self.resumed_from} (step {self.start}){notes}", file=sys.stderr)
         log.truncate(stage, self.start)
         self.bar = progress(config.steps - self.start, stage, show_progress)
 
@@ -352,7 +448,7 @@ class StageRun:
             directory = self.resumed_from  # a finished stage resumed in place: its final checkpoint is there
         else:
             directory = self._save(self.config.steps, state)
-        if "model" in self.models and hasattr(self.models["model"], "save_pretrained"):
+        if "model" in self.models and hasattr(self.models["model"], "save_pretrained") and distributed.is_main():
 
             def fill(folder: str) -> None:
                 if tokenizer is not None:  # first: a writer must never open a file linked to the checkpoint's
@@ -361,3 +457,4 @@ class StageRun:
                                 dirs_exist_ok=True)  # fmt: skip
 
             publish(os.path.join(self.output, "model"), fill)
+        distributed.barrier()

@@ -7,6 +7,14 @@ group-relative advantages by rlhf_kernels.group_advantages (TRL's estimator:
 minibatches of rlhf_kernels.linear_policy_loss on the policy's final hidden states
 and lm_head weight (the clipped ratio to the sampling policy, optionally plus
 kl_coef x k3 KL to the reference model), never forming the logits. No value model.
+
+Data parallel (torchrun): each rank samples the completions of a contiguous share of
+the step's prompts (a group stays whole on one rank) with its own generator (seed,
+step, rank); the advantages are computed on every rank's scores (gathered), each
+minibatch is every rank's k-th slice of its completions and the loss is normalised by
+the minibatch's global sequence / token count (and the longest rank's length for Dr.
+GRPO's horizon). Loss types that select within the batch (clip_cov, kl_cov) select
+within each rank's part.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import common
+from . import common, distributed
 from .models import final_hidden, frozen_copy, lm_head_weight, response_logprobs, shifted_targets
 from .sampling import decode_responses, sample_responses
 
@@ -72,10 +80,26 @@ def train_grpo(policy, tokenizer, prompts: list[str], config: GRPOConfig, log: c
     run = common.StageRun(stage, config, log, models={"model": policy}, optimizer=optimizer, output=output,
                           resume=resume, show_progress=show_progress, frozen=frozen)  # fmt: skip
     completions = config.prompts * config.group_size
+    distributed.check_minibatches(f"prompts={config.prompts} x group_size={config.group_size}, minibatch="
+                                  f"{config.minibatch}", completions, config.minibatch, config.group_size)  # fmt: skip
+    parallel = distributed.DataParallel({"model": policy})
+    world = distributed.world_size()
+
+    def grpo_loss(sub, labels, mask, old_logprobs, advantages, ref_logprobs, divisors):
+        hidden = final_hidden(policy, sub)[:, :-1]
+        return rk.linear_policy_loss(
+            hidden, lm_head_weight(policy).to(hidden.dtype), labels, mask, old_logprobs=old_logprobs,
+            advantages=advantages, ref_logprobs=ref_logprobs, temperature=config.temperature,
+            loss_type=config.loss_type, clip_low=config.clip, clip_high=config.clip_high, kl_coef=config.kl_coef,
+            **divisors,
+        )  # fmt: skip
+
     for step in range(run.start, config.steps):
-        generator = common.step_generator(config.seed, step)
-        picked = [prompts[i] for i in common.batch_indices(len(prompts), config.prompts, config.seed, step)]
+        generator = distributed.rank_generator(config.seed, step)
+        picked = common.batch_indices(len(prompts), config.prompts, config.seed, step)
+        picked = [prompts[i] for i in distributed.shard(picked)]  # this rank's prompts
         picked = [prompt for prompt in picked for _ in range(config.group_size)]  # groups are contiguous
+        local = len(picked)
         policy.eval()
         rollout = sample_responses(
             policy, tokenizer, picked, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -86,9 +110,10 @@ def train_grpo(policy, tokenizer, prompts: list[str], config: GRPOConfig, log: c
         mask = mask.float()
         with torch.no_grad():
             scores = _scores(config, rollout, picked, texts, reward_model, gold_fn)
+            every_score, offset = distributed.gather_cat(scores)  # "batch" scaling needs every rank's
             advantages = rk.group_advantages(
-                scores, group_size=config.group_size, estimator="trl", scale_rewards=config.scale_rewards
-            )
+                every_score, group_size=config.group_size, estimator="trl", scale_rewards=config.scale_rewards
+            )[offset : offset + local]
             old_logprobs = response_logprobs(policy, rollout, temperature=config.temperature)
             ref_logprobs = (
                 response_logprobs(reference, rollout, temperature=config.temperature) if config.kl_coef else None
@@ -97,31 +122,40 @@ def train_grpo(policy, tokenizer, prompts: list[str], config: GRPOConfig, log: c
         totals = {"clipfrac": 0.0, "entropy": 0.0, "loss": 0.0}
         updates = 0
         for _ in range(config.epochs):
-            order = torch.randperm(completions, generator=generator).to(device)
-            for begin in range(0, completions, config.minibatch):
-                index = order[begin : begin + config.minibatch]
-                hidden = final_hidden(policy, rollout.select(index))[:, :-1]
-                loss, stats = rk.linear_policy_loss(
-                    hidden, lm_head_weight(policy).to(hidden.dtype), labels[index], mask[index],
-                    old_logprobs=old_logprobs[index], advantages=advantages[index],
-                    ref_logprobs=None if ref_logprobs is None else ref_logprobs[index],
-                    temperature=config.temperature, loss_type=config.loss_type, clip_low=config.clip,
-                    clip_high=config.clip_high, kl_coef=config.kl_coef,
-                    num_sequences=len(index),  # TRL's normaliser: every completion counts
+            order = torch.randperm(local, generator=generator).to(device)
+            for begin, end in distributed.minibatches(completions, config.minibatch, local):
+                index = order[begin:end]  # this rank's part of the minibatch
+                tokens = float(mask[index].sum())
+                divisors = {"num_sequences": len(index)}  # TRL's normaliser: every completion counts
+                if world > 1:  # the minibatch's global counts: each rank's loss is its share of the global loss
+                    sequences, all_tokens = distributed.all_sum([len(index), tokens], device).tolist()
+                    horizon = distributed.global_max(labels.shape[1], device)
+                    divisors = {"num_sequences": sequences, "global_tokens": all_tokens, "horizon": horizon}
+                loss, stats = parallel.loss(
+                    grpo_loss, rollout.select(index), labels[index], mask[index], old_logprobs[index],
+                    advantages[index], None if ref_logprobs is None else ref_logprobs[index], divisors,
                 )  # fmt: skip
                 optimizer.zero_grad()
-                loss.backward()
+                (loss * world).backward()  # DDP averages the ranks' gradients: world x the share sums them
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
                 optimizer.step()
-                totals["clipfrac"] += (stats["clipfrac_low"] + stats["clipfrac_high"]).item()
-                totals["entropy"] += stats["entropy"].item()
-                totals["loss"] += loss.item()
+                means = distributed.weighted_means({
+                    "clipfrac": ((stats["clipfrac_low"] + stats["clipfrac_high"]).item(), tokens),
+                    "entropy": (stats["entropy"].item(), tokens), "loss": (loss.item() * world, 1.0),
+                }, device)  # fmt: skip
+                for name, value in means.items():
+                    totals[name] += value
                 updates += 1
-        metrics = {"reward": scores.mean().item(), **{name: total / updates for name, total in totals.items()}}
+        sequence_kl = ((old_logprobs - ref_logprobs) * mask).sum(-1).mean().item() if config.kl_coef else 0.0
+        gold = sum(gold_fn(p, t) for p, t in zip(picked, texts)) / local if gold_fn is not None else 0.0
+        step_means = distributed.weighted_means(
+            {"reward": (scores.mean().item(), local), "kl": (sequence_kl, local), "gold_reward": (gold, local)}, device
+        )
+        metrics = {"reward": step_means["reward"], **{name: total / updates for name, total in totals.items()}}
         if config.kl_coef:
-            metrics["kl"] = ((old_logprobs - ref_logprobs) * mask).sum(-1).mean().item()
+            metrics["kl"] = step_means["kl"]
         if gold_fn is not None:
-            metrics["gold_reward"] = sum(gold_fn(p, t) for p, t in zip(picked, texts)) / len(texts)
+            metrics["gold_reward"] = step_means["gold_reward"]
         run.step_done(step + 1, {"reward": metrics["reward"]}, **metrics)
     run.finish(tokenizer)
     return policy

@@ -6,6 +6,12 @@ plus the score at the last response token); advantages and returns by
 rlhf_kernels.gae, whitened by masked_whiten; then epochs of minibatches of
 ppo_policy_loss + vf_coef * ppo_value_loss. The KL coefficient is fixed or adapted
 toward a target KL per sequence (Ziegler et al.'s controller).
+
+Data parallel (torchrun): each rank samples its contiguous share of the step's prompts
+with its own generator (seed, step, rank); the advantages are whitened with the mean
+and variance over every rank's tokens, the KL controller sees the global mean KL, each
+minibatch is every rank's k-th slice of its rollouts and its token-mean losses are
+divided by the minibatch's global token count.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import common
+from . import common, distributed
 from .models import ValueModel, final_hidden, frozen_copy, response_logprobs, shifted_targets
 from .sampling import decode_responses, sample_responses
 
@@ -73,9 +79,25 @@ def train_ppo(policy, reward_model, tokenizer, prompts: list[str], config: PPOCo
                           show_progress=show_progress, frozen=frozen)  # fmt: skip
     # The restored (possibly adapted) coefficient, unless this run sets another kl_coef.
     controller = KLController(config, None if "kl_coef" in run.changed else run.state.get("kl_coef"))
+    distributed.check_minibatches(f"rollouts={config.rollouts}, minibatch={config.minibatch}", config.rollouts,
+                                  config.minibatch)  # fmt: skip
+    parallel = distributed.DataParallel(models)
+
+    def ppo_loss(sub, old_logprobs, advantages, mask, old_values, returns):
+        hidden = final_hidden(policy, sub)
+        logprobs, entropy = response_logprobs(
+            policy, sub, temperature=config.temperature, return_entropy=True, hidden=hidden
+        )
+        values = value_model(sub, hidden)
+        policy_loss, stats = rk.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=config.clip)
+        value_loss, _ = rk.ppo_value_loss(values, old_values, returns, mask, clip=config.value_clip)
+        return policy_loss + config.vf_coef * value_loss, value_loss, stats, entropy
+
     for step in range(run.start, config.steps):
-        generator = common.step_generator(config.seed, step)
-        picked = [prompts[i] for i in common.batch_indices(len(prompts), config.rollouts, config.seed, step)]
+        generator = distributed.rank_generator(config.seed, step)
+        global_index = common.batch_indices(len(prompts), config.rollouts, config.seed, step)
+        picked = [prompts[i] for i in distributed.shard(global_index)]
+        local = len(picked)
         policy.eval()
         rollout = sample_responses(
             policy, tokenizer, picked, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -91,44 +113,44 @@ def train_ppo(policy, reward_model, tokenizer, prompts: list[str], config: PPOCo
             scores = reward_model(rollout)
             rewards, kl = rk.kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef=controller.value)
             advantages, returns = rk.gae(rewards, old_values, mask, gamma=config.gamma, lam=config.lam)
-            advantages = rk.masked_whiten(advantages, mask)
+            advantages = distributed.masked_whiten(advantages, mask)  # rk.masked_whiten in one process
         policy.train()
         totals = {"clipfrac": 0.0, "value_loss": 0.0, "entropy": 0.0}
         updates = 0
         for _ in range(config.epochs):
-            order = torch.randperm(config.rollouts, generator=generator).to(device)
-            for begin in range(0, config.rollouts, config.minibatch):
-                index = order[begin : begin + config.minibatch]
+            order = torch.randperm(local, generator=generator).to(device)
+            for begin, end in distributed.minibatches(config.rollouts, config.minibatch, local):
+                index = order[begin:end]  # this rank's part of the minibatch
                 sub = rollout.select(index)
-                hidden = final_hidden(policy, sub)
-                logprobs, entropy = response_logprobs(
-                    policy, sub, temperature=config.temperature, return_entropy=True, hidden=hidden
-                )
-                values = value_model(sub, hidden)
-                policy_loss, stats = rk.ppo_policy_loss(
-                    logprobs, old_logprobs[index], advantages[index], mask[index], clip_low=config.clip
-                )
-                value_loss, _ = rk.ppo_value_loss(
-                    values, old_values[index], returns[index], mask[index], clip=config.value_clip
-                )
+                tokens = float(mask[index].sum())
+                scale = distributed.loss_scale(tokens, distributed.global_count(tokens, device))
+                old = (old_logprobs[index], advantages[index], mask[index], old_values[index], returns[index])
+                loss, value_loss, stats, entropy = parallel.loss(ppo_loss, sub, *old)
                 optimizer.zero_grad()
-                (policy_loss + config.vf_coef * value_loss).backward()
+                (loss * scale).backward()
                 torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
                 optimizer.step()
-                totals["clipfrac"] += stats["clipfrac"].item()
-                totals["value_loss"] += value_loss.item()
-                totals["entropy"] += rk.masked_mean(entropy.detach(), mask[index]).item()
+                means = distributed.weighted_means({
+                    "clipfrac": (stats["clipfrac"].item(), tokens), "value_loss": (value_loss.item(), tokens),
+                    "entropy": (rk.masked_mean(entropy.detach(), mask[index]).item(), tokens),
+                }, device)  # fmt: skip
+                for name, value in means.items():
+                    totals[name] += value
                 updates += 1
-        sequence_kl = kl.sum(-1).mean().item()
+        means = {"kl": (kl.sum(-1).mean().item(), local), "rm_reward": (scores.mean().item(), local)}
+        if gold_fn is not None:
+            texts = decode_responses(tokenizer, rollout)
+            means["gold_reward"] = (sum(gold_fn(p, t) for p, t in zip(picked, texts)) / local, local)
+        step_means = distributed.weighted_means(means, device)  # over every rank's rollouts
+        sequence_kl = step_means["kl"]
         metrics = {
-            "rm_reward": scores.mean().item(),
+            "rm_reward": step_means["rm_reward"],
             "kl": sequence_kl,
             "kl_coef": controller.value,
             **{name: total / updates for name, total in totals.items()},
         }
         if gold_fn is not None:
-            texts = decode_responses(tokenizer, rollout)
-            metrics["gold_reward"] = sum(gold_fn(p, t) for p, t in zip(picked, texts)) / len(texts)
+            metrics["gold_reward"] = step_means["gold_reward"]
         controller.update(sequence_kl, config.rollouts)
         shown = {"rm": metrics["rm_reward"], "kl": sequence_kl}
         run.step_done(step + 1, shown, state={"kl_coef": controller.value}, **metrics)

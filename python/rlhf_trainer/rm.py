@@ -1,7 +1,9 @@
 """Reward model: Bradley-Terry on preference pairs (rlhf_kernels.bradley_terry_loss,
 with an optional per-pair margin) or InstructGPT's K-way loss on rankings
 (rlhf_kernels.ranking_loss); held-out accuracy = how often the chosen response
-scores higher."""
+scores higher. Data parallel (torchrun): each rank scores a contiguous share of the
+step's pairs (or rankings), the loss is divided by the global count, and the held-out
+accuracy is counted on shares and summed."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import common
+from . import common, distributed
 from .data import encode_pairs
 
 
@@ -46,16 +48,19 @@ def _ranking_scores(reward_model, tokenizer, records, max_tokens, device) -> tor
 
 @torch.no_grad()
 def accuracy(reward_model, tokenizer, records, max_tokens: int = 6, batch_size: int = 256) -> float:
-    """Fraction of pairs whose chosen response scores higher (ties count half)."""
+    """Fraction of pairs whose chosen response scores higher (ties count half). Under
+    torchrun each rank scores a share of the records and every rank gets the total."""
     device = next(reward_model.parameters()).device
     reward_model.eval()
+    total = len(records)
+    records = distributed.shard(records)
     wins = 0.0
     for start in range(0, len(records), batch_size):
         chosen, rejected = _pair_scores(
             reward_model, tokenizer, records[start : start + batch_size], max_tokens, device
         )
         wins += (chosen > rejected).sum().item() + 0.5 * (chosen == rejected).sum().item()
-    return wins / max(len(records), 1)
+    return float(distributed.all_sum([wins], device)[0]) / max(total, 1)
 
 
 def split(records: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -71,31 +76,47 @@ def train_rm(reward_model, tokenizer, records, config: RMConfig, log: common.Met
     optimizer = torch.optim.AdamW(reward_model.parameters(), lr=config.lr)
     run = common.StageRun("rm", config, log, models={"reward_model": reward_model}, optimizer=optimizer,
                           output=output, resume=resume, show_progress=show_progress)  # fmt: skip
+    distributed.check_shareable("batch_size", config.batch_size)
+    parallel = distributed.DataParallel({"reward_model": reward_model})
+
+    def pairs_loss(picked, margin):
+        chosen, rejected = _pair_scores(reward_model, tokenizer, picked, config.max_response_tokens, device)
+        return rk.bradley_terry_loss(chosen, rejected, margin=margin)
+
+    def rankings_loss(picked, ranks):
+        rewards = _ranking_scores(reward_model, tokenizer, picked, config.max_response_tokens, device)
+        return rk.ranking_loss(rewards, ranks)
+
     for step in range(run.start, config.steps):
         reward_model.train()
-        picked = [train[i] for i in common.batch_indices(len(train), config.batch_size, config.seed, step)]
+        index = distributed.shard(common.batch_indices(len(train), config.batch_size, config.seed, step))
+        picked = [train[i] for i in index]
         if kind == "rankings":
-            rewards = _ranking_scores(reward_model, tokenizer, picked, config.max_response_tokens, device)
             ranks = torch.tensor([r["ranks"] for r in picked], dtype=torch.float32, device=device)
-            loss = rk.ranking_loss(rewards, ranks)
+            count = float((ranks.amax(-1) != ranks.amin(-1)).sum())  # ranking_loss: the prompts with a ranked pair
+            scale = distributed.loss_scale(count, distributed.global_count(count, device))
+            loss = parallel.loss(rankings_loss, picked, ranks)
         else:
-            chosen, rejected = _pair_scores(reward_model, tokenizer, picked, config.max_response_tokens, device)
             margins = [float(r.get("margin", 0.0)) for r in picked]
             margin = torch.tensor(margins, device=device) if any(margins) else None
-            loss = rk.bradley_terry_loss(chosen, rejected, margin=margin)
+            count = float(len(picked))
+            scale = distributed.loss_scale(count, distributed.global_count(count, device))
+            loss = parallel.loss(pairs_loss, picked, margin)
         optimizer.zero_grad()
-        loss.backward()
+        (loss * scale).backward()
         optimizer.step()
-        run.step_done(step + 1, {"loss": loss.item()}, loss=loss.item())
+        shown = distributed.weighted_means({"loss": (loss.item(), count)}, device)
+        run.step_done(step + 1, shown, **shown)
     run.finish()
     held_out_accuracy = accuracy(reward_model, tokenizer, held_out, config.max_response_tokens) if held_out else None
     if held_out_accuracy is not None:
         log.log("rm", config.steps, held_out_accuracy=held_out_accuracy)
-    if output:
+    if output and distributed.is_main():
 
         def fill(folder: str) -> None:
             reward_model.save(folder)
             tokenizer.save_pretrained(folder)
 
         common.publish(f"{output}/reward_model_hf", fill)
+    distributed.barrier()
     return reward_model, held_out_accuracy

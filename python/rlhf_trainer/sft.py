@@ -1,6 +1,8 @@
 """SFT: the masked next-token loss on the response tokens (prompt tokens are context).
 
 loss = -masked_mean(log p(response token)), log-probs from rlhf_kernels.linear_logprobs.
+Data parallel (torchrun): each rank takes a contiguous share of the step's batch and
+its loss is divided by the global token count, so the step equals the one-process step.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import common
+from . import common, distributed
 from .data import encode_pairs
 from .models import response_logprobs, shifted_targets
 
@@ -32,17 +34,27 @@ def train_sft(policy, tokenizer, records, config: SFTConfig, log: common.Metrics
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
     run = common.StageRun("sft", config, log, models={"model": policy}, optimizer=optimizer, output=output,
                           resume=resume, show_progress=show_progress)  # fmt: skip
+    distributed.check_shareable("batch_size", config.batch_size)
+    parallel = distributed.DataParallel({"model": policy})
+
+    def sft_loss(batch, mask):
+        return -rk.masked_mean(response_logprobs(policy, batch), mask)
+
     policy.train()
     for step in range(run.start, config.steps):
-        picked = [records[i] for i in common.batch_indices(len(records), config.batch_size, config.seed, step)]
+        index = distributed.shard(common.batch_indices(len(records), config.batch_size, config.seed, step))
+        picked = [records[i] for i in index]
         batch = encode_pairs(
             tokenizer, [r["prompt"] for r in picked], [r["response"] for r in picked], config.max_response_tokens
         ).to(device)
         _, mask = shifted_targets(batch)
-        loss = -rk.masked_mean(response_logprobs(policy, batch), mask)
+        tokens = float(mask.sum())
+        scale = distributed.loss_scale(tokens, distributed.global_count(tokens, device))
+        loss = parallel.loss(sft_loss, batch, mask)
         optimizer.zero_grad()
-        loss.backward()
+        (loss * scale).backward()
         optimizer.step()
-        run.step_done(step + 1, {"loss": loss.item()}, loss=loss.item())
+        shown = distributed.weighted_means({"loss": (loss.item(), tokens)}, device)
+        run.step_done(step + 1, shown, **shown)
     run.finish(tokenizer)
     return policy
