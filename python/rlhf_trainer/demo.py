@@ -12,6 +12,9 @@ Run again on the same folder with the same options, the demo resumes: a stage wi
 final checkpoint is loaded instead of trained (the data and every stage are
 deterministic in the seed, so the results are the uninterrupted run's), and a stage
 that was interrupted starts over. Other options start the whole demo over.
+
+Under torchrun (`torchrun --nproc-per-node N -m rlhf_trainer demo ...`) every stage runs
+data parallel on the N processes (CPU, gloo); rank 0 evaluates, prints and writes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 
 import torch
 
-from . import common, task
+from . import common, distributed, task
 from .data import write_jsonl
 from .dpo import DPOConfig, train_dpo
 from .evaluate import evaluate
@@ -124,8 +127,14 @@ def run_demo(output: str, config: DemoConfig | None = None, *, show_progress: bo
 
 
 def _run_demo(output: str, config: DemoConfig, show_progress: bool, echo) -> dict:
+    distributed.setup("cpu")  # under torchrun: join the other processes (the demo's models are on the CPU)
+    main = distributed.is_main()
+    if not main:
+        show_progress, echo = False, lambda *_: None
     os.makedirs(output, exist_ok=True)
-    _start_or_resume(output, config, echo)
+    if main:
+        _start_or_resume(output, config, echo)
+    distributed.barrier()
     metrics_path = os.path.join(output, "metrics.jsonl")
     log = common.MetricsLog(metrics_path)
 
@@ -143,8 +152,9 @@ def _run_demo(output: str, config: DemoConfig, show_progress: bool, echo) -> dic
     preferences = task.preference_records(
         config.preference_pairs, config.seed + 2, noise=config.noise, length_bias=config.length_bias
     )
-    write_jsonl(os.path.join(output, "sft.jsonl"), sft_data)
-    write_jsonl(os.path.join(output, "preferences.jsonl"), preferences)
+    if main:
+        write_jsonl(os.path.join(output, "sft.jsonl"), sft_data)
+        write_jsonl(os.path.join(output, "preferences.jsonl"), preferences)
     prompts = task.eval_prompts(config.eval_prompts, config.seed + 3)
     train_prompts = task.eval_prompts(4000, config.seed + 4)
     rows, timings = [], {}
@@ -197,6 +207,8 @@ def _run_demo(output: str, config: DemoConfig, show_progress: bool, echo) -> dic
     hacking = dataclasses.replace(config.ppo, kl_coef=0.0, adaptive_kl=False, steps=config.hacking_steps)
     ppo_run("ppo_kl0", hacking, f"[6/6] reward hacking: PPO with kl_coef=0 for {config.hacking_steps} steps")
 
+    if not main:  # evaluate() ran on rank 0 only
+        return {"rows": rows, "rm_accuracy": rm_accuracy, "paths": []}
     table = stage_table(rows, rm_accuracy)
     plot_path = plot_curves(log.rows, os.path.join(output, "curves.png"))
     report_path = write_report(os.path.join(output, "report.md"), rows, rm_accuracy, table, plot_path, config)

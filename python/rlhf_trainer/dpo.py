@@ -1,7 +1,9 @@
 """DPO from the SFT model: the reference log-probs are computed once per dataset
 (rlhf_kernels.sequence_logprobs, no grad), then each step is
 rlhf_kernels.linear_dpo_loss on the policy's final hidden states and lm_head weight
-(chosen rows first, then rejected), never forming the logits."""
+(chosen rows first, then rejected), never forming the logits. Data parallel
+(torchrun): each rank takes a contiguous share of the step's pairs and its loss is
+divided by the global pair count."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from . import common
+from . import common, distributed
 from .data import encode_pairs
 from .models import final_hidden, frozen_copy, lm_head_weight, shifted_targets
 
@@ -60,21 +62,31 @@ def train_dpo(policy, tokenizer, records, config: DPOConfig, log: common.Metrics
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
     run = common.StageRun("dpo", config, log, models={"model": policy}, optimizer=optimizer, output=output,
                           resume=resume, show_progress=show_progress, frozen={"reference": reference})  # fmt: skip
-    policy.train()
-    for step in range(run.start, config.steps):
-        index = common.batch_indices(len(records), config.batch_size, config.seed, step)
-        batch = _pair_batch(tokenizer, [records[i] for i in index], config.max_response_tokens, device)
+    distributed.check_shareable("batch_size", config.batch_size)
+    parallel = distributed.DataParallel({"model": policy})
+
+    def dpo_loss(batch, ref_logps):
         labels, mask = shifted_targets(batch)
         hidden = final_hidden(policy, batch)[:, :-1]
-        loss, metrics = rk.linear_dpo_loss(
+        return rk.linear_dpo_loss(
             hidden, lm_head_weight(policy).to(hidden.dtype), labels, mask,
-            ref_chosen_logps=ref[index, 0], ref_rejected_logps=ref[index, 1], beta=config.beta,
+            ref_chosen_logps=ref_logps[:, 0], ref_rejected_logps=ref_logps[:, 1], beta=config.beta,
             loss_type=config.loss_type,
         )  # fmt: skip
+
+    policy.train()
+    for step in range(run.start, config.steps):
+        index = distributed.shard(common.batch_indices(len(records), config.batch_size, config.seed, step))
+        batch = _pair_batch(tokenizer, [records[i] for i in index], config.max_response_tokens, device)
+        scale = distributed.loss_scale(len(index), distributed.global_count(len(index), device))
+        loss, metrics = parallel.loss(dpo_loss, batch, ref[index])
         optimizer.zero_grad()
-        loss.backward()
+        (loss * scale).backward()
         optimizer.step()
-        accuracy, margin = metrics["reward_accuracy"].item(), metrics["reward_margin"].item()
-        run.step_done(step + 1, {"loss": loss.item()}, loss=loss.item(), reward_accuracy=accuracy, reward_margin=margin)
+        shown = distributed.weighted_means({
+            "loss": (loss.item(), len(index)), "reward_accuracy": (metrics["reward_accuracy"].item(), len(index)),
+            "reward_margin": (metrics["reward_margin"].item(), len(index)),
+        }, device)  # fmt: skip
+        run.step_done(step + 1, {"loss": shown["loss"]}, **shown)
     run.finish(tokenizer)
     return policy

@@ -1,11 +1,14 @@
 """Evaluation of a policy on fixed prompts: mean gold reward (the hidden judge), mean
 reward-model score, KL to the reference per sequence, and the win rate against
-baseline responses (e.g. the SFT model's) judged by the gold reward."""
+baseline responses (e.g. the SFT model's) judged by the gold reward. Under torchrun
+rank 0 evaluates (one sampling stream over every prompt, as in one process) and the
+other ranks skip it (NaN metrics, responses None)."""
 
 from __future__ import annotations
 
 import torch
 
+from . import distributed
 from .models import response_logprobs, shifted_targets
 from .sampling import decode_responses, sample_responses
 
@@ -14,7 +17,12 @@ from .sampling import decode_responses, sample_responses
 def evaluate(policy, reference, reward_model, tokenizer, prompts, *, gold_fn, baseline=None, max_new_tokens=6,
              temperature=1.0, seed=12345) -> dict:  # fmt: skip
     """baseline: the responses to compare with (same prompts), or None. Returns the
-    metrics and the responses ("responses")."""
+    metrics and the responses ("responses"); on a rank other than 0 under torchrun,
+    NaN metrics and responses None, without evaluating."""
+    if not distributed.is_main():
+        nan = float("nan")
+        return {"gold_reward": nan, "rm_reward": nan, "kl": nan, "responses": None,
+                **({"win_rate": nan} if baseline is not None else {})}  # fmt: skip
     policy.eval()
     batch = sample_responses(
         policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
