@@ -12,7 +12,7 @@ reward, KL to SFT, win rate against SFT, and the reward model's held-out accurac
 then each seed's own rows, with the command, the date, the machine's CPU count,
 torch's thread count and torch's version. The default folders and file are
 rlhf-demo/seeds<suffix>/ and bench/results/demo-seeds<suffix>.md, the suffix naming
---quick and --length-bias when given (e.g. -length-bias-0.15), so runs with other
+--quick, --noise and --length-bias when given (e.g. -length-bias-0.15), so runs with other
 options neither overwrite nor restart each other.
 """
 
@@ -107,13 +107,14 @@ def _commit() -> str:
     return head + (" with uncommitted changes in python/, rlhf_kernels/ or csrc/" if dirty else "")
 
 
-def report(runs: list[dict], *, command: str, threads: int, minutes: float, quick: bool) -> str:
+def report(runs: list[dict], *, command: str, threads: int, minutes: float, quick: bool, options: str = "") -> str:
+    """options: the demo's options other than --quick, for the title (e.g. "--length-bias 0.15")."""
     import torch
 
     seeds = ", ".join(str(run["seed"]) for run in runs)
     return "\n".join(
         [
-            f"# `rlhf-kernels demo`{' --quick' if quick else ''} over seeds {seeds}",
+            f"# `rlhf-kernels demo{' --quick' if quick else ''}{' ' + options if options else ''}` over seeds {seeds}",
             "",
             f"- command: `{command}`",
             f"- date: {datetime.date.today().isoformat()}",
@@ -152,7 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--noise", type=float, default=0.05)
     parser.add_argument("--length-bias", type=float, default=0.0)
     args = parser.parse_args(argv)
-    suffix = ("-quick" if args.quick else "") + (f"-length-bias-{args.length_bias:g}" if args.length_bias else "")
+    suffix = "-quick" * args.quick + f"-noise-{args.noise:g}" * (args.noise != 0.05)
+    suffix += f"-length-bias-{args.length_bias:g}" * bool(args.length_bias)
     args.output = args.output or f"rlhf-demo/seeds{suffix}"
     args.results = args.results or os.path.join(RESULTS, f"demo-seeds{suffix}.md")
 
@@ -171,8 +173,12 @@ def main(argv=None) -> int:
         result = run_demo(output, config, show_progress=False, echo=lambda line: print(line, file=sys.stderr))
         runs.append({"seed": seed, "rows": result["rows"], "rm_accuracy": result["rm_accuracy"]})
     command = "python bench/demo_seeds.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    options = " ".join(
+        [f"--noise {args.noise:g}"] * (args.noise != 0.05)
+        + [f"--length-bias {args.length_bias:g}"] * bool(args.length_bias)
+    )
     text = report(runs, command=command.strip(), threads=config.threads or torch.get_num_threads(),
-                  minutes=(time.perf_counter() - start) / 60, quick=args.quick)  # fmt: skip
+                  minutes=(time.perf_counter() - start) / 60, quick=args.quick, options=options)  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "w") as out:
         out.write(text)
