@@ -4,16 +4,21 @@ time_ms: median of `repeats` runs after `warmup` runs (CUDA events and a
 synchronize on GPU, perf_counter on CPU). peak_mb: the peak extra memory of one
 run: torch.cuda.max_memory_allocated on GPU; on CPU the process's peak resident
 set (VmHWM, reset through /proc/self/clear_refs) above the resident set before
-the run, so it needs Linux and counts every allocation the run makes.
+the run, with glibc's heap trimmed first (malloc_trim), so it needs Linux and
+counts every allocation the run makes. busy(n): n background processes spinning
+in pure Python while the block runs (the --contended mode of bench/run.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -83,12 +88,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 2, repeats: int = 7) -> float:
+def time_ms(
+    fn: Callable[[], object], device: str, *, warmup: int = 2, repeats: int = 7, pause_s: float = 0.0
+) -> float:
+    """pause_s: sleep before every run (untimed), so that each starts with the thread
+    pool asleep, as a call between the steps of a training loop does (the OpenMP
+    workers spin for a while after a parallel region, then sleep)."""
     for _ in range(warmup):
+        time.sleep(pause_s)
         fn()
     _sync(device)
     samples = []
     for _ in range(repeats):
+        time.sleep(pause_s)
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -135,6 +147,43 @@ def _rss_kb(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
+def trim_heap() -> None:
+    """Return glibc's free heap memory to the OS (malloc_trim(0)). Freed blocks below the
+    mmap threshold stay resident in the heap otherwise, and a run that reuses them adds
+    nothing to the resident set: a forward that allocates 31 MiB measured 0 MiB."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+# Spins until killed, or until its parent is gone (a harness killed before its finally
+# block ran must not leave busy loops behind).
+_BUSY_LOOP = """
+import os
+parent = os.getppid()
+while os.getppid() == parent:
+    for _ in range(200000):
+        pass
+"""
+
+
+@contextlib.contextmanager
+def busy(processes: int = 2):
+    """`processes` background processes, each a pure-Python busy loop (one core each),
+    running for the duration of the block: a data loader and a second job on the same
+    machine. Started before the block (and given time to be scheduled), killed after."""
+    procs = [
+        subprocess.Popen([sys.executable, "-S", "-c", _BUSY_LOOP], stdin=subprocess.DEVNULL) for _ in range(processes)
+    ]
+    try:
+        time.sleep(0.2)
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
 def peak_mb(fn: Callable[[], object], device: str) -> Optional[float]:
     """Peak memory of one run of fn above what was allocated before it, in MiB.
     fn.reset(), if present, runs first (dropping gradients a previous run left)."""
@@ -154,6 +203,7 @@ def peak_mb(fn: Callable[[], object], device: str) -> Optional[float]:
         if hasattr(fn, "reset"):
             fn.reset()
         gc.collect()
+        trim_heap()  # what earlier runs freed leaves the resident set: the growth below is this run's own
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # resets VmHWM to the current resident set
         before = _rss_kb("VmRSS:")

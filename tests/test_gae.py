@@ -97,9 +97,12 @@ def test_long_row_keeps_fp32_precision(backend_name):
 
 @pytest.mark.parametrize("backend_name", backends_of("gae")[1:])
 @pytest.mark.parametrize("mode", MASK_MODES)
-def test_few_long_rows_scan_in_chained_chunks(backend_name, mode):
+def test_few_long_rows_scan_in_chained_chunks(backend_name, mode, monkeypatch):
     # Fewer rows than threads: the C++ kernel cuts each row into chunks of >= 4096
-    # reduced to affine maps and chained (4 threads: 3 chunks of this row).
+    # reduced to affine maps and chained (4 threads: 3 chunks of this row). A row this
+    # short runs on one thread under the measured policy (csrc/cpu/threading.h), so
+    # the parallel path is forced.
+    monkeypatch.setenv("RLHF_KERNELS_CPU_THREADING", "always")
     T = 3 * 4096 + 5
     rewards, values, mask = torch.randn(1, T), torch.randn(1, T), random_mask(1, T, all_masked_row=False)
     threads = torch.get_num_threads()

@@ -17,6 +17,8 @@
 #include <optional>
 #include <string_view>
 
+#include "threading.h"
+
 namespace rlhf_kernels {
 namespace {
 
@@ -226,7 +228,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dpo_loss_cpu(
     scalar_t* rew = rewards.mutable_data_ptr<scalar_t>();
     scalar_t* g = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
     const scalar_t drop = scalar_t(1 - ld_alpha);  // LD-DPO: shared + alpha tail = full - (1 - alpha) tail
-    at::parallel_for(0, B, 4096, [&](int64_t begin, int64_t end) {
+    // Per pair: four log-probs (and tails, lengths, weight) read; loss, two rewards (and
+    // two gradients) written.
+    const int64_t pair_bytes = (7 + (tail ? 4 : 0) + (len ? 2 : 0) + (w ? 1 : 0) + (g ? 2 : 0)) * int64_t(sizeof(scalar_t));
+    const threading::Plan plan = threading::plan(B * pair_bytes, threading::kDpo);
+    threading::parallel_for(plan, 0, B, pair_bytes, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         scalar_t c = pc[i], r = pr[i], ref_c = rc[i], ref_r = rr[i];
         if (tail != nullptr) {

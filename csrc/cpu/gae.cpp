@@ -1,6 +1,7 @@
 // CPU kernel for rlhf_kernels::gae in double (float64 accumulation keeps T = 32k rows
-// within fp32 rounding of the exact recursion). Enough rows: one sequential reverse
-// scan per row, rows in parallel. Fewer rows than threads: each row is cut into
+// within fp32 rounding of the exact recursion). Below threading.h's threshold: every
+// row scanned on the calling thread. Above it, with enough rows: one sequential
+// reverse scan per row, rows in parallel. Fewer rows than threads: each row is cut into
 // chunks whose composed maps (csrc/gae_scan.h) are reduced in parallel, chained per
 // row, then scanned in parallel from their incoming states, the CUDA kernel's scheme.
 #include <ATen/Dispatch.h>
@@ -12,12 +13,14 @@
 
 #include "../gae_checks.h"
 #include "../gae_scan.h"
+#include "threading.h"
 
 namespace rlhf_kernels {
 namespace {
 
-// A chunk below 4096 positions costs more in the extra reduction pass and task
-// hand-off than its parallelism saves.
+// A chunk below 4096 positions (80 KiB of fp32 traffic, above the policy's 64 KiB
+// task) costs more in the extra reduction pass and task hand-off than its
+// parallelism saves.
 constexpr int64_t kMinChunk = 4096;
 
 using Map = GaeMap<double>;
@@ -34,10 +37,16 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(
   at::Tensor returns = at::empty_like(rewards);
   if (rewards.numel() == 0) return {advantages, returns};
 
-  const int64_t threads = at::get_num_threads();
+  // Bytes moved per position: rewards, values (and mask) read, advantages and returns written.
+  const int64_t position_bytes = (mask.has_value() ? 5 : 4) * int64_t(rewards.element_size());
+  const threading::Plan plan = threading::plan(B * T * position_bytes, threading::kGae);
+  // Whether rows are chunked depends on the size and thread count only, never on
+  // whether this call runs parallel (a back-off): the same inputs give the same bits.
+  const int64_t threads = plan.large ? at::get_num_threads() : 1;
   const int64_t chunks_per_row =
       B >= threads ? 1 : std::max<int64_t>(1, std::min((threads + B - 1) / B, T / kMinChunk));
   const int64_t chunk = (T + chunks_per_row - 1) / chunks_per_row;
+  const int64_t chunk_bytes = chunk * position_bytes;
 
   AT_DISPATCH_FLOATING_TYPES(rewards.scalar_type(), "rlhf_kernels::gae (CPU)", [&] {
     const scalar_t* r = rewards.const_data_ptr<scalar_t>();
@@ -52,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(
     std::vector<State> incoming(B * chunks_per_row, State{0.0, 0.0});
     if (chunks_per_row > 1) {
       std::vector<Map> maps(B * chunks_per_row);
-      at::parallel_for(0, B * chunks_per_row, 1, [&](int64_t begin, int64_t end) {
+      threading::parallel_for(plan, 0, B * chunks_per_row, chunk_bytes, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t b = i / chunks_per_row, c = i % chunks_per_row;
           maps[i] = gae_segment_map<scalar_t, double>(row(r, b), row(v, b), row(m, b), c * chunk, chunk_end(c),
@@ -66,10 +75,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(
         }
       }
     }
-    // A row is O(T) sequential work; one row per task is already coarse enough, so
-    // the grain only bounds the task count for tiny T.
-    const int64_t grain = std::max<int64_t>(1, 4096 / chunk);
-    at::parallel_for(0, B * chunks_per_row, grain, [&](int64_t begin, int64_t end) {
+    threading::parallel_for(plan, 0, B * chunks_per_row, chunk_bytes, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / chunks_per_row, c = i % chunks_per_row;
         gae_scan_segment<scalar_t, double>(row(r, b), row(v, b), row(m, b), row(adv, b), row(ret, b), c * chunk,

@@ -12,6 +12,7 @@
 #include <limits>
 #include <string_view>
 
+#include "threading.h"
 #include "vector_math.h"
 
 namespace rlhf_kernels {
@@ -103,6 +104,39 @@ static void run_penalty(Estimator e, const double* lp, const double* ref, double
   penalty_any(e, lp, ref, out, grad, n, clamp);
 }
 
+// kl_shaped_rewards' row body in one pass: k = mask * estimate (0 where mask is 0, even
+// for NaN / inf inputs there) and r = -coef * k.
+template <typename T, Estimator E>
+RLHF_INLINE void shaped_loop(const T* lp, const T* ref, const T* m, T* k, T* r, int64_t n, T clamp, T coef) {
+  for (int64_t i = 0; i < n; ++i) {
+    T slope;
+    const T value = vector_math::masked(m[i], estimate<T, E>(lp[i] - ref[i], clamp, slope));
+    k[i] = value;
+    r[i] = -coef * value;
+  }
+}
+
+template <typename T>
+RLHF_INLINE void shaped_any(Estimator e, const T* lp, const T* ref, const T* m, T* k, T* r, int64_t n, T clamp,
+                            T coef) {
+  switch (e) {
+    case Estimator::kK1: return shaped_loop<T, Estimator::kK1>(lp, ref, m, k, r, n, clamp, coef);
+    case Estimator::kK2: return shaped_loop<T, Estimator::kK2>(lp, ref, m, k, r, n, clamp, coef);
+    case Estimator::kK3: return shaped_loop<T, Estimator::kK3>(lp, ref, m, k, r, n, clamp, coef);
+    case Estimator::kAbs: return shaped_loop<T, Estimator::kAbs>(lp, ref, m, k, r, n, clamp, coef);
+    default: return shaped_loop<T, Estimator::kLowVarKl>(lp, ref, m, k, r, n, clamp, coef);
+  }
+}
+
+RLHF_VECTORIZED static void run_shaped(Estimator e, const float* lp, const float* ref, const float* m, float* k,
+                                       float* r, int64_t n, float clamp, float coef) {
+  shaped_any(e, lp, ref, m, k, r, n, clamp, coef);
+}
+static void run_shaped(Estimator e, const double* lp, const double* ref, const double* m, double* k, double* r,
+                       int64_t n, double clamp, double coef) {
+  shaped_any(e, lp, ref, m, k, r, n, clamp, coef);
+}
+
 void check_same(const char* op, const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble, op, ": inputs must be float32 or float64");
   TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.is_contiguous() && b.is_contiguous() &&
@@ -123,7 +157,11 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_cpu(
     scalar_t* out = kl.mutable_data_ptr<scalar_t>();
     scalar_t* g = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
     const scalar_t bound = clamp ? scalar_t(*clamp) : std::numeric_limits<scalar_t>::infinity();
-    at::parallel_for(0, logprobs.numel(), 2048, [&](int64_t begin, int64_t end) {
+    // Per element: logprobs and ref read, kl (and its slope) written.
+    const int64_t element_bytes = (need_grad ? 4 : 3) * int64_t(sizeof(scalar_t));
+    const int64_t n = logprobs.numel();
+    const threading::Plan plan = threading::plan(n * element_bytes, threading::kKl);
+    threading::parallel_for(plan, 0, n, element_bytes, [&](int64_t begin, int64_t end) {
       run_penalty(estimator, lp + begin, ref + begin, out + begin, g == nullptr ? nullptr : g + begin, end - begin,
                   bound);
     });
@@ -168,17 +206,24 @@ std::tuple<at::Tensor, at::Tensor> kl_shaped_rewards_cpu(
     scalar_t* k = kl.mutable_data_ptr<scalar_t>();
     const scalar_t bound = clamp ? scalar_t(*clamp) : std::numeric_limits<scalar_t>::infinity();
     const scalar_t coef = scalar_t(kl_coef);
-    at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+    // Per row: logprobs, ref and mask read, rewards and kl written.
+    const int64_t row_bytes = 5 * T * int64_t(sizeof(scalar_t));
+    const threading::Plan plan = threading::plan(B * row_bytes, threading::kKl);
+    threading::parallel_for(plan, 0, B, row_bytes, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t offset = b * T;
-        run_penalty(estimator, lp + offset, ref + offset, k + offset, static_cast<scalar_t*>(nullptr), T, bound);
-        int64_t last_valid = -1;
-        for (int64_t i = offset; i < offset + T; ++i) {
-          k[i] = vector_math::masked(m[i], k[i]);  // NaN / inf at a mask-0 position stays out
-          r[i] = -coef * k[i];
-          if (m[i] != 0) last_valid = i - offset;
+        run_shaped(estimator, lp + offset, ref + offset, m + offset, k + offset, r + offset, T, bound, coef);
+        int64_t where = -1;
+        if (index != nullptr) {
+          where = index[b];  // checked above
+        } else {  // the last position where mask != 0, searched from the end (right padding is short)
+          for (int64_t t = T - 1; t >= 0; --t) {
+            if (m[offset + t] != 0) {
+              where = t;
+              break;
+            }
+          }
         }
-        const int64_t where = index != nullptr ? index[b] : last_valid;  // checked above
         if (where >= 0) r[b * T + where] += s[b];
       }
     });

@@ -14,13 +14,11 @@
 #include <vector>
 
 #include "../logprobs_checks.h"
+#include "threading.h"
 #include "vector_math.h"
 
 namespace rlhf_kernels {
 namespace {
-
-// Rows per parallel task: a row is O(V) work, so a few rows amortise the task.
-constexpr int64_t kRowGrain = 4;
 
 struct TransformOptions {
   double scale;
@@ -132,7 +130,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
     AT_DISPATCH_INDEX_TYPES(labels.scalar_type(), "token_logprobs labels", [&] {
       const index_t* y = labels.const_data_ptr<index_t>();
       check_labels(y, N, V, ignore_index, "token_logprobs");
-      at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+      const int64_t row_bytes = V * int64_t(sizeof(scalar_t));  // the row read once
+      const threading::Plan plan = threading::plan(N * row_bytes, threading::kLogprobs);
+      threading::parallel_for(plan, 0, N, row_bytes, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> z(V);
         for (int64_t n = begin; n < end; ++n) {
           const acc_t top = stage_row<Rows>(x + n * V, V, transform, z.data());
@@ -179,7 +179,9 @@ void token_logprobs_backward_into(
     AT_DISPATCH_INDEX_TYPES(labels.scalar_type(), "token_logprobs_backward labels", [&] {
       const index_t* y = labels.const_data_ptr<index_t>();
       check_labels(y, N, V, ignore_index, "token_logprobs_backward");
-      at::parallel_for(0, N, kRowGrain, [&](int64_t begin, int64_t end) {
+      const int64_t row_bytes = 2 * V * int64_t(sizeof(scalar_t));  // the row read, its gradient written
+      const threading::Plan plan = threading::plan(N * row_bytes, threading::kLogprobs);
+      threading::parallel_for(plan, 0, N, row_bytes, [&](int64_t begin, int64_t end) {
         // fp32/fp64 logits are staged in their own gradient row: no extra buffer.
         std::vector<acc_t> buffer(stage_in_output ? 0 : V);
         for (int64_t n = begin; n < end; ++n) {

@@ -10,15 +10,13 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <vector>
 
+#include "threading.h"
 #include "vector_math.h"
 
 namespace rlhf_kernels {
 namespace {
-
-// Elements per task; below this a reduction runs on one thread (2 threads on
-// 4096 fp32 elements cost more in wake-up than they save).
-constexpr int64_t kGrain = 32768;
 
 struct Sums {
   double first = 0.0;
@@ -124,17 +122,69 @@ RLHF_VECTORIZED static void write_whiten_grad(bool fill, const double* g, const 
   whiten_grad_any(fill, g, x, w, dx, n, mean, rstd, mean_coef, var_coef, centered_mean);
 }
 
-// One pass over [0, n) in parallel chunks (at::parallel_reduce: deterministic for a
-// given thread count).
+// Items per reduction block: partial sums of fixed blocks combined in order, so a
+// result never depends on the thread count or on whether the call ran parallel
+// (threading.h). 16384 fp32 elements of x and mask: 128 KiB, two policy tasks' worth.
+constexpr int64_t kBlock = 16384;
+
+// One pass over [0, n), in blocks, under `plan`.
 template <typename T>
-Sums sum_pass(Pass p, const T* x, const T* w, const T* g, int64_t n, double mean) {
-  return at::parallel_reduce(
-      0, n, kGrain, Sums{},
-      [&](int64_t begin, int64_t end, Sums partial) {
-        const Sums s = run_pass(p, x + begin, w + begin, g == nullptr ? g : g + begin, end - begin, mean);
-        return Sums{partial.first + s.first, partial.second + s.second};
+Sums sum_pass(const threading::Plan& plan, Pass p, const T* x, const T* w, const T* g, int64_t n, double mean) {
+  const int64_t element_bytes = (g == nullptr ? 2 : 3) * int64_t(sizeof(T));
+  return threading::ordered_reduce(
+      plan, n, kBlock, element_bytes, Sums{},
+      [&](int64_t begin, int64_t end) {
+        return run_pass(p, x + begin, w + begin, g == nullptr ? g : g + begin, end - begin, mean);
       },
       [](Sums a, Sums b) { return Sums{a.first + b.first, a.second + b.second}; });
+}
+
+// Weighted moments about a mean: weight W = sum w, mean, m2 = sum w (x - mean)^2 and
+// centered = sum w (x - mean) (0 up to rounding).
+struct Moments {
+  double weight = 0.0, mean = 0.0, m2 = 0.0, centered = 0.0;
+};
+
+// The moments of x under weights w in one read of memory: per block, the block's sums
+// (sum w x, sum w) and then its moments about its own mean, a second pass over a block
+// that is still in cache; then the blocks' moments moved to the global mean, in block
+// order, with sum w (x - M)^2 = sum w (x - a)^2 + 2 (a - M) sum w (x - a) + W (a - M)^2
+// (exact for any shift a; the block mean keeps it free of cancellation, as a second
+// pass over all of x would, at half the memory traffic).
+template <typename T>
+Moments whole_moments(const threading::Plan& plan, const T* x, const T* w, int64_t n) {
+  const T* none = nullptr;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<Moments> block(blocks);
+  std::vector<double> weighted_sum(blocks);
+  threading::parallel_for(plan, 0, blocks, kBlock * 2 * int64_t(sizeof(T)), [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t begin = i * kBlock, size = std::min(n, begin + kBlock) - begin;
+      const Sums sums = run_pass(Pass::kSums, x + begin, w + begin, none, size, 0.0);
+      Moments& b = block[i];
+      b.weight = sums.second;
+      b.mean = b.weight > 0 ? sums.first / b.weight : 0.0;
+      const Sums centered = run_pass(Pass::kCentered, x + begin, w + begin, none, size, b.mean);
+      b.m2 = centered.first;
+      b.centered = centered.second;
+      weighted_sum[i] = sums.first;
+    }
+  });
+  Moments total;
+  double total_sum = 0.0;
+  for (int64_t i = 0; i < blocks; ++i) {
+    total.weight += block[i].weight;
+    total_sum += weighted_sum[i];
+  }
+  total.mean = total.weight > 0 ? total_sum / total.weight : 0.0;
+  for (const Moments& b : block) {
+    // A block without a nonzero weight adds nothing (not 0 * inf when the mean is inf).
+    if (b.weight == 0.0 && b.m2 == 0.0 && b.centered == 0.0) continue;
+    const double shift = b.mean - total.mean;
+    total.m2 += b.m2 + 2.0 * shift * b.centered + b.weight * shift * shift;
+    total.centered += b.centered + b.weight * shift;
+  }
+  return total;
 }
 
 // Where a count or a variance denominator is <= 0 the reference divides by 1
@@ -161,18 +211,20 @@ at::Tensor masked_sums_cpu(const at::Tensor& x, const at::Tensor& mask) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rlhf_kernels::masked_sums (CPU)", [&] {
     const scalar_t* xs = x.const_data_ptr<scalar_t>();
     const scalar_t* ws = mask.const_data_ptr<scalar_t>();
-    auto row_sums = [&](int64_t r, bool parallel) {
-      const scalar_t* none = nullptr;
-      const Sums s = parallel ? sum_pass(Pass::kSums, xs + r * C, ws + r * C, none, C, 0.0)
-                              : run_pass(Pass::kSums, xs + r * C, ws + r * C, none, C, 0.0);
-      out[2 * r] = s.first;
-      out[2 * r + 1] = s.second;
-    };
-    if (R == 1) {
-      row_sums(0, true);  // one long row: the reduction itself runs in parallel
+    const int64_t row_bytes = 2 * C * int64_t(sizeof(scalar_t));
+    const threading::Plan plan = threading::plan(R * row_bytes, threading::kMasked);
+    const scalar_t* none = nullptr;
+    if (R == 1) {  // one long row: the reduction itself runs in parallel
+      const Sums s = sum_pass(plan, Pass::kSums, xs, ws, none, C, 0.0);
+      out[0] = s.first;
+      out[1] = s.second;
     } else {
-      at::parallel_for(0, R, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) row_sums(r, false);
+      threading::parallel_for(plan, 0, R, row_bytes, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {  // the same blocks as one long row: the same bits
+          const Sums s = sum_pass(threading::Plan{}, Pass::kSums, xs + r * C, ws + r * C, none, C, 0.0);
+          out[2 * r] = s.first;
+          out[2 * r + 1] = s.second;
+        }
       });
     }
   });
@@ -194,16 +246,16 @@ std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rlhf_kernels::masked_whiten (CPU)", [&] {
     const scalar_t* xs = x.const_data_ptr<scalar_t>();
     const scalar_t* ws = mask.const_data_ptr<scalar_t>();
-    const scalar_t* none = nullptr;
     scalar_t* ys = out.mutable_data_ptr<scalar_t>();
-    const Sums first = sum_pass(Pass::kSums, xs, ws, none, n, 0.0);
-    const double count = first.second;
-    const double mean = count > 0 ? first.first / count : 0.0;
-    const Sums second = sum_pass(Pass::kCentered, xs, ws, none, n, mean);
+    // One reading pass (x, mask) and one writing pass (x, mask read, y written).
+    const threading::Plan plan = threading::plan(5 * n * int64_t(sizeof(scalar_t)), threading::kMasked);
+    const Moments m = whole_moments(plan, xs, ws, n);
+    const double count = m.weight;
+    const double mean = m.mean;
     const double denominator = safe(unbiased ? count - 1 : count);
-    const double rstd = 1.0 / std::sqrt(second.first / denominator + eps);
+    const double rstd = 1.0 / std::sqrt(m.m2 / denominator + eps);
     const double shift = shift_mean ? 0.0 : mean;
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    threading::parallel_for(plan, 0, n, 3 * int64_t(sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
       write_whiten(fill_masked, xs + begin, ws + begin, ys + begin, end - begin, scalar_t(mean), scalar_t(rstd),
                    scalar_t(shift));
     });
@@ -211,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(
     st[kMean] = mean;
     st[kRstd] = rstd;
     st[kDenominator] = denominator;
-    st[kCenteredSum] = second.second;
+    st[kCenteredSum] = m.centered;
   });
   return {out, stats};
 }
@@ -236,10 +288,12 @@ at::Tensor masked_whiten_backward_cpu(
     const scalar_t* xs = x.const_data_ptr<scalar_t>();
     const scalar_t* ws = mask.const_data_ptr<scalar_t>();
     scalar_t* dx = grad_x.mutable_data_ptr<scalar_t>();
-    const Sums sums = sum_pass(fill_masked ? Pass::kGrad : Pass::kGradAll, xs, ws, gs, n, mean);
+    // One reading pass (g, x, mask) and one writing pass (g, x, mask read, dx written).
+    const threading::Plan plan = threading::plan(7 * n * int64_t(sizeof(scalar_t)), threading::kMasked);
+    const Sums sums = sum_pass(plan, fill_masked ? Pass::kGrad : Pass::kGradAll, xs, ws, gs, n, mean);
     const double mean_coef = sums.first / count * ((shift_mean ? 0.0 : 1.0) - rstd);
     const double var_coef = rstd * rstd * rstd / denominator * sums.second;
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    threading::parallel_for(plan, 0, n, 4 * int64_t(sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
       write_whiten_grad(fill_masked, gs + begin, xs + begin, ws + begin, dx + begin, end - begin, scalar_t(mean),
                         scalar_t(rstd), scalar_t(mean_coef), scalar_t(var_coef), scalar_t(centered_mean));
     });

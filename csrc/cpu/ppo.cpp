@@ -16,12 +16,12 @@
 #include <cmath>
 #include <limits>
 
+#include "threading.h"
 #include "vector_math.h"
 
 namespace rlhf_kernels {
 namespace {
 
-constexpr int64_t kRowGrain = 16;
 constexpr int kLanes = vector_math::kLanes;
 
 void check_ppo_inputs(const char* op, std::initializer_list<at::Tensor> tensors, const at::Tensor& row_weight) {
@@ -137,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_cpu(
   check_ppo_inputs("ppo_policy_loss", {logprobs, old_logprobs, advantages, mask}, row_weight);
   const int64_t B = logprobs.size(0);
   const int64_t T = logprobs.size(1);
-  at::Tensor row_stats = at::zeros({B, 4}, logprobs.options());
+  at::Tensor row_stats = at::empty({B, 4}, logprobs.options());  // every row writes its 4 sums
   at::Tensor grad = need_grad ? at::empty_like(logprobs) : at::empty({0}, logprobs.options());
 
   AT_DISPATCH_FLOATING_TYPES(logprobs.scalar_type(), "rlhf_kernels::ppo_policy_loss (CPU)", [&] {
@@ -152,7 +152,10 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_cpu(
     const scalar_t* weight = row_weight.const_data_ptr<scalar_t>();
     scalar_t* stats = row_stats.mutable_data_ptr<scalar_t>();
     scalar_t* g = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B, kRowGrain, [&](int64_t begin, int64_t end) {
+    // Per row: four inputs read, the gradient written when asked.
+    const int64_t row_bytes = (need_grad ? 5 : 4) * T * int64_t(sizeof(scalar_t));
+    const threading::Plan plan = threading::plan(B * row_bytes, threading::kPpoPolicy);
+    threading::parallel_for(plan, 0, B, row_bytes, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t offset = b * T;
         scalar_t* row_grad = g == nullptr ? nullptr : g + offset;
@@ -228,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_cpu(
   check_ppo_inputs("ppo_value_loss", {values, old_values, returns, mask}, row_weight);
   const int64_t B = values.size(0);
   const int64_t T = values.size(1);
-  at::Tensor row_stats = at::zeros({B, 2}, values.options());
+  at::Tensor row_stats = at::empty({B, 2}, values.options());  // every row writes its 2 sums
   at::Tensor grad = need_grad ? at::empty_like(values) : at::empty({0}, values.options());
 
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rlhf_kernels::ppo_value_loss (CPU)", [&] {
@@ -240,7 +243,9 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_cpu(
     const scalar_t* weight = row_weight.const_data_ptr<scalar_t>();
     scalar_t* stats = row_stats.mutable_data_ptr<scalar_t>();
     scalar_t* g = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B, kRowGrain, [&](int64_t begin, int64_t end) {
+    const int64_t row_bytes = (need_grad ? 5 : 4) * T * int64_t(sizeof(scalar_t));
+    const threading::Plan plan = threading::plan(B * row_bytes, threading::kPpoValue);
+    threading::parallel_for(plan, 0, B, row_bytes, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t offset = b * T;
         scalar_t* row_grad = g == nullptr ? nullptr : g + offset;

@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "threading.h"
+
 namespace rlhf_kernels {
 namespace {
 
@@ -49,7 +51,11 @@ std::tuple<at::Tensor, at::Tensor> bradley_terry_loss_cpu(
     const scalar_t* m = margin.has_value() ? margin->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = losses.mutable_data_ptr<scalar_t>();
     scalar_t* g = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, chosen.numel(), 4096, [&](int64_t begin, int64_t end) {
+    // Per element: chosen, rejected (and margin) read; loss (and slope) written.
+    const int64_t element_bytes = (3 + (m ? 1 : 0) + (g ? 1 : 0)) * int64_t(sizeof(scalar_t));
+    const int64_t n = chosen.numel();
+    const threading::Plan plan = threading::plan(n * element_bytes, threading::kRm);
+    threading::parallel_for(plan, 0, n, element_bytes, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         scalar_t slope;
         out[i] = neg_log_sigmoid(c[i] - r[i] - (m == nullptr ? scalar_t(0) : m[i]), slope);
@@ -79,7 +85,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ranking_loss_cpu(
     scalar_t* loss = row_loss.mutable_data_ptr<scalar_t>();
     scalar_t* pairs = row_pairs.mutable_data_ptr<scalar_t>();
     scalar_t* g = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B, std::max<int64_t>(1, 4096 / (K * K)), [&](int64_t begin, int64_t end) {
+    // Work per prompt: its K^2 ordered pairs, counted as one element each (the inputs
+    // are only 2K + K elements; the pairs are the cost).
+    const int64_t prompt_bytes = K * K * int64_t(sizeof(scalar_t));
+    const threading::Plan plan = threading::plan(B * prompt_bytes, threading::kRm);
+    threading::parallel_for(plan, 0, B, prompt_bytes, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* rb = r + b * K;
         const scalar_t* kb = rank + b * K;

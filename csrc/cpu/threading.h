@@ -1,0 +1,179 @@
+// The threading policy of every CPU kernel (docs/DESIGN.md, "CPU threading").
+//
+// 1. Size: a call that moves fewer bytes than its family's threshold runs on the calling
+//    thread, with no parallel region at all; above it, at::parallel_for /
+//    parallel_reduce with a grain that gives every task at least kMinTaskBytes.
+// 2. Contention: a parallel region waits for every pool thread to get a core. On a busy
+//    machine (this 2-core VM with two busy background processes) a cold OpenMP pool made
+//    every region cost 2-25 ms whatever its size (gae 64 x 1024: 0.11 ms idle, a 20 ms
+//    median busy with 2 threads; 0.13 ms either way on one thread). So every region is
+//    timed: when the calling thread waited at the end for longer than its own share of
+//    the work (and > kLateMs), the machine is busy, and for a back-off window
+//    (kBackoffMs, doubled per busy region in a row up to kBackoffMaxMs) each family uses
+//    its busy threshold instead, the size from which 2 threads beat 1 on the busy
+//    machine. A region that finishes on time ends the back-off.
+//
+// Results never depend on the plan: every kernel either gives each output to one task
+// (rows, elements) or reduces in fixed blocks combined in a fixed order
+// (ordered_reduce), so serial and parallel runs agree bit for bit, and the load of the
+// machine cannot change a result.
+//
+// Work is counted in bytes moved (the kernel's reads and writes of its tensors; for
+// ranking_loss, its K^2 pair terms); the thresholds are in those bytes, measured per
+// family, with the measurements next to each constant.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace rlhf_kernels {
+namespace threading {
+
+constexpr int64_t kKiB = int64_t(1) << 10;
+constexpr int64_t kMiB = int64_t(1) << 20;
+
+// Every parallel task moves at least this much.
+constexpr int64_t kMinTaskBytes = 64 * kKiB;
+
+// A family's thresholds: parallel regions from `idle` bytes on, or from `busy` bytes
+// on while a back-off is on.
+struct Thresholds {
+  int64_t idle;
+  int64_t busy;
+};
+
+// PROVISIONAL
+constexpr Thresholds kGae{1 * kMiB, 48 * kMiB};
+constexpr Thresholds kMasked{1 * kMiB, 96 * kMiB};
+constexpr Thresholds kKl{1 * kMiB, 64 * kMiB};
+constexpr Thresholds kPpoPolicy{1 * kMiB, 80 * kMiB};
+constexpr Thresholds kPpoValue{1 * kMiB, 192 * kMiB};
+constexpr Thresholds kLogprobs{1 * kMiB, 24 * kMiB};
+constexpr Thresholds kDpo{256 * kKiB, 4 * kMiB};
+constexpr Thresholds kRm{256 * kKiB, 8 * kMiB};
+
+// Contention detection and back-off (item 2 above).
+constexpr double kLateMs = 1.0;
+constexpr int64_t kBackoffMs = 500;
+constexpr int64_t kBackoffMaxMs = 8000;
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Process-wide back-off state, shared by every kernel (inline: one instance).
+inline std::atomic<int64_t> busy_until_ns{0};
+inline std::atomic<int> busy_strikes{0};
+
+// Items per task so that each task moves at least kMinTaskBytes.
+inline int64_t grain_for(int64_t bytes_per_item) {
+  bytes_per_item = std::max<int64_t>(bytes_per_item, 1);
+  return std::max<int64_t>(1, (kMinTaskBytes + bytes_per_item - 1) / bytes_per_item);
+}
+
+// RLHF_KERNELS_CPU_THREADING: unset (the measured policy), "always" (a parallel region
+// for every call, one item a task: the tests reach the parallel paths at small sizes)
+// or "never" (every call on the calling thread). Read on every call (a getenv, far
+// below a kernel's cost), so a test can set it for one call.
+enum class Override { kNone, kAlways, kNever };
+
+inline Override read_override() {
+  const char* value = std::getenv("RLHF_KERNELS_CPU_THREADING");
+  if (value == nullptr || *value == '\0') return Override::kNone;
+  if (std::strcmp(value, "always") == 0) return Override::kAlways;
+  if (std::strcmp(value, "never") == 0) return Override::kNever;
+  TORCH_CHECK(false, "RLHF_KERNELS_CPU_THREADING must be 'always', 'never' or unset, got '", value, "'");
+}
+
+// How one call runs.
+struct Plan {
+  bool large = false;           // at or above the idle threshold: a size-only fact, for
+                                // algorithm choices that must not depend on the load
+  bool parallel = false;        // parallel regions now (large, and not backed off, ...)
+  bool one_item_tasks = false;  // RLHF_KERNELS_CPU_THREADING=always
+
+  int64_t grain(int64_t bytes_per_item) const { return one_item_tasks ? 1 : grain_for(bytes_per_item); }
+};
+
+// The plan of a call that moves `bytes` in all.
+inline Plan plan(int64_t bytes, const Thresholds& thresholds) {
+  const Override forced = read_override();
+  const bool can = at::get_num_threads() > 1 && !at::in_parallel_region();
+  if (forced == Override::kAlways) return Plan{true, can, true};
+  const bool large = bytes >= thresholds.idle;
+  const bool backed_off = now_ns() < busy_until_ns.load(std::memory_order_relaxed);
+  const bool parallel = can && forced == Override::kNone && large && (!backed_off || bytes >= thresholds.busy);
+  return Plan{large, parallel, false};
+}
+
+// After a parallel region that took `wall_ns`, of which the calling thread's own task
+// took `own_ns`: a region whose caller waited for the others longer than its own work
+// (and than kLateMs) starts or extends the back-off; one on time ends it.
+inline void record_region(int64_t wall_ns, int64_t own_ns) {
+  const int64_t waited = wall_ns - own_ns;
+  if (waited > std::max<int64_t>(int64_t(kLateMs * 1e6), own_ns)) {
+    const int strikes = std::min(busy_strikes.load(std::memory_order_relaxed) + 1, 16);
+    busy_strikes.store(strikes, std::memory_order_relaxed);
+    const int64_t window = std::min<int64_t>(kBackoffMaxMs, kBackoffMs << std::min(strikes - 1, 10));
+    busy_until_ns.store(now_ns() + window * 1000000, std::memory_order_relaxed);
+  } else {
+    busy_strikes.store(0, std::memory_order_relaxed);
+    busy_until_ns.store(0, std::memory_order_relaxed);
+  }
+}
+
+// at::parallel_for, timing the region and the calling thread's task (thread 0 of the
+// region is the calling thread).
+template <typename F>
+void timed_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int64_t start = now_ns();
+  int64_t own = -1;
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    if (at::get_thread_num() != 0) return f(b, e);
+    const int64_t task_start = now_ns();
+    f(b, e);
+    own = now_ns() - task_start;
+  });
+  if (own >= 0 && end - begin > grain) record_region(now_ns() - start, own);
+}
+
+// f(begin, end) over [begin, end): one call on this thread when serial, else
+// at::parallel_for with tasks of at least kMinTaskBytes.
+template <typename F>
+void parallel_for(const Plan& plan, int64_t begin, int64_t end, int64_t bytes_per_item, const F& f) {
+  if (begin >= end) return;
+  if (!plan.parallel) {
+    f(begin, end);
+    return;
+  }
+  timed_parallel_for(begin, end, plan.grain(bytes_per_item), f);
+}
+
+// A reduction over [0, n) in fixed blocks of `block` items, f(begin, end) -> T per block,
+// combined left to right: the same bits on one thread or many, at any thread count.
+// Blocks run in parallel under `plan` (tasks of whole blocks, >= kMinTaskBytes).
+template <typename T, typename F, typename R>
+T ordered_reduce(const Plan& plan, int64_t n, int64_t block, int64_t bytes_per_item, const T& identity, const F& f,
+                 const R& combine) {
+  if (n <= 0) return identity;
+  const int64_t blocks = (n + block - 1) / block;
+  std::vector<T> partial(blocks, identity);
+  parallel_for(plan, 0, blocks, block * bytes_per_item, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) partial[i] = f(i * block, std::min(n, (i + 1) * block));
+  });
+  T total = identity;
+  for (const T& p : partial) total = combine(total, p);
+  return total;
+}
+
+}  // namespace threading
+}  // namespace rlhf_kernels
