@@ -4,7 +4,6 @@ on rlhf_kernels' ops; then checkpoint integrity (a kill between the checkpoint's
 files, corrupted weights, resumes that must be refused), bad preference records and
 the demo resuming its finished stages."""
 
-import dataclasses
 import glob
 import json
 import os
@@ -364,11 +363,19 @@ CONFIG = DemoConfig(sft_examples=200, preference_pairs=200, eval_prompts=16, hac
 """
 
 
-def test_the_demo_resumes_its_finished_stages(tmp_path):
-    """A demo killed in its DPO stage, run again: SFT, RM and PPO are loaded from their
-    checkpoints, and the results equal an uninterrupted run's."""
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """One uninterrupted run of TINY_DEMO's config (seed 0): (config, result, folder)."""
     namespace = {}
     exec(TINY_DEMO, namespace)
+    folder = str(tmp_path_factory.mktemp("tiny_demo") / "straight")
+    return namespace["CONFIG"], run_demo(folder, namespace["CONFIG"], show_progress=False, echo=lambda *_: None), folder
+
+
+def test_the_demo_resumes_its_finished_stages(tmp_path, tiny_demo):
+    """A demo killed in its DPO stage, run again: SFT, RM and PPO are loaded from their
+    checkpoints, and the results equal an uninterrupted run's."""
+    config, straight, straight_folder = tiny_demo
     killed = str(tmp_path / "killed")
     script = TINY_DEMO + f"from rlhf_trainer.demo import run_demo\nrun_demo({killed!r}, CONFIG, show_progress=False)\n"
     crashed = subprocess.run([sys.executable, "-c", script], env={**os.environ, common.CRASH_ENV: "model@4"},
@@ -376,16 +383,15 @@ def test_the_demo_resumes_its_finished_stages(tmp_path):
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     assert "] DPO from the SFT model" in crashed.stdout, crashed.stdout
     said = []
-    resumed = run_demo(killed, namespace["CONFIG"], show_progress=False, echo=said.append)
+    resumed = run_demo(killed, config, show_progress=False, echo=said.append)
     assert [line.split()[1] for line in said if line.strip().startswith("resuming")] == ["sft", "rm", "ppo"]
-    straight = run_demo(str(tmp_path / "straight"), namespace["CONFIG"], show_progress=False, echo=lambda *_: None)
     for a, b in zip(resumed["rows"], straight["rows"]):
         assert {k: a[k] for k in ("stage", "gold_reward", "rm_reward", "kl", "win_rate")} == {
             k: b[k] for k in ("stage", "gold_reward", "rm_reward", "kl", "win_rate")
         }
     assert resumed["rm_accuracy"] == straight["rm_accuracy"]
     steps = _steps(os.path.join(killed, "metrics.jsonl"))
-    assert sorted(steps) == sorted(_steps(str(tmp_path / "straight" / "metrics.jsonl")))  # no duplicate rows
+    assert sorted(steps) == sorted(_steps(os.path.join(straight_folder, "metrics.jsonl")))  # no duplicate rows
 
 
 def _demo_seeds():
@@ -432,19 +438,19 @@ def test_the_seed_table_is_mean_min_max_per_stage():
         demo_seeds.aggregate([])
 
 
-def test_the_demo_is_deterministic_in_the_seed(tmp_path):
-    """Two fresh runs of one seed print the same table; another seed, another one."""
-    namespace = {}
-    exec(TINY_DEMO, namespace)
-    config = namespace["CONFIG"]
+def test_the_demo_is_deterministic_in_the_seed(tmp_path, tiny_demo):
+    """A fresh run of one seed prints the same table, whatever the global RNG and torch's
+    thread count it was started with (it runs on DemoConfig.threads = 1 and gives the
+    caller's count back)."""
+    config, first, _ = tiny_demo
     keys = ("stage", "gold_reward", "rm_reward", "kl", "win_rate")
-
-    def rows(folder, seed):
-        torch.manual_seed(1234 + seed)  # the demo must not depend on the global RNG it was started with
-        result = run_demo(str(tmp_path / folder), dataclasses.replace(config, seed=seed), show_progress=False,
-                          echo=lambda *_: None)  # fmt: skip
-        return [{k: row[k] for k in keys} for row in result["rows"]], result["rm_accuracy"]
-
-    first, again, other = rows("a", 0), rows("b", 0), rows("c", 1)
-    assert first == again
-    assert first != other
+    threads = torch.get_num_threads()
+    torch.manual_seed(1234)
+    torch.set_num_threads(2)
+    try:
+        again = run_demo(str(tmp_path / "again"), config, show_progress=False, echo=lambda *_: None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert [{k: row[k] for k in keys} for row in again["rows"]] == [{k: row[k] for k in keys} for row in first["rows"]]
+    assert again["rm_accuracy"] == first["rm_accuracy"]
