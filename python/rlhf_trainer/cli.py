@@ -99,8 +99,9 @@ def run_train(args) -> int:
     (exit status 2), not a traceback."""
     try:
         return _run_train(args)
-    except (DataError, common.CheckpointError) as error:
-        print(f"rlhf-kernels train: error: {error}", file=sys.stderr)
+    except (DataError, common.CheckpointError) as error:  # under torchrun every rank meets it; rank 0 says it
+        if distributed.is_main():
+            print(f"rlhf-kernels train: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -47,26 +47,27 @@ def _env_world_size() -> int:
 
 
 def setup(device: str = "auto", timeout_s: float | None = None) -> torch.device:
-    """Joins torchrun's process group once (idempotent) and returns this rank's
-    device ("auto": cuda:LOCAL_RANK on a CUDA machine, else cpu). Single process: no
-    group, pick_device(device)."""
-    if _env_world_size() > 1 and not dist.is_initialized():
-        use_cuda = (device == "auto" and torch.cuda.is_available()) or device.startswith("cuda")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
+    """Joins torchrun's process group once (idempotent) and returns this rank's device:
+    under torchrun cuda:LOCAL_RANK ("auto" on a CUDA machine, or "cuda...") with NCCL for
+    CUDA tensors and gloo for CPU ones, else cpu with gloo; in one process
+    pick_device(device) and no group."""
+    from .common import pick_device
+
+    if _env_world_size() <= 1 and not dist.is_initialized():
+        return pick_device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if not dist.is_initialized():
         options = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
         if use_cuda:
+            torch.cuda.set_device(local_rank)
             dist.init_process_group("cpu:gloo,cuda:nccl", device_id=torch.device("cuda", local_rank), **options)
         else:
             dist.init_process_group("gloo", **options)
         atexit.register(shutdown)
-    if world_size() > 1 and device == "auto":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    from .common import pick_device
-
-    return pick_device(device)
+    elif dist.get_backend() == "gloo":  # joined for CPU work (the demo): stay there
+        use_cuda = False
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
 def shutdown() -> None:
