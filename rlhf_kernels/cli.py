@@ -3,11 +3,10 @@
 rlhf-kernels info   versions, which build was installed (CUDA or CPU, and why),
                     whether rlhf_kernels._C loaded, and per op the
                     backends available on CPU / CUDA tensors and auto's pick
-rlhf-kernels demo   the bundled trainer's whole pipeline (SFT -> RM -> PPO, DPO, and
-                    PPO without a KL penalty) on the built-in task, with a report
-rlhf-kernels train  one trainer stage (sft, rm, ppo, dpo) on your model and data
-rlhf-kernels label  compare two responses per prompt in the terminal -> preference JSONL
 rlhf-kernels step   one PPO step's math on random rollouts, printed (no transformers needed)
+
+The trainer's commands (demo, train, label) live in rlhf_trainer.cli; the
+`rlhf-kernels` script (rlhf_trainer.entry) offers both sets.
 """
 
 from __future__ import annotations
@@ -94,50 +93,28 @@ def step(batch: int = 4, length: int = 16, vocab: int = 50, hidden: int = 32, se
     )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="rlhf-kernels", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_commands(commands) -> None:
+    """The library's own commands (no trainer needed): info and step."""
     commands.add_parser("info", help="versions, compiled kernels, backends per op")
     step_parser = commands.add_parser("step", help="one PPO step's math on random rollouts")
     step_parser.add_argument("--seed", type=int, default=0)
-    demo_parser = commands.add_parser("demo", help="SFT -> RM -> PPO, DPO and reward hacking on the built-in task")
-    demo_parser.add_argument("--output", default="rlhf-demo", help="folder for the data, metrics, plots and report")
-    demo_parser.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
-    demo_parser.add_argument("--seed", type=int, default=0)
-    demo_parser.add_argument("--noise", type=float, default=0.05, help="Bradley-Terry noise of the simulated labeller")
-    demo_parser.add_argument(
-        "--length-bias", type=float, default=0.0, help="the simulated labeller's verbosity bias per token (e.g. 0.15)"
-    )
-    trainer_cli = _trainer_cli()
-    if trainer_cli is not None:
-        trainer_cli.add_train_parser(commands)
-        importlib.import_module("rlhf_trainer.label").add_label_parser(commands)
-    args = parser.parse_args(argv)
+
+
+def run(args) -> int:
     if args.command == "info":
         print(info())
     elif args.command == "step":
         print(step(seed=args.seed))
-    elif args.command in ("demo", "train", "label"):
-        if trainer_cli is None:
-            parser.error(f"`{args.command}` needs the trainer's dependencies: pip install 'rlhf-kernels[train]'")
-        if args.command == "train":
-            return trainer_cli.run_train(args)
-        if args.command == "label":
-            return importlib.import_module("rlhf_trainer.label").run_label(args)
-        from rlhf_trainer.demo import DemoConfig, run_demo
-
-        config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
-        config.noise, config.length_bias = args.noise, args.length_bias
-        run_demo(args.output, config)
     return 0
 
 
-def _trainer_cli():
-    """rlhf_trainer.cli, or None without transformers / tokenizers."""
-    try:
-        return importlib.import_module("rlhf_trainer.cli")
-    except ImportError:
-        return None
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m rlhf_kernels.cli info|step`. The `rlhf-kernels` script is the bundled
+    trainer's entry point (rlhf_trainer.entry), which adds demo, train and label; the
+    library never imports the trainer."""
+    parser = argparse.ArgumentParser(prog="rlhf-kernels", description=__doc__.split("\n\n")[0])
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

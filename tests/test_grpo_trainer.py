@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from rlhf_kernels.cli import main  # noqa: E402
+from rlhf_trainer.cli import main  # noqa: E402
 from rlhf_trainer import common, task  # noqa: E402
 from rlhf_trainer.evaluate import evaluate  # noqa: E402
 from rlhf_trainer.grpo import GRPOConfig, train_grpo  # noqa: E402

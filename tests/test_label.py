@@ -28,7 +28,7 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the real program
             os.environ.update(COLUMNS="100", LINES="40", TERM="xterm")
-            os.execv(sys.executable, [sys.executable, "-m", "rlhf_kernels.cli", "label", *args])
+            os.execv(sys.executable, [sys.executable, "-m", "rlhf_trainer", "label", *args])
         self.screen = ""
 
     def expect(self, text: str, count: int = 1, timeout: float = 60.0) -> None:
@@ -136,7 +136,7 @@ def test_nothing_is_lost_when_killed(tmp_path, pairs):
 def _label_all(pairs_path, out, labeler, keys):
     """The non-terminal path: one key per line on stdin."""
     result = subprocess.run(
-        [sys.executable, "-m", "rlhf_kernels.cli", "label", "--pairs", pairs_path, "--out", out, "--labeler", labeler],
+        [sys.executable, "-m", "rlhf_trainer", "label", "--pairs", pairs_path, "--out", out, "--labeler", labeler],
         input="\n".join(keys) + "\n", capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -158,7 +158,7 @@ def test_stats_and_the_file_trains_a_reward_model(tmp_path, pairs):
     assert len(shared) == 4
     assert f"agreement between labelers: {agreed / 4:.1%} of 4 shared judgements" in report
 
-    from rlhf_kernels import cli
+    from rlhf_trainer import cli
 
     assert cli.main(["train", "rm", "--data", ann, "--output", str(tmp_path / "rm"), "--set", "steps=3",
                      "--set", "eval_fraction=0.0"]) == 0  # fmt: skip
@@ -173,7 +173,7 @@ def test_bad_pairs_give_one_line_errors(tmp_path, content, message):
     path = tmp_path / "pairs.jsonl"
     path.write_text(content)
     result = subprocess.run(
-        [sys.executable, "-m", "rlhf_kernels.cli", "label", "--pairs", str(path), "--out", str(tmp_path / "o.jsonl")],
+        [sys.executable, "-m", "rlhf_trainer", "label", "--pairs", str(path), "--out", str(tmp_path / "o.jsonl")],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 2
@@ -184,7 +184,7 @@ def test_unreadable_model_path_is_a_one_line_error(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a b :"}\n')
     result = subprocess.run(
-        [sys.executable, "-m", "rlhf_kernels.cli", "label", "--prompts", str(prompts), "--model",
+        [sys.executable, "-m", "rlhf_trainer", "label", "--prompts", str(prompts), "--model",
          str(tmp_path / "missing"), "--out", str(tmp_path / "o.jsonl")],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
@@ -193,14 +193,14 @@ def test_unreadable_model_path_is_a_one_line_error(tmp_path):
 
 
 def test_label_samples_two_responses_from_a_model(tmp_path):
-    from rlhf_kernels import cli
+    from rlhf_trainer import cli
 
     assert cli.main(["train", "sft", "--output", str(tmp_path / "sft"), "--set", "steps=5"]) == 0
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a c f :"}\n{"prompt": "b d :"}\n')
     out = str(tmp_path / "prefs.jsonl")
     result = subprocess.run(
-        [sys.executable, "-m", "rlhf_kernels.cli", "label", "--prompts", str(prompts), "--model",
+        [sys.executable, "-m", "rlhf_trainer", "label", "--prompts", str(prompts), "--model",
          str(tmp_path / "sft" / "model"), "--out", out, "--labeler", "me", "--max-new-tokens", "6"],
         input="1\n3\n", capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
@@ -219,7 +219,7 @@ def test_a_second_session_on_one_file_is_refused(tmp_path, pairs):
     first.press("1")
     first.expect(KEYS_LINE, 2)
     second = subprocess.run(
-        [sys.executable, "-m", "rlhf_kernels.cli", "label", "--pairs", pairs_path, "--out", out, "--labeler", "ann"],
+        [sys.executable, "-m", "rlhf_trainer", "label", "--pairs", pairs_path, "--out", out, "--labeler", "ann"],
         input="1\n1\n1\n", capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert second.returncode == 2 and "another label session" in second.stderr, second.stderr

@@ -138,7 +138,7 @@ def test_missing_and_empty_files_are_clear(tmp_path):
 
 
 def test_train_cli_runs_every_stage(tmp_path):
-    from rlhf_kernels import cli
+    from rlhf_trainer import cli
 
     out = tmp_path
     assert cli.main(["train", "sft", "--output", str(out / "sft"), "--set", "steps=3"]) == 0
@@ -234,12 +234,12 @@ def test_a_kill_between_the_checkpoint_files_resumes_consistently(tmp_path):
     """SIGKILL after a checkpoint's weights are written, before its trainer state: the
     resume starts from the previous complete checkpoint and ends where an
     uninterrupted run does, with one metrics row per step."""
-    from rlhf_kernels import cli
+    from rlhf_trainer import cli
 
     options = ["--set", "steps=6", "--set", "checkpoint_every=2", "--set", "batch_size=8"]
     killed = str(tmp_path / "killed")
     crashed = subprocess.run(
-        [sys.executable, "-m", "rlhf_kernels.cli", *_train("sft", "--output", killed, *options)],
+        [sys.executable, "-m", "rlhf_trainer", *_train("sft", "--output", killed, *options)],
         env={**os.environ, common.CRASH_ENV: "model@4"}, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
@@ -254,7 +254,7 @@ def test_a_kill_between_the_checkpoint_files_resumes_consistently(tmp_path):
 
 
 def test_corrupted_weights_are_refused(tmp_path, capsys):
-    from rlhf_kernels import cli
+    from rlhf_trainer import cli
 
     out = str(tmp_path / "sft")
     assert cli.main(_train("sft", "--output", out, "--set", "steps=3", "--set", "batch_size=8")) == 0
@@ -269,7 +269,7 @@ def test_corrupted_weights_are_refused(tmp_path, capsys):
 
 
 def test_resume_refuses_what_it_cannot_continue_and_applies_lr(tmp_path, capsys):
-    from rlhf_kernels import cli
+    from rlhf_trainer import cli
 
     out = str(tmp_path / "sft")
     base = ["--set", "batch_size=8"]
@@ -292,7 +292,7 @@ def test_resume_refuses_what_it_cannot_continue_and_applies_lr(tmp_path, capsys)
 
 
 def test_ppo_resume_refuses_another_reference_and_applies_kl_coef(tmp_path, capsys):
-    from rlhf_kernels import cli
+    from rlhf_trainer import cli
 
     out = tmp_path
     assert cli.main(_train("sft", "--output", str(out / "sft"), "--set", "steps=3", "--set", "batch_size=8")) == 0
@@ -340,7 +340,7 @@ def test_invalid_utf8_and_non_finite_ranks_name_file_and_line(tmp_path):
 
 
 def test_data_outside_the_builtin_vocabulary_needs_a_model(tmp_path, capsys):
-    from rlhf_kernels import cli
+    from rlhf_trainer import cli
 
     data = tmp_path / "prefs.jsonl"
     data.write_text('{"prompt": "Why is the sky blue?", "chosen": "Rayleigh scattering.", "rejected": "Paint."}\n')

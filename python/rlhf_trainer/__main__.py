@@ -1,5 +1,5 @@
 """`python -m rlhf_trainer demo|train|label ...`: the same commands and arguments as
-`rlhf-kernels demo|train|label` (the parser is rlhf_kernels.cli's), as a module so that
+`rlhf-kernels demo|train|label` (rlhf_trainer.entry's parser), as a module so that
 torchrun can start it on every process:
 
     torchrun --standalone --nproc-per-node 2 -m rlhf_trainer demo --quick --output rlhf-demo
@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from rlhf_kernels.cli import main
-
 from .distributed import shutdown
+from .entry import main
 
 if __name__ == "__main__":
     try:

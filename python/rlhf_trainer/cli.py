@@ -1,16 +1,18 @@
-"""`rlhf-kernels train sft|rm|ppo|dpo|grpo` and `rlhf-kernels demo` (wired from rlhf_kernels.cli).
+"""`rlhf-kernels demo|train|label` (with the library's info and step): the command line.
 
 train options come from flags or a JSON/YAML config file (flags win); a stage's
 config keys are its dataclass fields (SFTConfig, RMConfig, PPOConfig, DPOConfig,
-GRPOConfig).
-Without --model a tiny built-in model is used, without --data the built-in task's
-data; on a CUDA machine the device is cuda and, with --bf16, weights are bf16.
+GRPOConfig). Without --model a tiny built-in model is used, without --data the built-in
+task's data; on a CUDA machine the device is cuda and, with --bf16, weights are bf16.
 Under torchrun (`torchrun --nproc-per-node N -m rlhf_trainer train ...`) the stage runs
 data parallel on N processes (rlhf_trainer.distributed); rank 0 writes the outputs.
+The `rlhf-kernels` script enters through rlhf_trainer.entry, which falls back to the
+library's commands when the trainer's dependencies are missing.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -18,7 +20,9 @@ import sys
 
 import torch
 
-from . import common, distributed, task
+from rlhf_kernels import cli as library_cli
+
+from . import common, distributed, label, task
 from .data import DataError, read_jsonl, write_jsonl
 from .dpo import DPOConfig, train_dpo
 from .grpo import GRPOConfig, train_grpo
@@ -154,3 +158,40 @@ def _run_train(args) -> int:
     if distributed.is_main():
         print(f"wrote {args.output}")
     return 0
+
+
+def add_demo_parser(commands) -> None:
+    demo = commands.add_parser("demo", help="SFT -> RM -> PPO, DPO, GRPO and reward hacking on the built-in task")
+    demo.add_argument("--output", default="rlhf-demo", help="folder for the data, metrics, plots and report")
+    demo.add_argument("--quick", action="store_true", help="a smaller run (about a minute)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--noise", type=float, default=0.05, help="Bradley-Terry noise of the simulated labeller")
+    demo.add_argument(
+        "--length-bias", type=float, default=0.0, help="the simulated labeller's verbosity bias per token (e.g. 0.15)"
+    )
+
+
+def run_demo_command(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
+    config.noise, config.length_bias = args.noise, args.length_bias
+    run_demo(args.output, config)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf-kernels", description="rlhf-kernels: the kernels and the bundled trainer")
+    commands = parser.add_subparsers(dest="command", required=True)
+    library_cli.add_commands(commands)
+    add_demo_parser(commands)
+    add_train_parser(commands)
+    label.add_label_parser(commands)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return run_demo_command(args)
+    if args.command == "train":
+        return run_train(args)
+    if args.command == "label":
+        return label.run_label(args)
+    return library_cli.run(args)
