@@ -64,7 +64,8 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   // in one pass over [B, T] float32/float64 inputs of one dtype (mask as weights;
   // is_weights / ref_logprobs empty when unused). loss_code: 0 clip, 1 cispo, 2 sapo,
   // 3 pg (gpg, dro); kl_code: 0 none, 1 k1, 2 k2, 3 k3, 4 abs, 5 low_var_kl, +8 the
-  // straight-through "+" (value of the estimator, gradient of k2). params (12):
+  // straight-through "+" (value of the estimator, gradient of k2), +16 kl_is_corrected
+  // (the KL term times the ratio). params (12):
   // 1 - clip_low, 1 + clip_high, dual_clip, delta, log_ratio_clamp (+inf: off),
   // tau_pos, tau_neg, dro_beta, cispo weight low, high, kl_coef, 0. row_stats [B, 8]:
   // weighted loss sum, masked sums of low-clip, high-clip, dual-clip, -log ratio,

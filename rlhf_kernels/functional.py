@@ -1084,6 +1084,9 @@ def policy_loss(
     dro_beta: float = 1.0,
     dppo_ratio_cap: float = 20.0,
     vespo: tuple = (2.0, 3.0, 3.0, 2.0),
+    clip_cov: tuple = (2e-4, 1.0, 5.0),
+    kl_cov: tuple = (2e-4, 1.0),
+    generator: Optional[torch.Generator] = None,
     is_weights: Optional[Tensor] = None,
     ref_logprobs: Optional[Tensor] = None,
     kl_coef: float = 0.0,
@@ -1113,7 +1116,9 @@ def policy_loss(
 
     logprobs, old_logprobs, mask [B, T]; advantages [B] or [B, T]; is_weights, ref_logprobs,
     entropy [B, T]. loss_type: ppo, vanilla, grpo, bnpo, dr_grpo, dapo, luspo (clipped
-    surrogate), gspo, cispo, sapo, gpg, dro, dppo_tv, dppo_kl, vespo, geo_mean. agg None:
+    surrogate), gspo, cispo, sapo, gpg, dro, dppo_tv, dppo_kl, vespo, geo_mean, clip_cov,
+    kl_cov (verl's; clip_cov=(clip_cov_ratio, clip_cov_lb, clip_cov_ub), kl_cov=(kl_cov_ratio,
+    ppo_kl_coef); clip_cov draws torch.randperm(n, generator=generator), verl's call). agg None:
     the loss type's TRL normaliser (grpo/sapo/gspo seq-mean-token-mean, bnpo/dapo token-mean,
     dr_grpo seq-mean-token-sum-norm, luspo seq-mean-token-sum), else token-mean.
     global_tokens: token-mean's divisor (DAPO: the global batch's active tokens);
@@ -1209,6 +1214,9 @@ def policy_loss(
         dro_beta=dro_beta,
         dppo_ratio_cap=dppo_ratio_cap,
         vespo=tuple(vespo),
+        clip_cov=tuple(clip_cov),
+        kl_cov=tuple(kl_cov),
+        generator=generator,
         is_weights=is_weights,
         ref_logprobs=ref_logprobs,
         kl_coef=kl_coef,

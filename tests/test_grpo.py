@@ -8,6 +8,7 @@ Every backend of policy_loss is compared with the reference; gradients in float6
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -199,6 +200,8 @@ TRL_CASES = [
     ("grpo", dict(beta=0.04), dict(kl_coef=0.04, kl_estimator="k3")),
     ("grpo", dict(beta=0.04, use_bias_correction_kl=True), dict(kl_coef=0.04, kl_is_corrected=True)),
     ("bnpo", dict(entropy_coef=0.01), dict(entropy_coef=0.01, entropy_agg="token-mean")),
+    # TRL's bonus is a local token mean whatever the policy normaliser: explicit entropy_agg
+    ("dapo", dict(num_items_in_batch=50, entropy_coef=0.01), dict(global_tokens=50, entropy_coef=0.01, entropy_agg="token-mean")),
     ("dapo", dict(importance_sampling_ratio=True), dict()),
 ]
 
@@ -257,6 +260,130 @@ def test_kl_straight_through_matches_verl():
         torch.testing.assert_close(b.grad, a.grad)
 
 
+# ------------------------------------------- clip_cov, kl_cov, bypass_mode --
+
+COV_CONFIG = {"clip_cov_ratio": 0.2, "clip_cov_lb": -1.0, "clip_cov_ub": 1.0, "kl_cov_ratio": 0.2, "ppo_kl_coef": 0.7}
+COV_OPTIONS = dict(clip_cov=(0.2, -1.0, 1.0), kl_cov=(0.2, 0.7))
+COV_CASES = [
+    (name, agg, weighted)
+    for name in ("clip_cov", "kl_cov")
+    for agg, weighted in [("token-mean", False), ("seq-mean-token-mean", True), ("seq-mean-token-sum-norm", False)]
+]
+
+
+@pytest.mark.parametrize("name,agg,weighted", COV_CASES)
+def test_cov_losses_match_verl(name, agg, weighted):
+    """clip_cov (random token selection: the same seed gives verl's draw) and kl_cov (a
+    batch top-k): loss, gradient and the selected share against verl's own functions."""
+    lp, old, adv, mask = _batch(seed=12, dtype=torch.float64, B=8, T=9, empty_row=True)
+    adv_tokens = rk.broadcast_advantages(adv, mask)
+    isw = (torch.rand(lp.shape, generator=torch.Generator().manual_seed(13), dtype=lp.dtype) + 0.5) if weighted else None
+    lp_verl = lp.clone().requires_grad_()
+    torch.manual_seed(21)
+    expected, metrics = core_algos.get_policy_loss_fn(name)(
+        old_log_prob=old, log_prob=lp_verl, advantages=adv_tokens, response_mask=mask, loss_agg_mode=agg,
+        config=actor_config(policy_loss=COV_CONFIG), rollout_is_weights=isw,
+    )  # fmt: skip
+    expected.backward()
+    lp_rk = lp.clone().requires_grad_()
+    torch.manual_seed(21)
+    got, stats = rk.policy_loss(
+        lp_rk, old, adv, mask, loss_type=name, agg=agg, is_weights=isw, backend="reference", **COV_OPTIONS
+    )
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(lp_rk.grad, lp_verl.grad)
+    live = mask > 0
+    if name == "clip_cov":
+        assert stats["cov_fraction"].item() == pytest.approx(metrics["actor/pg_clipfrac"], abs=1e-9)
+        assert stats["ppo_kl"].item() == pytest.approx(metrics["actor/ppo_kl"], abs=1e-9)
+        assert stats["cov_fraction"].item() == pytest.approx(10 / 50)  # 10 drawn of more candidates
+    else:
+        assert (lp - old).abs()[live].mean().item() == pytest.approx(metrics["actor/ppo_kl"], abs=1e-9)
+        assert stats["cov_fraction"].item() == pytest.approx(int(0.2 * live.sum().item()) / live.sum().item())
+
+
+def test_clip_cov_generator_gives_verls_draw_and_other_seeds_other_tokens(kernel):
+    """generator=torch.Generator().manual_seed(s) draws what torch.manual_seed(s) then verl
+    draws; every backend runs the reference's selection (batch-coupled)."""
+    lp, old, adv, mask = _batch(seed=14, dtype=torch.float64, B=8, T=9)
+    torch.manual_seed(5)
+    expected, _ = core_algos.get_policy_loss_fn("clip_cov")(
+        old, lp, rk.broadcast_advantages(adv, mask), mask, "token-mean", actor_config(policy_loss=COV_CONFIG)
+    )
+    run = lambda seed: rk.policy_loss(
+        lp, old, adv, mask, loss_type="clip_cov", agg="token-mean", generator=torch.Generator().manual_seed(seed),
+        backend=kernel, **COV_OPTIONS,
+    )[0]  # fmt: skip
+    torch.testing.assert_close(run(5), expected)
+    assert any(run(seed).item() != expected.item() for seed in range(6, 12))
+
+
+def test_cov_losses_add_the_kl_and_entropy_terms_and_check_their_ratio():
+    lp, old, adv, mask = _batch(seed=15, dtype=torch.float64, B=4, T=6)
+    ref, entropy = lp.flip(0), torch.rand(lp.shape, dtype=lp.dtype)
+    for name in ("clip_cov", "kl_cov"):
+        options = dict(loss_type=name, backend="reference", **COV_OPTIONS)
+        base = rk.policy_loss(lp, old, adv, mask, generator=torch.Generator().manual_seed(0), **options)[0]
+        full = rk.policy_loss(
+            lp, old, adv, mask, generator=torch.Generator().manual_seed(0), ref_logprobs=ref, kl_coef=0.1,
+            entropy=entropy, entropy_coef=0.01, **options,
+        )[0]  # fmt: skip
+        terms = 0.1 * rk.masked_mean(rk.kl_penalty(lp, ref, estimator="k3"), mask) - 0.01 * rk.masked_mean(entropy, mask)
+        torch.testing.assert_close(full, base + terms)
+        with pytest.raises(ValueError, match="must be > 0"):
+            rk.policy_loss(lp, old, adv, mask, loss_type=name, clip_cov=(0.0, 1.0, 5.0), kl_cov=(0.0, 1.0))
+
+
+BYPASS_CASES = [
+    ("reinforce", ("token", 2.0), None, None),
+    ("reinforce", ("token", "0.5_2.0"), "token_k1", 1.5),
+    ("reinforce", ("sequence", 2.0), "seq_mean_k3", 0.05),
+    ("reinforce", (None, None), "token_k2,token_k3", "0.05"),
+    ("ppo_clip", ("token", 2.0), None, None),
+]
+
+
+@pytest.mark.parametrize("loss,is_key,rs,rs_threshold", BYPASS_CASES, ids=str)
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
+def test_bypass_mode_is_one_policy_loss_call(loss, is_key, rs, rs_threshold, agg):
+    """verl's compute_policy_loss_bypass_mode (old_log_prob = rollout_log_prob; its
+    rollout correction computed from the current log-probs, sg(log_prob) - rollout):
+    "reinforce" is gpg with old_logprobs = sg(logprobs) (gpg never reads them; the
+    correction does) and the correction keywords; "ppo_clip" without rollout_rs is vanilla
+    on old_logprobs = rollout_logprobs (its IS weights only feed metrics)."""
+    from test_grpo_correction import VERL, _ours_for_verl
+
+    lp, rollout, adv, mask = _batch(seed=16, dtype=torch.float32, B=6, T=8, empty_row=True)
+    rollout = rollout.clone()
+    rollout[2, :3] += 1.5  # some tokens and rows off the rollout policy
+    bypass = {"loss_type": loss, "rollout_is": is_key[0], "rollout_is_threshold": is_key[1],
+              "rollout_rs": rs, "rollout_rs_threshold": rs_threshold}  # fmt: skip
+    a = lp.clone().requires_grad_()
+    saved = sys.modules.get("verl.trainer.ppo.rollout_corr_helper")
+    sys.modules["verl.trainer.ppo.rollout_corr_helper"] = VERL  # the function's own import
+    try:
+        expected, _ = core_algos.compute_policy_loss_bypass_mode(
+            rollout, a, rk.broadcast_advantages(adv, mask), mask, loss_agg_mode=agg,
+            config=actor_config(policy_loss={"rollout_correction": bypass}),
+        )  # fmt: skip
+    finally:
+        sys.modules.pop("verl.trainer.ppo.rollout_corr_helper")
+        if saved is not None:
+            sys.modules["verl.trainer.ppo.rollout_corr_helper"] = saved
+    expected.backward()
+    b = lp.clone().requires_grad_()
+    if loss == "reinforce":
+        options = dict(loss_type="gpg", rollout_logprobs=rollout, **_ours_for_verl(is_key, False, rs, rs_threshold))
+        got, _ = rk.policy_loss(b, b.detach(), adv, mask, agg=agg, backend="reference", **options)
+    else:
+        options = dict(loss_type="vanilla", dual_clip=3.0, log_ratio_clamp=20.0)
+        got, _ = rk.policy_loss(b, rollout, adv, mask, agg=agg, backend="reference", **options)
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(b.grad, a.grad)
+
+
 # ---------------------------------------------------------- the kernels --
 
 from conftest import backends_of, random_mask
@@ -274,6 +401,16 @@ KERNEL_CASES = [
     dict(loss_type="sapo", log_ratio_clamp=0.3, ref_logprobs=True, kl_coef=0.1, kl_estimator="abs"),
     dict(loss_type="dro", dro_beta=0.5, agg="seq-mean-token-sum", ref_logprobs=True, kl_coef=0.2, kl_estimator="k2"),
     dict(loss_type="gpg", is_weights=True),
+    # TRL's beta with use_bias_correction_kl (kl r), on every loss code and with the log-ratio clamp
+    dict(loss_type="grpo", ref_logprobs=True, kl_coef=0.04, kl_estimator="k3", kl_is_corrected=True),
+    dict(loss_type="dapo", log_ratio_clamp=0.3, ref_logprobs=True, kl_coef=0.1, kl_estimator="low_var_kl+",
+         kl_is_corrected=True, is_weights=True),  # fmt: skip
+    dict(loss_type="cispo", ref_logprobs=True, kl_coef=0.1, kl_estimator="k2", kl_is_corrected=True),
+    dict(loss_type="sapo", log_ratio_clamp=0.3, ref_logprobs=True, kl_coef=0.1, kl_estimator="abs", kl_is_corrected=True),
+    dict(loss_type="gpg", ref_logprobs=True, kl_coef=0.1, kl_estimator="k1+", kl_is_corrected=True),
+    # the entropy term with global_tokens: the policy term's divisor (entropy_agg None) or local
+    dict(loss_type="dapo", global_tokens=40, entropy=True, entropy_coef=0.01),
+    dict(loss_type="dapo", global_tokens=40, entropy=True, entropy_coef=0.01, entropy_agg="token-mean"),
 ]
 
 
@@ -289,7 +426,7 @@ def _options(case, lp):
         "is_weights": (torch.rand(lp.shape, generator=g) + 0.5).to(lp.dtype),
         "entropy": torch.rand(lp.shape, generator=g).to(lp.dtype).requires_grad_(),
     }
-    return {k: (extra[k] if v is True else v) for k, v in case.items()}
+    return {k: (extra[k] if v is True and k in extra else v) for k, v in case.items()}
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=[c["loss_type"] + str(i) for i, c in enumerate(KERNEL_CASES)])
@@ -325,7 +462,11 @@ def test_kernels_match_the_reference(kernel, case, dtype):
 def test_kernel_gradcheck_float64(kernel):
     lp, old, adv, mask = _batch(seed=6, dtype=torch.float64, B=3, T=5)
     ref = lp + 0.2
-    for case in (dict(loss_type="grpo", dual_clip=3.0), dict(loss_type="sapo", ref_logprobs=ref, kl_coef=0.1)):
+    for case in (
+        dict(loss_type="grpo", dual_clip=3.0),
+        dict(loss_type="sapo", ref_logprobs=ref, kl_coef=0.1),
+        dict(loss_type="dapo", ref_logprobs=ref, kl_coef=0.1, kl_is_corrected=True),
+    ):
         torch.autograd.gradcheck(
             lambda x: rk.policy_loss(x, old, adv, mask, backend=kernel, **case)[0], (lp.clone().requires_grad_(),)
         )
@@ -354,6 +495,68 @@ def test_opcheck_and_compile(kernel):
     x.grad = None
     step(x).backward()
     torch.testing.assert_close(got, x.grad)
+
+
+def test_kl_is_corrected_runs_compiled(kernel, monkeypatch):
+    """TRL's default beta > 0 with use_bias_correction_kl runs the kernels (it ran the
+    reference's torch code): the reference is never called."""
+    if kernel not in COMPILED:
+        pytest.skip("the compiled backends")
+    lp, old, adv, mask = _batch(seed=18, dtype=torch.float64, B=3, T=6)
+    want = rk.policy_loss(lp, old, adv, mask, ref_logprobs=lp.flip(0), kl_coef=0.04, kl_is_corrected=True)[0]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setattr(grpo_ops._reference, "policy_loss", forbidden)
+    got = rk.policy_loss(lp, old, adv, mask, ref_logprobs=lp.flip(0), kl_coef=0.04, kl_is_corrected=True, backend=kernel)
+    torch.testing.assert_close(got[0], want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "gspo"])
+def test_entropy_divisors_agree_on_every_backend(kernel, loss_type):
+    """entropy_agg None aggregates the entropy as the policy term, global_tokens included
+    (verl's actor: agg_loss(entropy, ..., **global_batch_info)); an explicit entropy_agg is
+    over this batch alone (TRL's bonus: the local active tokens). The compiled path
+    divided by global_tokens in both cases, the reference by sum(mask) in both."""
+    lp, old, adv, mask = _batch(seed=17, dtype=torch.float64, B=5, T=8)
+    entropy = torch.rand(lp.shape, dtype=lp.dtype, generator=torch.Generator().manual_seed(1))
+    base = dict(loss_type=loss_type, agg="token-mean", global_tokens=80.0, backend=kernel)
+    policy = rk.policy_loss(lp, old, adv, mask, **base)[0]
+    verl = core_algos.agg_loss(entropy, mask, "token-mean", batch_num_tokens=80.0)
+    local = core_algos.agg_loss(entropy, mask, "token-mean")
+    for entropy_agg, want in ((None, verl), ("token-mean", local)):
+        h = entropy.clone().requires_grad_()
+        got = rk.policy_loss(lp, old, adv, mask, entropy=h, entropy_coef=0.01, entropy_agg=entropy_agg, **base)[0]
+        torch.testing.assert_close(got, policy - 0.01 * want)
+        got.backward()
+        divisor = 80.0 if entropy_agg is None else mask.sum()
+        torch.testing.assert_close(h.grad, -0.01 * mask / divisor)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
+def test_geo_mean_applies_the_kl_and_entropy_terms(kernel, agg):
+    """geo_mean returned before the KL and entropy terms (kl_coef / entropy_coef were
+    ignored): now verl's actor's sum, geo_mean + kl_coef agg(kl) - entropy_coeff agg(H),
+    both aggregated with loss_agg_mode."""
+    lp, old, adv, mask = _batch(seed=19, dtype=torch.float64, B=5, T=7)
+    ref = lp + 0.3 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(2), dtype=lp.dtype)
+    entropy = torch.rand(lp.shape, dtype=lp.dtype, generator=torch.Generator().manual_seed(3))
+    a, h_a = lp.clone().requires_grad_(), entropy.clone().requires_grad_()
+    pg, _ = _verl_loss("geo_mean", a, old, rk.broadcast_advantages(adv, mask), mask, agg)
+    kl = core_algos.kl_penalty(a, ref, "low_var_kl")
+    expected = pg + 0.1 * core_algos.agg_loss(kl, mask, agg) - 0.01 * core_algos.agg_loss(h_a, mask, agg)
+    expected.backward()
+    b, h_b = lp.clone().requires_grad_(), entropy.clone().requires_grad_()
+    got, stats = rk.policy_loss(
+        b, old, adv, mask, loss_type="geo_mean", agg=agg, ref_logprobs=ref, kl_coef=0.1, kl_estimator="low_var_kl",
+        entropy=h_b, entropy_coef=0.01, backend=kernel,
+    )  # fmt: skip
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(b.grad, a.grad)
+    torch.testing.assert_close(h_b.grad, h_a.grad)
+    assert stats["entropy"].item() == pytest.approx(rk.masked_mean(entropy, mask).item())
 
 
 def test_sequence_level_types_run_the_reference_on_every_backend(kernel):
@@ -402,6 +605,8 @@ def test_gpg_never_reads_old_logprobs(kernel):
         dict(loss_type="sapo", sapo_tau_pos=0.9, sapo_tau_neg=1.2, kl_coef=0.1, kl_estimator="k3"),
         dict(loss_type="dro", dro_beta=0.7),
         dict(loss_type="gpg", dro_beta=0.7),
+        dict(loss_type="dapo", kl_coef=0.04, kl_estimator="k3", kl_is_corrected=True),
+        dict(loss_type="sapo", kl_coef=0.1, kl_estimator="low_var_kl+", kl_is_corrected=True),
     ],
 )
 def test_kernel_params_encode_the_reference_options(options):
@@ -420,5 +625,5 @@ def test_kernel_params_encode_the_reference_options(options):
     fields = ("low", "high", "dual_clip", "delta", "log_ratio_clamp", "w_low", "w_high", "tau_pos", "tau_neg")
     assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
     if options["kl_coef"]:
-        assert (got.kl_coef, got.kl_estimator) == (want.kl_coef, want.kl_estimator)
+        assert (got.kl_coef, got.kl_estimator, got.kl_is_corrected) == (want.kl_coef, want.kl_estimator, want.kl_is_corrected)
     assert got.dro_beta == (want.dro_beta if options["loss_type"] == "dro" else 0.0)  # gpg: dro with beta 0

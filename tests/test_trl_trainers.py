@@ -318,7 +318,7 @@ def _configure(grpo, monkeypatch, attributes, args, extra):
 @pytest.mark.parametrize("case", list(LOSS_CASES))
 def test_grpo_compute_loss_runs_policy_loss(grpo, monkeypatch, case):
     """Patched, GRPOTrainer._compute_loss calls rk.policy_loss once (the compiled kernel
-    for token-level ratios without the KL's importance correction, its reference code
+    for token-level ratios, the KL's importance correction included, its reference code
     otherwise) and gives TRL's loss, gradients, metrics and entropy-controller state."""
     attributes, args, extra = LOSS_CASES[case]
     trainer, inputs, attributes = _configure(grpo, monkeypatch, attributes, args, extra)
@@ -332,9 +332,8 @@ def test_grpo_compute_loss_runs_policy_loss(grpo, monkeypatch, case):
     finally:
         trainer.model.train()
     assert spy.calls == 1
-    # TRL 1.16 multiplies the KL by the ratio by default (use_bias_correction_kl=True).
-    corrected_kl = trainer.beta != 0.0 and trainer.args.use_bias_correction_kl
-    kernel = trainer.importance_sampling_level == "token" and not corrected_kl
+    # TRL 1.16 multiplies the KL by the ratio by default (use_bias_correction_kl=True): compiled too.
+    kernel = trainer.importance_sampling_level == "token"
     assert counter.ops[POLICY_OP] == (1 if kernel else 0), counter.ops
     (loss, grads, metrics, state), (want_loss, want_grads, want_metrics, want_state) = got, want
     assert loss.dtype == want_loss.dtype

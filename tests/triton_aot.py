@@ -208,11 +208,15 @@ def grpo_calls():
         isw = x if has_isw else meta(0, dtype=dtype)
         m.grpo_policy_loss(x, x, x, x, isw, x, meta(256, dtype=dtype), loss_code, kl_code, params, need_grad)
 
-    # Every loss type with and without a KL term, weights and gradient; every KL
-    # estimator (and its straight-through "+") on the clip family.
-    options = dict(dtype=FLOATS, loss_code=(0, 1, 2, 3), kl_code=(0, 13), has_isw=(True, False), need_grad=(True, False))
+    # Every loss type with and without a KL term (13: low_var_kl+; 29: the same times the
+    # ratio, kl_is_corrected), weights and gradient; every KL estimator (and its
+    # straight-through "+", and k3 corrected: TRL's beta with use_bias_correction_kl) on
+    # the clip family.
+    options = dict(
+        dtype=FLOATS, loss_code=(0, 1, 2, 3), kl_code=(0, 13, 29), has_isw=(True, False), need_grad=(True, False)
+    )
     yield from _sweep("grpo_policy_loss", LENGTHS, options, policy)
-    kl_options = dict(dtype=FLOATS, loss_code=(0,), kl_code=(1, 2, 3, 4, 5, 9, 10, 11, 12), has_isw=(False,), need_grad=(True,))
+    kl_options = dict(dtype=FLOATS, loss_code=(0,), kl_code=(1, 2, 3, 4, 5, 9, 10, 11, 12, 19), has_isw=(False,), need_grad=(True,))
     yield from _sweep("grpo_policy_loss kl", LENGTHS[-1:], kl_options, policy)
 
 

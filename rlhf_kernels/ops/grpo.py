@@ -2,14 +2,15 @@
 
 The kernels (csrc/cpu/grpo.cpp, rlhf_kernels/triton/grpo.py) compute the per-token
 losses of the token-level loss types (clip family, cispo, sapo, gpg / dro) with the
-importance weights and the KL term, and store d loss / d logprob, so the backward
-is a scale (ops/ppo.py's design); under create_graph=True (double backward) it is
-the reference's per-token loss (reference.grpo.token_loss) differentiated as a
-graph. The aggregation reaches them as one weight per row. The entropy bonus is
-linear in the entropy, so it is torch code here (autograd gives d / d entropy).
-Loss types whose ratio couples a row (gspo, vespo, geo_mean,
-importance_sampling_level="sequence", the KL's importance correction) and dppo_*
-run the reference's torch code on every backend, as DPO's batch-coupled types do.
+importance weights and the KL term (kl_is_corrected included: kl r, derivative
+kl' r + kl r'), and store d loss / d logprob, so the backward is a scale (ops/ppo.py's
+design); under create_graph=True (double backward) it is the reference's per-token
+loss (reference.grpo.token_loss) differentiated as a graph. The aggregation reaches
+them as one weight per row. The entropy bonus is linear in the entropy, so it is
+torch code here (autograd gives d / d entropy), with the reference's divisors
+(reference.grpo.entropy_term). Loss types whose ratio couples a row or the batch
+(gspo, vespo, geo_mean, importance_sampling_level="sequence", clip_cov, kl_cov) and
+dppo_* run the reference's torch code on every backend, as DPO's batch-coupled types do.
 Mask-0 positions are never read into a result: the kernels select, the torch code
 here zeroes them first (reference.ppo.valid_only).
 """
@@ -28,7 +29,6 @@ from ..reference.autograd import recording_backward, vjp
 from ..reference.masked import masked_sum
 from ..reference.ppo import valid_only
 from . import needs_grad
-from .ppo import _masked_fraction
 
 N_STATS = 8
 _N_TENSORS = 7  # the op's tensor inputs: logprobs ... row_weight
@@ -38,17 +38,19 @@ _LOSS_NAMES = {0: "ppo", 1: "cispo", 2: "sapo", 3: "dro"}
 _KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "low_var_kl": 5}
 _KL_NAMES = {code: name for name, code in _KL_CODES.items()}
 _STRAIGHT_THROUGH = 8
+_CORRECTED = 16  # kl_is_corrected: the KL term times the ratio
 _INF = math.inf
 
 
-def kernel_supports(loss_type: str, importance_sampling_level: str, kl_is_corrected: bool) -> bool:
+def kernel_supports(loss_type: str, importance_sampling_level: str, kl_is_corrected: bool = False) -> bool:
     """Whether the per-token kernels compute this configuration (else the reference's torch code runs)."""
-    return loss_type in _LOSS_CODES and importance_sampling_level == "token" and not kl_is_corrected
+    return loss_type in _LOSS_CODES and importance_sampling_level == "token"
 
 
-def row_weights(weights: torch.Tensor, agg: str, global_tokens, num_sequences, horizon) -> torch.Tensor:
-    """Per-row scale [B] of `agg` (reference.grpo.aggregate): loss = sum_b w_b sum_t m l."""
-    counts = weights.sum(-1)
+def row_weights(weights: torch.Tensor, agg: str, global_tokens, num_sequences, horizon, counts=None) -> torch.Tensor:
+    """Per-row scale [B] of `agg` (reference.grpo.aggregate): loss = sum_b w_b sum_t m l.
+    counts: weights.sum(-1) when the caller has it."""
+    counts = weights.sum(-1) if counts is None else counts
     B, T = weights.shape
     if agg == "token-mean":
         total = counts.sum() if global_tokens is None else torch.as_tensor(global_tokens, dtype=weights.dtype)
@@ -112,7 +114,7 @@ def _token_options(loss_code: int, kl_code: int, params: list[float]) -> _refere
     estimator = _KL_NAMES.get(kl_code % _STRAIGHT_THROUGH, "k1") + ("+" if kl_code & _STRAIGHT_THROUGH else "")
     return _reference.TokenOptions(
         1 - low, high - 1, low, high, on(dual_clip), on(delta), on(ratio_clamp), w_low, w_high, tau_pos, tau_neg,
-        beta, kl_coef if kl_code else 0.0, estimator,
+        beta, kl_coef if kl_code else 0.0, estimator, bool(kl_code & _CORRECTED),
     )  # fmt: skip
 
 
@@ -175,17 +177,19 @@ def _kl_code(options) -> int:
     if options["kl_coef"] == 0.0:
         return 0
     name = options["kl_estimator"]
-    return _KL_CODES[name.rstrip("+")] + (8 if name.endswith("+") else 0)
+    code = _KL_CODES[name.rstrip("+")] + (_STRAIGHT_THROUGH if name.endswith("+") else 0)
+    return code + (_CORRECTED if options["kl_is_corrected"] else 0)
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, *, kernel, **options):
     """Runs `kernel` ("cpu" or "triton"); arguments and results as functional.policy_loss."""
     loss_type, dtype = options["loss_type"], options["dtype"]
-    if not kernel_supports(loss_type, options["importance_sampling_level"], options["kl_is_corrected"]):
+    if not kernel_supports(loss_type, options["importance_sampling_level"]):
         return _reference.policy_loss(logprobs, old_logprobs, advantages, mask, **options)
     agg = _reference.default_agg(loss_type) if options["agg"] is None else options["agg"]
     divisors = {k: options[k] for k in ("global_tokens", "num_sequences", "horizon")}
     weights = mask.to(dtype).contiguous()
+    counts = weights.sum(-1)  # the one pass over the mask outside the kernel
     lp = logprobs.to(dtype).contiguous()
     adv = advantages.detach().to(dtype)
     adv = (adv[:, None].expand_as(lp) if adv.dim() == 1 else adv).contiguous()
@@ -199,7 +203,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, kernel, **options):
         weights,
         empty if is_weights is None else is_weights.detach().to(dtype).contiguous(),
         empty if kl_code == 0 else ref.detach().to(dtype).contiguous(),
-        row_weights(weights, agg, **divisors),
+        row_weights(weights, agg, **divisors, counts=counts),
         _LOSS_CODES[loss_type],
         kl_code,
         _params(options),
@@ -209,17 +213,21 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, kernel, **options):
     entropy = options["entropy"]
     if entropy is not None:
         (entropy,) = valid_only(mask, entropy.to(dtype))
-    if entropy is not None and options["entropy_coef"] != 0.0:
-        mode = agg if options["entropy_agg"] is None else options["entropy_agg"]
-        total = total - options["entropy_coef"] * _reference.aggregate(entropy, weights, mode, **divisors)
-    return total, _stats(row_stats.detach(), weights, entropy, options["dual_clip"])
+    # entropy_agg None: the policy term's mode and divisors (verl); explicit: this batch's (TRL)
+    total = total - _reference.entropy_term(
+        entropy, weights, options["entropy_coef"], options["entropy_agg"], agg, divisors
+    )
+    return total, _stats(row_stats.detach(), weights, counts.sum(), entropy)
 
 
-def _stats(row_stats: torch.Tensor, weights: torch.Tensor, entropy: Optional[torch.Tensor], dual_clip):
+def _stats(row_stats: torch.Tensor, weights: torch.Tensor, count: torch.Tensor, entropy: Optional[torch.Tensor]):
+    """The masked means of the kernel's row sums; count = sum(weights)."""
     sums = row_stats[:, 1:7].sum(0)
+    fractions = torch.where(count > 0, sums / torch.where(count > 0, count, 1), 0)
     names = ("clipfrac_low", "clipfrac_high", "dual_clipfrac", "ppo_kl", "approx_kl", "ratio_mean")
-    stats = {name: _masked_fraction(sums[i], weights) for i, name in enumerate(names)}
+    stats = dict(zip(names, fractions.unbind()))
     stats["ratio_max"] = row_stats[:, 7].amax() if row_stats.shape[0] else row_stats.new_zeros(())
     if entropy is not None:
-        stats["entropy"] = _masked_fraction(masked_sum(entropy.detach(), weights), weights)
+        total = masked_sum(entropy.detach(), weights)
+        stats["entropy"] = torch.where(count > 0, total / torch.where(count > 0, count, 1), 0)
     return stats

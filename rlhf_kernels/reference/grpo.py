@@ -17,7 +17,22 @@ Per token, with d = lp - old (clamped to +-log_ratio_clamp when set; verl clamps
                   binary KL (kl) by the advantage's sign (verl)
     vespo         l = -sg(phi_b) A lp, phi = exp(lam + k log w - lam w), log w = clamp(sum_t d m)
     geo_mean      one loss per sequence: -mean_t(A m) exp(mean_t(sgnA min(sgnA d, sgnA clip(d)))),
-                  averaged over B (verl's GMPO; agg is not used)
+                  averaged over B (verl's GMPO; agg is not used by this term)
+    clip_cov      the clip family times 0 at n = max(int(rho sum(m)), 1) tokens drawn at random
+                  (torch.randperm, verl's draw) from the valid tokens whose clip does not bind
+                  (-A clip(r) <= -A r) and whose covariance (A - mean A)(lp - mean lp) (batch
+                  masked means) lies in (lb, ub); clip_cov=(rho, lb, ub), verl's clip_cov_ratio,
+                  clip_cov_lb, clip_cov_ub (defaults 2e-4, 1, 5)
+    kl_cov        l = -A r, plus c |d| at the k = max(1, int(rho N)) valid tokens of largest
+                  covariance (A - mean A)(lp - mean lp) over the N valid tokens (a batch top-k on
+                  CPU, verl's); kl_cov=(rho, c), verl's kl_cov_ratio and ppo_kl_coef (2e-4, 1)
+
+clip_cov's randomness: the draw is verl's own call, torch.randperm(n_candidates,
+generator=generator) on the default device, made once per policy_loss call; generator
+None uses the global RNG, so torch.manual_seed(s) before verl's function and before
+policy_loss gives the same tokens (the candidates are listed in row-major order, as
+torch.nonzero lists them). The selection is computed in the loss dtype (fp32; verl: the
+input's), so bf16 inputs can select other tokens than verl's bf16 arithmetic would.
 
 importance_sampling_level="sequence" (TRL) replaces r by exp(mean_t(d m)) for the whole
 row (gradient through the mean) before the loss type's formula. is_weights (verl's
@@ -25,8 +40,17 @@ rollout_is_weights, TRL's importance_sampling_ratio) multiply the policy term.
 
 Then l += kl_coef * kl(lp, ref) (estimators of reference.kl; "k3" is TRL's unclamped k3,
 verl's "k3"/"low_var_kl" is low_var_kl; a trailing "+" is verl's straight-through: the
-estimator's value with k2's gradient), and the loss is agg(l) - entropy_coef *
-entropy_agg(entropy).
+estimator's value with k2's gradient; kl_is_corrected: kl * r, TRL's
+use_bias_correction_kl), and the loss is agg(l) - entropy_coef * entropy_agg(entropy).
+geo_mean adds the same two terms to its per-sequence loss, aggregated with `agg` (verl's
+actor aggregates its KL and entropy losses with loss_agg_mode).
+
+The entropy term's divisors: entropy_agg None aggregates the entropy exactly as the
+policy term, mode and divisors (global_tokens, num_sequences, horizon), as verl's actor
+does (agg_loss(entropy, ..., **global_batch_info)); an explicit entropy_agg is a mean
+over this batch alone (divisors from `mask`), TRL's bonus: a token mean over the local
+active tokens whatever the policy term's normaliser ("never by a loss-type-specific
+policy normalizer", GRPOTrainer._compute_loss).
 
 Aggregations (verl's agg_loss; the divisors are arguments because they are global):
     token-mean               sum(l m) / N,  N = global_tokens or sum(m)
@@ -60,7 +84,8 @@ from .kl import kl_penalty
 from .ppo import valid_only
 
 CLIP_TYPES = ("ppo", "vanilla", "grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-LOSS_TYPES = CLIP_TYPES + ("gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "vespo", "geo_mean")
+COV_TYPES = ("clip_cov", "kl_cov")  # verl's covariance-selected tokens: batch-coupled, reference only
+LOSS_TYPES = CLIP_TYPES + ("gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "vespo", "geo_mean") + COV_TYPES
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # TRL's normaliser of each of its loss types; verl's losses default to token-mean.
 DEFAULT_AGG = {
@@ -171,11 +196,14 @@ class TokenOptions(NamedTuple):
     kl_is_corrected: bool = False
     dppo_ratio_cap: float = 20.0
     vespo: tuple = (2.0, 3.0, 3.0, 2.0)
+    clip_cov: tuple = (2e-4, 1.0, 5.0)  # clip_cov_ratio, clip_cov_lb, clip_cov_ub
+    kl_cov: tuple = (2e-4, 1.0)  # kl_cov_ratio, ppo_kl_coef
 
 
 def token_options(
     *, clip_low, clip_high, dual_clip, delta, log_ratio_clamp, cispo_clip, sapo_tau_pos, sapo_tau_neg, dro_beta,
-    kl_coef, kl_estimator, kl_is_corrected, dppo_ratio_cap, vespo, **_unused,
+    kl_coef, kl_estimator, kl_is_corrected, dppo_ratio_cap, vespo, clip_cov=(2e-4, 1.0, 5.0), kl_cov=(2e-4, 1.0),
+    **_unused,
 ) -> TokenOptions:  # fmt: skip
     """TokenOptions from policy_loss's keyword arguments (others, such as loss_type, are ignored)."""
     clip_high = clip_low if clip_high is None else clip_high
@@ -183,7 +211,7 @@ def token_options(
     w_low, w_high = (0.0, clip_high) if cispo_clip == "upper" else (low, high)
     return TokenOptions(
         clip_low, clip_high, low, high, dual_clip, delta, log_ratio_clamp, w_low, w_high, sapo_tau_pos, sapo_tau_neg,
-        dro_beta, kl_coef, kl_estimator, kl_is_corrected, dppo_ratio_cap, tuple(vespo),
+        dro_beta, kl_coef, kl_estimator, kl_is_corrected, dppo_ratio_cap, tuple(vespo), tuple(clip_cov), tuple(kl_cov),
     )  # fmt: skip
 
 
@@ -192,17 +220,52 @@ def clamped_log_ratio(lp, old, o: TokenOptions):
     return log_ratio if o.log_ratio_clamp is None else clamp(log_ratio, -o.log_ratio_clamp, o.log_ratio_clamp)
 
 
-def token_loss(loss_type, lp, old, adv, log_ratio, weights, o: TokenOptions, isw=None, ref=None):
+def _cov_selected(loss_type, lp, adv, log_ratio, weights, o: TokenOptions, generator=None):
+    """verl 0.9.1's token selection of clip_cov / kl_cov [B, T] bool (no gradient): the
+    same arithmetic in the same order, so the same tokens for the same inputs and RNG."""
+    lp, adv, ratio = lp.detach(), adv.detach(), torch.exp(log_ratio.detach())
+    live = weights > 0
+    selected = torch.zeros_like(live)
+    if loss_type == "clip_cov":
+        ratio_share, lb, ub = o.clip_cov
+        count = weights.sum()
+        mean = lambda x: torch.where(live, x, 0).mul(weights).sum() / (count + 1e-8)  # verl_F.masked_mean
+        cov = (adv - mean(adv)) * (lp - mean(lp))
+        clipped = (-adv * clamp(ratio, o.low, o.high) > -adv * ratio) & live
+        candidates = torch.nonzero((cov < ub) & (cov > lb) & live & ~clipped)  # row-major, as verl's
+        if len(candidates) > 0:
+            take = max(int(ratio_share * count.item()), 1)
+            perm = torch.randperm(len(candidates), generator=generator)  # verl's call (default device)
+            chosen = candidates[perm[: min(take, len(candidates))].to(candidates.device)]
+            selected[chosen[:, 0], chosen[:, 1]] = True
+        return selected
+    ratio_share = o.kl_cov[0]
+    index = torch.nonzero(live.reshape(-1), as_tuple=True)[0]
+    valid_adv, valid_lp = adv[live].reshape(-1).cpu(), lp[live].reshape(-1).cpu()  # verl ranks on CPU
+    if min(ratio_share, len(valid_adv)) != 0:
+        cov = (valid_adv - valid_adv.mean()) * (valid_lp - valid_lp.mean())
+        top = torch.topk(cov, max(1, int(len(cov) * ratio_share)), largest=True).indices
+        selected.view(-1)[index[top.to(index.device)]] = True
+    return selected
+
+
+def token_loss(loss_type, lp, old, adv, log_ratio, weights, o: TokenOptions, isw=None, ref=None, selected=None):
     """Per-token loss [B, T] of every loss type but geo_mean, from the log-ratio (token,
-    sequence or gspo's); isw / ref None when absent. Inputs are finite at mask-0 positions
-    (valid_only), so products with the mask there are exact zeros."""
+    sequence or gspo's); isw / ref None when absent; selected: clip_cov / kl_cov's tokens
+    (_cov_selected). Inputs are finite at mask-0 positions (valid_only), so products with
+    the mask there are exact zeros."""
     ratio = torch.exp(log_ratio)
-    if loss_type in CLIP_TYPES or loss_type == "gspo":
+    if loss_type in CLIP_TYPES or loss_type in ("gspo", "clip_cov"):
         first = ratio if o.delta is None else clamp(ratio, None, o.delta)
         unclipped, clipped = -adv * first, -adv * clamp(ratio, o.low, o.high)
         loss = torch.maximum(unclipped, clipped)
         if o.dual_clip is not None:
             loss = torch.where(adv < 0, torch.minimum(loss, -adv * o.dual_clip), loss)
+        if loss_type == "clip_cov":  # verl's product with corr (a NaN loss stays NaN)
+            loss = loss * (~selected).to(loss.dtype)
+    elif loss_type == "kl_cov":
+        loss = -adv * ratio
+        loss = torch.where(selected, loss + o.kl_cov[1] * log_ratio.abs(), loss)
     elif loss_type == "cispo":
         loss = -clamp(ratio, o.w_low, o.w_high).detach() * adv * lp
     elif loss_type == "sapo":
@@ -224,9 +287,13 @@ def token_loss(loss_type, lp, old, adv, log_ratio, weights, o: TokenOptions, isw
     if isw is not None and loss_type != "vespo":
         loss = loss * isw
     if o.kl_coef != 0.0:
-        kl = kl_term(lp, ref, o.kl_estimator)
-        loss = loss + o.kl_coef * (kl * ratio if o.kl_is_corrected else kl)
+        loss = loss + _kl_loss(lp, ref, ratio, o)
     return loss
+
+
+def _kl_loss(lp, ref, ratio, o: TokenOptions):
+    kl = kl_term(lp, ref, o.kl_estimator)
+    return o.kl_coef * (kl * ratio if o.kl_is_corrected else kl)
 
 
 def policy_loss(
@@ -260,14 +327,18 @@ def policy_loss(
     global_tokens: Optional[float] = None,
     num_sequences: Optional[float] = None,
     horizon: Optional[float] = None,
+    clip_cov: tuple[float, float, float] = (2e-4, 1.0, 5.0),
+    kl_cov: tuple[float, float] = (2e-4, 1.0),
+    generator: Optional[torch.Generator] = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     o = token_options(
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta, log_ratio_clamp=log_ratio_clamp,
         cispo_clip=cispo_clip, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, dro_beta=dro_beta,
         kl_coef=kl_coef, kl_estimator=kl_estimator, kl_is_corrected=kl_is_corrected, dppo_ratio_cap=dppo_ratio_cap,
-        vespo=vespo,
+        vespo=vespo, clip_cov=clip_cov, kl_cov=kl_cov,
     )  # fmt: skip
+    divisors = dict(global_tokens=global_tokens, num_sequences=num_sequences, horizon=horizon)
     agg = default_agg(loss_type) if agg is None else agg
     weights = mask.to(dtype)
     adv = advantages.detach().to(dtype)
@@ -283,21 +354,43 @@ def policy_loss(
     entropy = None if entropy is None else optional.pop(0)
 
     if loss_type == "geo_mean":
-        return _geo_mean(lp, old, adv, weights, o, isw)
+        total, stats = _geo_mean(lp, old, adv, weights, o, isw)
+        if o.kl_coef != 0.0:  # verl's actor: agg_loss(kl, loss_agg_mode) * kl_coef, outside the policy loss
+            kl = _kl_loss(lp, ref, torch.exp(clamped_log_ratio(lp, old, o)), o)
+            total = total + aggregate(kl, weights, agg, **divisors)
+        total = total - entropy_term(entropy, weights, entropy_coef, entropy_agg, agg, divisors)
+        if entropy is not None:
+            stats["entropy"] = _masked_mean(entropy.detach(), weights)
+        return total, stats
     log_ratio = clamped_log_ratio(lp, old, o)
     if importance_sampling_level == "sequence":
         log_ratio = _masked_row_mean(log_ratio, weights).expand_as(lp)
     elif loss_type == "gspo":
         seq = _masked_row_mean(lp.detach() - old, weights)
         log_ratio = clamp(lp - lp.detach() + seq, None, 10.0)
-    loss = token_loss(loss_type, lp, old, adv, log_ratio, weights, o, isw, ref)
-    total = aggregate(loss, weights, agg, global_tokens=global_tokens, num_sequences=num_sequences, horizon=horizon)
-    if entropy is not None and entropy_coef != 0.0:
-        entropy_mode = agg if entropy_agg is None else entropy_agg
-        entropy_total = aggregate(entropy, weights, entropy_mode, num_sequences=num_sequences, horizon=horizon)
-        total = total - entropy_coef * entropy_total
+    selected = None
+    if loss_type in COV_TYPES:
+        share = (o.clip_cov if loss_type == "clip_cov" else o.kl_cov)[0]
+        if not share > 0:  # verl asserts it
+            raise ValueError(f"{loss_type}'s ratio ({loss_type}[0]) must be > 0, got {share!r}")
+        selected = _cov_selected(loss_type, lp, adv, log_ratio, weights, o, generator)
+    loss = token_loss(loss_type, lp, old, adv, log_ratio, weights, o, isw, ref, selected)
+    total = aggregate(loss, weights, agg, **divisors)
+    total = total - entropy_term(entropy, weights, entropy_coef, entropy_agg, agg, divisors)
     stats = _stats(torch.exp(log_ratio), lp, old, adv, weights, o.low, o.high, o.dual_clip, entropy)
+    if selected is not None:  # verl's clip_cov pg_clipfrac: the share of valid tokens selected
+        stats["cov_fraction"] = _masked_mean(selected.to(lp.dtype), weights)
     return total, stats
+
+
+def entropy_term(entropy, weights, entropy_coef, entropy_agg, agg, divisors):
+    """entropy_coef * the aggregated entropy (0 without one): entropy_agg None is the policy
+    term's mode and divisors (verl), an explicit mode is over this batch alone (TRL)."""
+    if entropy is None or entropy_coef == 0.0:
+        return 0.0
+    if entropy_agg is None:
+        return entropy_coef * aggregate(entropy, weights, agg, **divisors)
+    return entropy_coef * aggregate(entropy, weights, entropy_agg)
 
 
 def _geo_mean(lp, old, adv, weights, o: TokenOptions, isw):

@@ -29,7 +29,8 @@ def _inside(x, low, high):
 
 @triton.jit
 def _kl(lp, ref, KL: tl.constexpr):
-    """(kl(lp, ref), d kl / d lp) of reference.kl's estimators; KL + 8: straight-through (k2's slope)."""
+    """(kl(lp, ref), d kl / d lp) of reference.kl's estimators; KL + 8: straight-through (k2's slope);
+    the + 16 of kl_is_corrected is the caller's."""
     d = lp - ref
     if KL % 8 == 1:
         value = d
@@ -48,7 +49,7 @@ def _kl(lp, ref, KL: tl.constexpr):
         raw = tl.exp(c) - c - 1.0
         value = clamp(raw, -10.0, 10.0)
         slope = -(tl.exp(c) - 1.0) * _inside(-d, -20.0, 20.0) * _inside(raw, -10.0, 10.0)
-    if KL >= 8:
+    if KL // 8 % 2 == 1:
         slope = d
     return value, slope
 
@@ -115,6 +116,9 @@ def _grpo_policy_loss_kernel(
         if KL != 0:
             ref = tl.load(ref_ptr + base + t, mask=ok, other=0.0)
             kl, slope = _kl(lp, ref, KL)
+            if KL >= 16:  # kl_is_corrected: kl r, derivative kl' r + kl r'
+                slope = (slope + kl * clamp_grad) * ratio
+                kl = kl * ratio
             loss += kl_coef * kl
             dloss += kl_coef * slope
         loss_sum += masked(m, loss)
