@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> bradley_terry_loss_cpu(
     // Per element: chosen, rejected (and margin) read; loss (and slope) written.
     const int64_t element_bytes = (3 + (m ? 1 : 0) + (g ? 1 : 0)) * int64_t(sizeof(scalar_t));
     const int64_t n = chosen.numel();
-    const threading::Plan plan = threading::plan(n * element_bytes, threading::kRm);
+    const threading::Plan plan = threading::plan(n * element_bytes, threading::kBradleyTerry);
     threading::parallel_for(plan, 0, n, element_bytes, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         scalar_t slope;
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ranking_loss_cpu(
     // Work per prompt: its K^2 ordered pairs, counted as one element each (the inputs
     // are only 2K + K elements; the pairs are the cost).
     const int64_t prompt_bytes = K * K * int64_t(sizeof(scalar_t));
-    const threading::Plan plan = threading::plan(B * prompt_bytes, threading::kRm);
+    const threading::Plan plan = threading::plan(B * prompt_bytes, threading::kRanking);
     threading::parallel_for(plan, 0, B, prompt_bytes, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* rb = r + b * K;

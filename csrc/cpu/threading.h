@@ -5,7 +5,7 @@
 //    parallel_reduce with a grain that gives every task at least kMinTaskBytes.
 // 2. Contention: a parallel region waits for every pool thread to get a core. On a busy
 //    machine (this 2-core VM with two busy background processes) a cold OpenMP pool made
-//    every region cost 2-25 ms whatever its size (gae 64 x 1024: 0.11 ms idle, a 20 ms
+//    every region cost 2-32 ms whatever its size (gae 64 x 1024: 0.11 ms idle, a 20 ms
 //    median busy with 2 threads; 0.13 ms either way on one thread). So every region is
 //    timed: when the calling thread waited at the end for longer than its own share of
 //    the work (and > kLateMs), the machine is busy, and for a back-off window
@@ -16,7 +16,8 @@
 // Results never depend on the plan: every kernel either gives each output to one task
 // (rows, elements) or reduces in fixed blocks combined in a fixed order
 // (ordered_reduce), so serial and parallel runs agree bit for bit, and the load of the
-// machine cannot change a result.
+// machine cannot change a result (gae's choice to cut rows into chunks depends on the
+// size and the thread count only: Plan::large).
 //
 // Work is counted in bytes moved (the kernel's reads and writes of its tensors; for
 // ranking_loss, its K^2 pair terms); the thresholds are in those bytes, measured per
@@ -50,15 +51,49 @@ struct Thresholds {
   int64_t busy;
 };
 
-// PROVISIONAL
-constexpr Thresholds kGae{1 * kMiB, 48 * kMiB};
-constexpr Thresholds kMasked{1 * kMiB, 96 * kMiB};
-constexpr Thresholds kKl{1 * kMiB, 64 * kMiB};
-constexpr Thresholds kPpoPolicy{1 * kMiB, 80 * kMiB};
-constexpr Thresholds kPpoValue{1 * kMiB, 192 * kMiB};
-constexpr Thresholds kLogprobs{1 * kMiB, 24 * kMiB};
-constexpr Thresholds kDpo{256 * kKiB, 4 * kMiB};
-constexpr Thresholds kRm{256 * kKiB, 8 * kMiB};
+// Measured on the 2-core AMD EPYC VM (AVX-512), fp32, shared with other jobs: ms of one
+// call on 1 thread vs 2 (min of 4 interleaved medians of 31). idle: back to back, the
+// machine as found; the threshold is the first measured size where 2 threads gained
+// >= ~1.4x. busy: with two busy background processes, a 5 ms pause before each call
+// (cold pool), min of 2 medians of 9-21; the threshold is the size from which 2
+// threads were no slower than 1. Sizes are elements of one [B, T] input, B x 1024.
+//
+// gae (20 B a position with a mask): idle 16384 pos 0.035 vs 0.029 ms (1.21x), 65536
+//   0.144 vs 0.102 (1.41x, 1.25 MiB); busy 1M pos (20 MiB) 1t 4.4-12 vs 2t 8-11 ms,
+//   4M (80 MiB) 81 vs 72.
+constexpr Thresholds kGae{1 * kMiB, 64 * kMiB};
+// masked_whiten / masked_sums (whiten: 20 B an element forward, 28 backward): idle
+//   16384 fwd 0.88x, bwd 0.79x; 65536 fwd 0.041 vs 0.028 ms (1.45x, 1.25 MiB), bwd
+//   0.036 vs 0.025 (1.46x); busy 4M fwd (80 MiB) 1t 3.5 vs 2t 40 ms, bwd (112 MiB) 30 vs
+//   52; 8M fwd (160 MiB, before the one-read forward) 158 vs 175.
+constexpr Thresholds kMasked{1 * kMiB, 256 * kMiB};
+// kl_penalty (16 B an element with the slope) / kl_shaped_rewards (20 B): idle 16384
+//   1.03x / 0.89x, 65536 shaped 0.057 vs 0.035 ms (1.63x, 1.25 MiB); busy 4M penalty
+//   (64 MiB) 1t 15.8 vs 2t 24 ms, shaped (80 MiB) 3.3 vs 32.
+constexpr Thresholds kKl{1 * kMiB, 256 * kMiB};
+// ppo_policy_loss (20 B a token with the gradient): idle 16384 0.031 vs 0.024 ms (1.32x,
+//   320 KiB), 65536 1.58x; busy 4M (80 MiB) 1t 26 vs 2t 32 ms.
+constexpr Thresholds kPpoPolicy{512 * kKiB, 256 * kMiB};
+// ppo_value_loss (20 B a token): idle 16384 0.98x, 65536 0.052 vs 0.036 ms (1.44x,
+//   1.25 MiB); busy 4M (80 MiB) 1t 2.8 vs 2t 19 ms.
+constexpr Thresholds kPpoValue{1 * kMiB, 512 * kMiB};
+// token_logprobs (V = 32000; 4 B a logit forward, 8 backward): idle 2 rows (250 KiB)
+//   forward 0.089 vs 0.048 ms (1.84x), backward (500 KiB) 1.62x; busy 128 rows forward
+//   (16 MiB) 24.4 vs 24.1 ms, backward (32 MiB) 25 vs 32, 512 rows forward (64 MiB) 96
+//   vs 88, backward (128 MiB) 332 vs 237.
+constexpr Thresholds kLogprobs{256 * kKiB, 64 * kMiB};
+// dpo_loss (sigmoid, 36 B a pair with the gradient; exp / log1p a pair): idle 1024
+//   pairs 0.093 vs 0.062 ms (1.51x, 36 KiB), 4096 1.85x; the floor is two 64 KiB tasks;
+//   busy 65536 (2.3 MiB) 1t 3.5 vs 2t 28 ms, 262144 (9 MiB) 100 vs 90.
+constexpr Thresholds kDpo{128 * kKiB, 8 * kMiB};
+// bradley_terry_loss (16 B an element with the slope): idle 4096 1.07x (64 KiB), 16384
+//   0.272 vs 0.161 ms (1.69x, 256 KiB); busy 262144 (4 MiB) 1t 25.6 vs 2t 28 ms, 1M
+//   (16 MiB) 139 vs 116.
+constexpr Thresholds kBradleyTerry{256 * kKiB, 8 * kMiB};
+// ranking_loss (K = 8; 4 B counted per pair term, K^2 a prompt): idle 4096 terms
+//   0.035 vs 0.024 ms (1.44x), 65536 (256 KiB) 1.86x; the floor is two 64 KiB tasks;
+//   busy 262144 terms (1 MiB) 1t 16.7 vs 2t 24 ms, 1M (4 MiB) 64 vs 64.
+constexpr Thresholds kRanking{128 * kKiB, 4 * kMiB};
 
 // Contention detection and back-off (item 2 above).
 constexpr double kLateMs = 1.0;
