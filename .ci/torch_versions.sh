@@ -18,7 +18,8 @@
 # its 20 minutes the suite runs here without the files whose minutes buy the least
 # per torch version (the README test command runs them all, on torch 2.13), and the
 # Triton-interpreter cases (below):
-#   tests/test_trainer.py, tests/test_label.py   the bundled trainer's minutes-long runs
+#   tests/test_trainer.py, tests/test_label.py, tests/test_grpo_trainer.py,
+#   tests/test_trainer_distributed.py   the bundled trainer's minutes-long runs
 #       (no kernel the rest does not exercise);
 #   tests/test_triton_aot.py   a developer gate driving Triton's GPU compiler internals,
 #       minutes with a cold cache, tied to the Triton versions it was written for;
@@ -75,7 +76,8 @@ run_version() {
         # on the 2-core CI machine; stop 22's .ci/run took 1368 s with them under 2.14.1):
         # they run under 2.13 (README test command), and on a GPU they compile, not interpret.
         python -m pytest -q tests -p no:cacheprovider -k "not triton" \
-            --ignore=tests/test_trainer.py --ignore=tests/test_label.py --ignore=tests/test_triton_aot.py \
+            --ignore=tests/test_trainer.py --ignore=tests/test_label.py --ignore=tests/test_grpo_trainer.py \
+            --ignore=tests/test_trainer_distributed.py --ignore=tests/test_triton_aot.py \
             --ignore=tests/test_gpu_script.py --ignore=tests/test_batch_invariance.py
     )
     rm -rf "$venv"
