@@ -50,6 +50,12 @@ CASES = [
         "trl",
         dict(loss_type="dapo", epsilon_high=0.28, beta=0.04, ref=True),
     ),
+    (
+        "trl grpo + k3 kl corrected",  # TRL 1.16's beta > 0 default: use_bias_correction_kl
+        dict(loss_type="grpo", clip_high=0.28, kl_coef=0.04, kl_estimator="k3", kl_is_corrected=True, ref=True),
+        "trl",
+        dict(loss_type="grpo", epsilon_high=0.28, beta=0.04, use_bias_correction_kl=True, ref=True),
+    ),
     ("verl vanilla", dict(loss_type="vanilla", dual_clip=3.0, log_ratio_clamp=20.0, agg="token-mean"), "verl", dict(name="vanilla")),
     ("verl cispo", dict(loss_type="cispo", log_ratio_clamp=20.0, agg="token-mean"), "verl", dict(name="cispo")),
 ]  # fmt: skip

@@ -497,6 +497,25 @@ def test_opcheck_and_compile(kernel):
     torch.testing.assert_close(got, x.grad)
 
 
+def test_backward_hands_out_the_kernel_gradient_once(kernel):
+    """The first backward returns the kernel's gradient buffer (scaled in place); a second
+    backward of the same graph recomputes it, so retain_graph, a scaled loss and x.grad
+    edited in place between backwards all give the reference's gradients."""
+    lp, old, adv, mask = _batch(seed=20, dtype=torch.float64, B=4, T=9)
+    options = dict(loss_type="dapo", dual_clip=3.0, ref_logprobs=lp.flip(0), kl_coef=0.1)
+    y = lp.clone().requires_grad_()
+    (want,) = torch.autograd.grad(rk.policy_loss(y, old, adv, mask, backend="reference", **options)[0], y)
+    x = lp.clone().requires_grad_()
+    loss = rk.policy_loss(x, old, adv, mask, backend=kernel, **options)[0]
+    (2 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, 2 * want)
+    x.grad.zero_()  # x.grad may share the buffer the first backward handed out
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, want)
+    (again,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(again, want)
+
+
 def test_kl_is_corrected_runs_compiled(kernel, monkeypatch):
     """TRL's default beta > 0 with use_bias_correction_kl runs the kernels (it ran the
     reference's torch code): the reference is never called."""

@@ -45,12 +45,31 @@ template <typename T>
 struct Options {
   T low, high, dual_clip, delta, ratio_clamp, tau_pos, tau_neg, dro_beta, w_low, w_high, kl_coef;
   bool straight_through, corrected;
+  T ratio_at_high, ratio_at_low;  // exp(+-ratio_clamp), by the kernel's own exp
 };
 
 RLHF_INLINE float exp_of(float x) { return vector_math::exp(x); }
 RLHF_INLINE double exp_of(double x) { return std::exp(x); }
 RLHF_INLINE float em1mx(float x) { return vector_math::exp_minus_one_minus_x(x); }
 RLHF_INLINE double em1mx(double x) { return vector_math::exp_minus_one_minus_x(x); }
+// em1mx(x) given e = exp_of(x), the same bits without a second exp (fp32:
+// vector_math::exp_minus_one_minus_x's series below |x| = 0.5, e - 1 - x above).
+RLHF_INLINE float em1mx_given(float x, float e) {
+  float s = 1.0f / 3628800;
+  s = s * x + 1.0f / 362880;
+  s = s * x + 1.0f / 40320;
+  s = s * x + 1.0f / 5040;
+  s = s * x + 1.0f / 720;
+  s = s * x + 1.0f / 120;
+  s = s * x + 1.0f / 24;
+  s = s * x + 1.0f / 6;
+  s = s * x + 0.5f;
+  const float series = s * x * x;
+  const float direct = e - 1.0f - x;
+  const float value = (x < 0.0f ? -x : x) < 0.5f ? series : direct;
+  return x == std::numeric_limits<float>::infinity() ? x : value;
+}
+RLHF_INLINE double em1mx_given(double x, double) { return vector_math::exp_minus_one_minus_x(x); }
 // Branch-free selects. `condition ? a : b` with an expensive a that only one side needs
 // (a ratio read only by a masked sum) is turned into a branch by GCC's code sinking, and
 // a branch stops the vectoriser ("control flow in loop"): these pick between two values
@@ -142,7 +161,9 @@ template <typename T, int64_t LOSS, int64_t KL>
 RLHF_INLINE T policy_token(T lp, T old, T a, T m, T isw, T ref, const Options<T>& o, Lanes<T>& s, int l) {
   const T raw = lp - old;
   const T clamp_grad = inside(raw, -o.ratio_clamp, o.ratio_clamp);
-  const T ratio = exp_of(clamp_value(raw, -o.ratio_clamp, o.ratio_clamp));
+  // exp(clamp(raw, +-c)) from the one exp of raw (also the approx_kl statistic's).
+  const T e = exp_of(raw);
+  const T ratio = select(raw > o.ratio_clamp, o.ratio_at_high, select(raw < -o.ratio_clamp, o.ratio_at_low, e));
   T loss, dloss;  // dloss: d loss / d lp
   if constexpr (LOSS == kClip) {
     const T first = min_nan(ratio, o.delta);
@@ -184,7 +205,7 @@ RLHF_INLINE T policy_token(T lp, T old, T a, T m, T isw, T ref, const Options<T>
   s.low[l] += m * select((ratio < o.low) & (a < T(0)), T(1), T(0));
   s.high[l] += m * select((ratio > o.high) & (a > T(0)), T(1), T(0));
   s.k1[l] += masked(m, -raw);
-  s.k3[l] += masked(m, em1mx(raw));
+  s.k3[l] += masked(m, em1mx_given(raw, e));
   s.ratio[l] += masked(m, ratio);
   // A NaN ratio is the maximum, as torch's amax; a mask-0 position counts as 0 (ratios are
   // >= 0), never its ratio: the reference's amax of where(mask, ratio, 0).
@@ -308,7 +329,8 @@ std::tuple<at::Tensor, at::Tensor> grpo_policy_loss_cpu(
     using S = scalar_t;
     const Options<S> o{S(params[0]), S(params[1]), S(params[2]), S(params[3]),  S(params[4]),
                        S(params[5]), S(params[6]), S(params[7]), S(params[8]), S(params[9]),
-                       S(params[10]), (kl_code & kStraightThrough) != 0, (kl_code & kCorrected) != 0};
+                       S(params[10]), (kl_code & kStraightThrough) != 0, (kl_code & kCorrected) != 0,
+                       exp_of(S(params[4])),  exp_of(-S(params[4]))};
     const S* lp = logprobs.const_data_ptr<S>();
     const S* old = old_logprobs.const_data_ptr<S>();
     const S* adv = advantages.const_data_ptr<S>();
