@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib
 import os
 import sys
@@ -173,6 +174,19 @@ def write_summary(by_family: dict[str, list[harness.Result]], stem: str, directo
     return path
 
 
+def read_results(path: str) -> list[harness.Result]:
+    """The rows of a CSV that write() wrote, as Results (contended_ms back in extra)."""
+    fields = {f.name: f.type for f in dataclasses.fields(harness.Result)}
+    results = []
+    with open(path, newline="") as source:
+        for row in csv.DictReader(source):
+            busy = row.pop("contended_ms", "")
+            row.pop("contended_ratio", None)
+            values = {k: (float(v) if k in ("ms", "peak_mb", "rate") else v) for k, v in row.items() if k in fields}
+            results.append(harness.Result(**values, extra={"contended_ms": float(busy)} if busy else {}))
+    return results
+
+
 def write(
     results: list[harness.Result], stem: str, bandwidth_gbs: float | None = None, directory: str = RESULTS
 ) -> list[str]:
@@ -260,11 +274,25 @@ def main() -> int:
         default=None,
         help="default: the family's DEFAULT_DTYPE for the device",
     )
+    parser.add_argument(
+        "--summarize",
+        action="store_true",
+        help="with --contended: only write the summary, from the families' -contended CSVs already in bench/results",
+    )
     args = parser.parse_args()
     families = FAMILIES if args.family == "all" else (args.family,)
+    suffix = ("-quick" if args.quick else "") + ("-contended" if args.contended else "")
+    if args.summarize:
+        by_family = {}
+        for family in families:
+            dtype = args.dtype or str(importlib.import_module(family).DEFAULT_DTYPE[args.device])[6:]
+            path = os.path.join(RESULTS, f"{family}-{args.device}-{dtype}{suffix}.csv")
+            if os.path.exists(path):
+                by_family[family] = read_results(path)
+        print(write_summary(by_family, f"all-{args.device}{suffix}-summary"))
+        return 0
     bandwidth = harness.copy_bandwidth_gbs(args.device)
     print(f"copy bandwidth: {bandwidth:.1f} GB/s", file=sys.stderr)
-    suffix = ("-quick" if args.quick else "") + ("-contended" if args.contended else "")
     by_family = {}
     for family in families:
         dtype = getattr(torch, args.dtype) if args.dtype else importlib.import_module(family).DEFAULT_DTYPE[args.device]
