@@ -24,6 +24,7 @@
 #include <limits>
 #include <vector>
 
+#include "threading.h"
 #include "vector_math.h"
 
 namespace rlhf_kernels {
@@ -31,11 +32,10 @@ namespace {
 
 constexpr int kStats = 8;
 constexpr int kLanes = vector_math::kLanes;
-// Threading (the size part of csrc/cpu/threading.h's policy, which this file predates):
-// a call moving under kSerialBytes (inputs + gradient) runs on the calling thread with no
-// parallel region; above it, at::parallel_for over rows with tasks of >= kTaskBytes.
-constexpr int64_t kTaskBytes = 64 * 1024;
-constexpr int64_t kSerialBytes = 1024 * 1024;
+// Threading: csrc/cpu/threading.h's policy (serial below the size, 64 KiB tasks above,
+// serial while the machine is busy) with ppo_policy_loss's thresholds: the same row
+// loop shape (4-6 [B, T] streams and the gradient), not measured separately.
+constexpr threading::Thresholds kGrpoPolicy = threading::kPpoPolicy;
 enum LossCode : int64_t { kClip = 0, kCispo = 1, kSapo = 2, kPg = 3 };
 // kl_code: estimator (1..5) + kStraightThrough (verl's "+": k2's gradient) + kCorrected
 // (TRL's use_bias_correction_kl: the KL term times the ratio).
@@ -323,8 +323,8 @@ std::tuple<at::Tensor, at::Tensor> grpo_policy_loss_cpu(
   const int64_t isw_stride = is_weights.numel() ? T : 0;
   // Bytes per row: 4 inputs, the gradient when asked, the weights and ref_logprobs when present.
   const int64_t streams = 4 + (need_grad ? 1 : 0) + (is_weights.numel() ? 1 : 0) + (kl_code != kNoKl ? 1 : 0);
-  const int64_t row_bytes = std::max<int64_t>(T * streams * static_cast<int64_t>(logprobs.element_size()), 1);
-  const int64_t grain = std::max<int64_t>((kTaskBytes + row_bytes - 1) / row_bytes, 1);
+  const int64_t row_bytes = T * streams * static_cast<int64_t>(logprobs.element_size());
+  const threading::Plan plan = threading::plan(B * row_bytes, kGrpoPolicy);
   AT_DISPATCH_FLOATING_TYPES(logprobs.scalar_type(), "rlhf_kernels::grpo_policy_loss (CPU)", [&] {
     using S = scalar_t;
     const Options<S> o{S(params[0]), S(params[1]), S(params[2]), S(params[3]),  S(params[4]),
@@ -350,11 +350,7 @@ std::tuple<at::Tensor, at::Tensor> grpo_policy_loss_cpu(
                        g == nullptr ? scratch.data() : g + offset, stats + kStats * b);
       }
     };
-    if (B * row_bytes < kSerialBytes) {
-      rows(0, B);
-    } else {
-      at::parallel_for(0, B, grain, rows);
-    }
+    threading::parallel_for(plan, 0, B, row_bytes, rows);
   });
   return {row_stats, grad};
 }
