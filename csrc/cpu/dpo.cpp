@@ -232,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dpo_loss_cpu(
     // two gradients) written.
     const int64_t pair_bytes = (7 + (tail ? 4 : 0) + (len ? 2 : 0) + (w ? 1 : 0) + (g ? 2 : 0)) * int64_t(sizeof(scalar_t));
     const threading::Plan plan = threading::plan(B * pair_bytes, threading::kDpo);
-    threading::parallel_for(plan, 0, B, pair_bytes, [&](int64_t begin, int64_t end) {
+    threading::parallel_for_elements(plan, B, pair_bytes, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         scalar_t c = pc[i], r = pr[i], ref_c = rc[i], ref_r = rr[i];
         if (tail != nullptr) {

@@ -161,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_cpu(
     const int64_t element_bytes = (need_grad ? 4 : 3) * int64_t(sizeof(scalar_t));
     const int64_t n = logprobs.numel();
     const threading::Plan plan = threading::plan(n * element_bytes, threading::kKl);
-    threading::parallel_for(plan, 0, n, element_bytes, [&](int64_t begin, int64_t end) {
+    threading::parallel_for_elements(plan, n, element_bytes, [&](int64_t begin, int64_t end) {
       run_penalty(estimator, lp + begin, ref + begin, out + begin, g == nullptr ? nullptr : g + begin, end - begin,
                   bound);
     });

@@ -255,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(
     const double denominator = safe(unbiased ? count - 1 : count);
     const double rstd = 1.0 / std::sqrt(m.m2 / denominator + eps);
     const double shift = shift_mean ? 0.0 : mean;
-    threading::parallel_for(plan, 0, n, 3 * int64_t(sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+    threading::parallel_for_elements(plan, n, 3 * int64_t(sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
       write_whiten(fill_masked, xs + begin, ws + begin, ys + begin, end - begin, scalar_t(mean), scalar_t(rstd),
                    scalar_t(shift));
     });
@@ -293,7 +293,7 @@ at::Tensor masked_whiten_backward_cpu(
     const Sums sums = sum_pass(plan, fill_masked ? Pass::kGrad : Pass::kGradAll, xs, ws, gs, n, mean);
     const double mean_coef = sums.first / count * ((shift_mean ? 0.0 : 1.0) - rstd);
     const double var_coef = rstd * rstd * rstd / denominator * sums.second;
-    threading::parallel_for(plan, 0, n, 4 * int64_t(sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+    threading::parallel_for_elements(plan, n, 4 * int64_t(sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
       write_whiten_grad(fill_masked, gs + begin, xs + begin, ws + begin, dx + begin, end - begin, scalar_t(mean),
                         scalar_t(rstd), scalar_t(mean_coef), scalar_t(var_coef), scalar_t(centered_mean));
     });

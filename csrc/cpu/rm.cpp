@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> bradley_terry_loss_cpu(
     const int64_t element_bytes = (3 + (m ? 1 : 0) + (g ? 1 : 0)) * int64_t(sizeof(scalar_t));
     const int64_t n = chosen.numel();
     const threading::Plan plan = threading::plan(n * element_bytes, threading::kBradleyTerry);
-    threading::parallel_for(plan, 0, n, element_bytes, [&](int64_t begin, int64_t end) {
+    threading::parallel_for_elements(plan, n, element_bytes, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         scalar_t slope;
         out[i] = neg_log_sigmoid(c[i] - r[i] - (m == nullptr ? scalar_t(0) : m[i]), slope);
