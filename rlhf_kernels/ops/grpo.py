@@ -121,11 +121,10 @@ def _token_options(loss_code: int, kl_code: int, params: list[float]) -> _refere
 
 def _loss_rows(lp, old, adv, mask, is_weights, ref, row_weight, loss_code, kl_code, params, _need_grad):
     """The op's differentiable output row_stats[:, 0] by the reference's formulas."""
-    present = [x.shape == lp.shape for x in (is_weights, ref)]  # absent: new_empty(0)
-    optional = [x for x, here in zip((is_weights, ref), present) if here]
-    lp, old, adv, *optional = valid_only(mask, lp, old, adv, *optional)
-    isw = optional.pop(0) if present[0] else None
-    ref = optional.pop(0) if present[1] else None
+    lp, old, adv = valid_only(mask, lp, old, adv)
+    # an absent optional input arrives as new_empty(0)
+    isw = valid_only(mask, is_weights)[0] if is_weights.shape == lp.shape else None
+    ref = valid_only(mask, ref)[0] if ref.shape == lp.shape else None
     o = _token_options(loss_code, kl_code, params)
     log_ratio = _reference.clamped_log_ratio(lp, old, o)
     loss = _reference.token_loss(_LOSS_NAMES[loss_code], lp, old, adv, log_ratio, mask, o, isw, ref)

@@ -343,15 +343,12 @@ def policy_loss(
     weights = mask.to(dtype)
     adv = advantages.detach().to(dtype)
     adv = adv[:, None].expand_as(logprobs) if adv.dim() == 1 else adv
-    optional = [x for x in (is_weights, ref_logprobs, entropy) if x is not None]
     # Every input is zeroed at its mask-0 positions before any arithmetic: NaN / inf there
     # never reaches the loss or the statistics, and the gradient there is exactly 0.
-    lp, old, adv, *optional = valid_only(
-        mask, logprobs.to(dtype), old_logprobs.detach().to(dtype), adv, *(x.to(dtype) for x in optional)
-    )
-    isw = None if is_weights is None else optional.pop(0).detach()
-    ref = None if ref_logprobs is None else optional.pop(0).detach()
-    entropy = None if entropy is None else optional.pop(0)
+    lp, old, adv = valid_only(mask, logprobs.to(dtype), old_logprobs.detach().to(dtype), adv)
+    isw = None if is_weights is None else valid_only(mask, is_weights.detach().to(dtype))[0]
+    ref = None if ref_logprobs is None else valid_only(mask, ref_logprobs.detach().to(dtype))[0]
+    entropy = None if entropy is None else valid_only(mask, entropy.to(dtype))[0]
 
     if loss_type == "geo_mean":
         total, stats = _geo_mean(lp, old, adv, weights, o, isw)
