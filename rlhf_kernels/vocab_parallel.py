@@ -482,7 +482,7 @@ def _linear_apply(hidden, weight, labels, *, layout, group, bias=None, temperatu
 
 def token_logprobs(logits, labels, *, temperature, ignore_index, return_entropy, softcap, logit_scale,
                    inplace_backward, process_group, vocab_size, backend):  # fmt: skip
-    from . import functional as F
+    from .functional import logprobs as F
 
     options = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
                    softcap=softcap, logit_scale=logit_scale, inplace_backward=inplace_backward)  # fmt: skip
@@ -538,7 +538,7 @@ def _describe_linear(hidden, weight, bias, labels, mask, opts, vocab_size, batch
 
 def linear_logprobs(hidden, weight, labels, *, bias, temperature, ignore_index, return_entropy, softcap,
                     logit_scale, batch_invariant, process_group, vocab_size, backend):  # fmt: skip
-    from . import functional as F
+    from .functional import logprobs as F
 
     options = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
                    softcap=softcap, logit_scale=logit_scale, batch_invariant=batch_invariant)  # fmt: skip
@@ -570,7 +570,7 @@ def linear_logprobs(hidden, weight, labels, *, bias, temperature, ignore_index, 
 
 
 def sequence_logprobs(hidden, weight, labels, mask, *, average, temperature, process_group, vocab_size, backend):
-    from . import functional as F
+    from .functional import logprobs as F
 
     if process_group is None:
         check.tensor("weight", weight, ndim=2, shape_doc="[V, H]")
@@ -597,7 +597,7 @@ def sequence_logprobs(hidden, weight, labels, mask, *, average, temperature, pro
 
 def linear_dpo_loss(hidden, weight, labels, mask, *, process_group, vocab_size, backend, **kwargs):
     """kwargs: linear_dpo_loss's keyword arguments (ref_*, the loss options, average, temperature)."""
-    from . import functional as F
+    from .functional import dpo as F
 
     if process_group is None:
         check.tensor("weight", weight, ndim=2, shape_doc="[V, H]")
