@@ -90,9 +90,17 @@ def _load() -> types.ModuleType:
 core_algos = _load()
 
 
+# verl 0.9.1's PolicyLossConfig defaults (verl/workers/config/actor.py); note ppo_kl_coef
+# 0.1 here where core_algos falls back to 1.0 for None.
+POLICY_LOSS_DEFAULTS = {
+    "clip_cov_ratio": 0.0002, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0, "kl_cov_ratio": 0.0002, "ppo_kl_coef": 0.1,
+    "dro_beta": None,
+}  # fmt: skip
+
+
 def actor_config(**options) -> ActorConfig:
     """An ActorConfig with verl 0.9.1's defaults (clip_ratio 0.2, clip_ratio_c 3.0, one rank)."""
-    policy_loss = _Config(options.pop("policy_loss", {}))
+    policy_loss = _Config({**POLICY_LOSS_DEFAULTS, **options.pop("policy_loss", {})})
     config = {
         "clip_ratio": 0.2,
         "clip_ratio_low": None,

@@ -31,10 +31,10 @@ compute_value_loss, the functional compute_policy_loss), so get_adv_estimator_fn
 get_policy_loss_fn, the trainer's direct calls (core_algos.compute_grpo_outcome_advantage,
 compute_gae_advantage_return) and dp_actor's `from core_algos import agg_loss, kl_penalty`
 all reach ours. A registry entry that is not verl's own function (a user's
-register_adv_est) is left alone. Not covered, left verl's: NOT_COVERED (clip_cov,
-kl_cov: their token selection is random (torch.randperm) or a batch top-k with no
-rlhf_kernels op; bypass_mode: it needs verl's rollout_corr_helper, and its "ppo_clip"
-path calls core_algos.compute_policy_loss_vanilla, which is ours while patched).
+register_adv_est) is left alone. Not covered, left verl's: NOT_COVERED (bypass_mode: it
+needs verl's rollout_corr_helper, and its "ppo_clip" path calls
+core_algos.compute_policy_loss_vanilla, which is ours while patched). clip_cov's random
+draw is verl's own torch.randperm call on the global generator: a seed gives verl's tokens.
 Like the frameworks' own, verl's actors run in Ray workers: patch() there too (e.g.
 runtime_env={"worker_process_setup_hook": "rlhf_kernels.integrations.verl.patch"}).
 The adapters compute in fp32 (float64 for float64 input) and return verl's dtypes;
@@ -780,6 +780,59 @@ def compute_policy_loss_cispo(
     return loss, metrics
 
 
+def _cov_option(config, name: str, default: float) -> float:
+    value = getattr(config.policy_loss, name, None)
+    return default if value is None else float(value)
+
+
+def compute_policy_loss_clip_cov(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Clip-Cov: the clipped surrogate times 0 at tokens drawn at random among those whose
+    advantage-log-prob covariance lies in (clip_cov_lb, clip_cov_ub); the draw is verl's
+    own torch.randperm on the global generator, so a seed gives verl's tokens."""
+    assert config is not None
+    assert config.policy_loss is not None
+    ratio = _cov_option(config, "clip_cov_ratio", 2e-4)
+    assert ratio > 0, "clip_ratio should be larger than 0."
+    low, high = _clip_range(config)
+    bounds = (ratio, _cov_option(config, "clip_cov_lb", 1.0), _cov_option(config, "clip_cov_ub", 5.0))
+    loss, stats = _policy_loss(
+        "clip_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+        clip_low=low, clip_high=high, clip_cov=bounds,
+    )  # fmt: skip
+    return loss, {"actor/pg_clipfrac": stats["cov_fraction"].item(), "actor/ppo_kl": stats["ppo_kl"].item()}
+
+
+def compute_policy_loss_kl_cov(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """KL-Cov: -A r, plus ppo_kl_coef |lp - old| at the kl_cov_ratio share of valid tokens
+    with the largest advantage-log-prob covariance (a batch top-k)."""
+    assert config is not None
+    assert config.policy_loss is not None
+    ratio = _cov_option(config, "kl_cov_ratio", 2e-4)
+    assert ratio > 0, "kl_cov_ratio should be larger than 0."
+    loss, _ = _policy_loss(
+        "kl_cov", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+        kl_cov=(ratio, _cov_option(config, "ppo_kl_coef", 1.0)),
+    )  # fmt: skip
+    abs_log_ratio = (log_prob - old_log_prob).detach().abs()
+    return loss, {"actor/ppo_kl": rk.masked_mean(abs_log_ratio, response_mask).item()}
+
+
 # ----------------------------------------------------------------------- patch --
 
 # Registry name -> our adapter, for verl 0.9.1's ADV_ESTIMATOR_REGISTRY and POLICY_LOSS_REGISTRY.
@@ -809,11 +862,11 @@ POLICY_LOSSES = {
     "geo_mean": compute_policy_loss_geo_mean,
     "dro": compute_policy_loss_dro,
     "cispo": compute_policy_loss_cispo,
+    "clip_cov": compute_policy_loss_clip_cov,
+    "kl_cov": compute_policy_loss_kl_cov,
 }
 # verl's policy losses patch() leaves verl's own, and why.
 NOT_COVERED = {
-    "clip_cov": "its clipped tokens are drawn at random (torch.randperm); no rlhf_kernels op",
-    "kl_cov": "a batch top-k of the advantage-log-prob covariance; no rlhf_kernels op",
     "bypass_mode": "needs verl's rollout_corr_helper; its ppo_clip path calls compute_policy_loss_vanilla (ours)",
 }
 # core_algos functions outside the registries that patch() replaces too.
