@@ -34,7 +34,7 @@ DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.float32}
 # a 32000 vocabulary on CPU.
 SHAPES = {
     ("cpu", True): {"policy": [(64, 1024)], "linear": [(4, 128, 512, 32000)]},
-    ("cpu", False): {"policy": [(256, 4096)], "linear": [(16, 256, 896, 32000)]},
+    ("cpu", False): {"policy": [(256, 4096)], "linear": [(16, 256, 1024, 32000)]},  # N = 4096, issue 17
     ("cuda", True): {"policy": [(256, 4096)], "linear": [(16, 512, 896, 151936)]},
     ("cuda", False): {
         "policy": [(256, 4096), (512, 16384)],

@@ -275,13 +275,20 @@ def main() -> int:
         help="default: the family's DEFAULT_DTYPE for the device",
     )
     parser.add_argument(
+        "--only",
+        default=None,
+        metavar="TEXT",
+        help="run only the cases whose name contains TEXT (e.g. linear_policy_loss); the results' file name says so",
+    )
+    parser.add_argument(
         "--summarize",
         action="store_true",
         help="with --contended: only write the summary, from the families' -contended CSVs already in bench/results",
     )
     args = parser.parse_args()
     families = FAMILIES if args.family == "all" else (args.family,)
-    suffix = ("-quick" if args.quick else "") + ("-contended" if args.contended else "")
+    only = f"-{args.only.replace(' ', '_')}" if args.only else ""
+    suffix = only + ("-quick" if args.quick else "") + ("-contended" if args.contended else "")
     if args.summarize:
         by_family = {}
         for family in families:
@@ -297,7 +304,10 @@ def main() -> int:
     for family in families:
         dtype = getattr(torch, args.dtype) if args.dtype else importlib.import_module(family).DEFAULT_DTYPE[args.device]
         print(f"== {family} ({str(dtype)[6:]})", file=sys.stderr)
-        results = measure(family, args.device, args.quick, dtype, contended=args.contended)
+        cases = importlib.import_module(family).cases(args.device, args.quick, dtype)
+        if args.only:
+            cases = [case for case in cases if args.only in case["name"]]
+        results = measure(family, args.device, args.quick, dtype, cases, contended=args.contended)
         if not results:
             continue
         by_family[family] = results
