@@ -8,7 +8,6 @@ Every backend of policy_loss is compared with the reference; gradients in float6
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -341,18 +340,22 @@ BYPASS_CASES = [
     ("reinforce", ("sequence", 2.0), "seq_mean_k3", 0.05),
     ("reinforce", (None, None), "token_k2,token_k3", "0.05"),
     ("ppo_clip", ("token", 2.0), None, None),
+    ("ppo_clip", ("token", "0.5_2.0"), "token_k1", 1.5),
+    ("ppo_clip", ("sequence", 2.0), "seq_mean_k3", 0.05),
+    ("ppo_clip", (None, None), "token_k2,token_k3", "0.05"),
 ]
 
 
 @pytest.mark.parametrize("loss,is_key,rs,rs_threshold", BYPASS_CASES, ids=str)
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
-def test_bypass_mode_is_one_policy_loss_call(loss, is_key, rs, rs_threshold, agg):
+def test_bypass_mode_is_one_policy_loss_call(kernel, loss, is_key, rs, rs_threshold, agg):
     """verl's compute_policy_loss_bypass_mode (old_log_prob = rollout_log_prob; its
-    rollout correction computed from the current log-probs, sg(log_prob) - rollout):
-    "reinforce" is gpg with old_logprobs = sg(logprobs) (gpg never reads them; the
-    correction does) and the correction keywords; "ppo_clip" without rollout_rs is vanilla
-    on old_logprobs = rollout_logprobs (its IS weights only feed metrics)."""
-    from test_grpo_correction import VERL, _ours_for_verl
+    rollout correction computed from the current log-probs, sg(log_prob) - rollout) is one
+    call with old_logprobs = rollout_logprobs and rollout_correction_from="current":
+    "reinforce" is gpg with the correction keywords, "ppo_clip" vanilla with the rejection
+    alone (its IS weights only feed metrics). Every backend: the correction runs in torch
+    before the kernels."""
+    from test_grpo_correction import _ours_for_verl, verl_helper_importable
 
     lp, rollout, adv, mask = _batch(seed=16, dtype=torch.float32, B=6, T=8, empty_row=True)
     rollout = rollout.clone()
@@ -360,28 +363,27 @@ def test_bypass_mode_is_one_policy_loss_call(loss, is_key, rs, rs_threshold, agg
     bypass = {"loss_type": loss, "rollout_is": is_key[0], "rollout_is_threshold": is_key[1],
               "rollout_rs": rs, "rollout_rs_threshold": rs_threshold}  # fmt: skip
     a = lp.clone().requires_grad_()
-    saved = sys.modules.get("verl.trainer.ppo.rollout_corr_helper")
-    sys.modules["verl.trainer.ppo.rollout_corr_helper"] = VERL  # the function's own import
-    try:
-        expected, _ = core_algos.compute_policy_loss_bypass_mode(
+    with verl_helper_importable():
+        expected, metrics = core_algos.compute_policy_loss_bypass_mode(
             rollout, a, rk.broadcast_advantages(adv, mask), mask, loss_agg_mode=agg,
             config=actor_config(policy_loss={"rollout_correction": bypass}),
         )  # fmt: skip
-    finally:
-        sys.modules.pop("verl.trainer.ppo.rollout_corr_helper")
-        if saved is not None:
-            sys.modules["verl.trainer.ppo.rollout_corr_helper"] = saved
     expected.backward()
     b = lp.clone().requires_grad_()
+    options = dict(rollout_logprobs=rollout, rollout_correction_from="current", agg=agg, backend=kernel)
     if loss == "reinforce":
-        options = dict(loss_type="gpg", rollout_logprobs=rollout, **_ours_for_verl(is_key, False, rs, rs_threshold))
-        got, _ = rk.policy_loss(b, b.detach(), adv, mask, agg=agg, backend="reference", **options)
+        options.update(loss_type="gpg", **_ours_for_verl(is_key, False, rs, rs_threshold))
     else:
-        options = dict(loss_type="vanilla", dual_clip=3.0, log_ratio_clamp=20.0)
-        got, _ = rk.policy_loss(b, rollout, adv, mask, agg=agg, backend="reference", **options)
+        options.update(loss_type="vanilla", dual_clip=3.0, log_ratio_clamp=20.0, rollout_rejection=rs,
+                       rollout_rejection_threshold=rs_threshold)  # fmt: skip
+    got, stats = rk.policy_loss(b, rollout, adv, mask, **options)
     got.backward()
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(b.grad, a.grad)
+    assert stats["rollout_kl"].item() == pytest.approx(metrics["rollout_corr/kl"], rel=1e-5)
+    if rs is not None:
+        rejected = metrics["rollout_corr/rollout_rs_masked_fraction"]
+        assert 0 < rejected < 1 and stats["rollout_rejected_frac"].item() == pytest.approx(rejected, abs=1e-7)
 
 
 # ---------------------------------------------------------- the kernels --

@@ -11,6 +11,7 @@ masks (right padding, holes, an empty row), fp32 tight, every mode; then bad inp
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import math
@@ -314,6 +315,23 @@ def _load_rollout_corr_helper():
 
 
 VERL = _load_rollout_corr_helper()
+
+
+@contextlib.contextmanager
+def verl_helper_importable():
+    """verl's bypass mode imports its helper at call time (`from
+    verl.trainer.ppo.rollout_corr_helper import ...`): inside the block that is VERL."""
+    name = "verl.trainer.ppo.rollout_corr_helper"
+    saved = sys.modules.get(name)
+    sys.modules[name] = VERL
+    try:
+        yield VERL
+    finally:
+        sys.modules.pop(name)
+        if saved is not None:
+            sys.modules[name] = saved
+
+
 # verl's rollout_is (level, threshold) as (rollout_correction, rollout_clip_min, rollout_clip_max).
 VERL_IS = {
     ("token", 2.0): ("token_truncate", None, 2.0),
@@ -416,6 +434,35 @@ def test_policy_loss_matches_verl_vanilla_with_rollout_correction(kernel, is_key
     got, got_grad = _grad_of(lambda x: rk.policy_loss(x, old, adv, mask, **options)[0], lp)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("is_key", list(VERL_IS), ids=str)
+@pytest.mark.parametrize("rs,rs_threshold", [VERL_RS[0], VERL_RS[1], VERL_RS[5]], ids=str)
+def test_correction_from_current_reads_sg_logprobs(is_key, rs, rs_threshold):
+    """rollout_correction_from="current": weights, rejection and stats of the correction
+    with sg(logprobs) in old_logprobs' place (verl's bypass mode: its helper on
+    (log_prob, rollout)), no gradient through them; "old" stays the default."""
+    if is_key[0] is None and rs is None:
+        pytest.skip("nothing to correct")
+    lp, old, rollout, adv, mask, _ = _batch(seed=7)
+    lp = lp.requires_grad_()
+    options = dict(_ours_for_verl(is_key, True, rs, rs_threshold), rollout_logprobs=rollout)
+    current = correction.correction(lp, old, adv, mask, rollout_correction_from="current", **options)
+    want = correction.correction(lp, lp.detach(), adv, mask, **options)
+    default = correction.correction(lp, old, adv, mask, **options)
+    for got, expected, other in zip(current[:2], want[:2], default[:2]):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            assert not got.requires_grad
+            assert torch.equal(got, expected) and not torch.equal(got, other)
+    assert current.stats.keys() == want.stats.keys()
+    for key, value in want.stats.items():
+        assert torch.equal(current.stats[key], value), key
+    weights, modified_mask, metrics = _verl_correction(lp.detach(), rollout, mask, *is_key, True, rs, rs_threshold)
+    assert current.stats["rollout_kl"].item() == pytest.approx(metrics["rollout_corr/kl"], rel=1e-5)
+    if weights is not None:
+        torch.testing.assert_close(current.weights * mask, weights, rtol=1e-6, atol=0)
+    assert torch.equal(mask if current.keep is None else torch.where(current.keep, mask, 0.0), modified_mask)
 
 
 # ----------------------------------------------------------- OpenRLHF 0.11.2 --
@@ -588,6 +635,16 @@ BAD = [
     ),
     (dict(rollout_rejection="seq_sum_k1", rollout_rejection_threshold=0.5), ValueError, "rollout_rejection_threshold"),
     (dict(rollout_rejection_threshold=1.0), ValueError, "rollout_rejection_threshold needs rollout_rejection"),
+    (
+        dict(rollout_rejection="token_k2", rollout_rejection_threshold=1.0, rollout_correction_from="new"),
+        ValueError,
+        "rollout_correction_from must be one of",
+    ),  # fmt: skip
+    (
+        dict(rollout_correction_from="current", rollout_logprobs=None),
+        ValueError,
+        "rollout_correction_from='current' needs rollout_logprobs",
+    ),  # fmt: skip
     (
         dict(rollout_rejection="token_k2", rollout_rejection_threshold=1.0, rollout_logprobs=None),
         ValueError,

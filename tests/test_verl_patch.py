@@ -327,6 +327,91 @@ def test_policy_loss_errors_are_verls():
                 )  # fmt: skip
 
 
+# (loss_type, rollout_is, rollout_is_threshold, rollout_rs, rollout_rs_threshold): TIS and
+# IcePop, token and sequence IS, no IS, and every rollout_rs option, alone or chained.
+BYPASS_CASES = [
+    ("reinforce", "token", 2.0, None, None),
+    ("reinforce", "token", "0.5_2.0", "token_k1", 1.5),
+    ("reinforce", "sequence", 2.0, "seq_mean_k3", 0.3),
+    ("reinforce", "sequence", "0.2_5.0", "seq_sum_k1,seq_max_k2", "0.1_10.0,1.0"),
+    ("reinforce", None, 2.0, "token_k2,token_k3", "0.3"),
+    ("ppo_clip", "token", 2.0, None, None),
+    ("ppo_clip", "token", "0.5_2.0", "seq_sum_k2,seq_sum_k3", "2.0,1.5"),
+    ("ppo_clip", "sequence", 3.0, "seq_mean_k1,seq_mean_k2", "1.3,0.3"),
+    ("ppo_clip", None, 2.0, "token_k1", 1.5),
+    ("ppo_clip", "token", 2.0, "seq_max_k3", 1.0),
+]
+
+
+def _bypass_config(loss_type, rollout_is, threshold, rs, rs_threshold, normalize=False, **info):
+    correction = dict(
+        loss_type=loss_type, rollout_is=rollout_is, rollout_is_threshold=threshold,
+        rollout_is_batch_normalize=normalize, rollout_rs=rs, rollout_rs_threshold=rs_threshold,
+    )  # fmt: skip
+    return actor_config(policy_loss={"rollout_correction": correction}, global_batch_info=dict(info))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalize"])
+@pytest.mark.parametrize("case", BYPASS_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_patched_bypass_mode_equals_verls(case, normalize, agg):
+    """bypass_mode (old_log_prob = rollout_log_prob) through verl's registry: loss, its
+    gradient and every metric (rollout_corr/* and actor/*) equal verl's own function's;
+    rollout_is_weights is ignored, as verl ignores it."""
+    from test_grpo_correction import verl_helper_importable
+
+    if case[1] is None and normalize:
+        pytest.skip("batch normalisation needs an IS level")
+    x = _batch(seed=8)
+    for is_weights, info in ((False, {}), (True, GLOBAL)):
+        config = _bypass_config(*case, normalize=normalize, **info)
+        with verl_helper_importable():
+            fn = THEIRS.get_policy_loss_fn("bypass_mode")
+            expected, grad_theirs, metrics_theirs = _run_loss(fn, x, agg, config, is_weights)
+            with verl_patched(), counting_kernels() as (calls, ops):
+                fn = TARGET.get_policy_loss_fn("bypass_mode")
+                assert fn is rk_verl.compute_policy_loss_bypass_mode
+                got, grad_ours, metrics_ours = _run_loss(fn, x, agg, config, is_weights)
+        assert got.dtype == expected.dtype and got.shape == expected.shape == ()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-5, atol=1e-7)
+        assert list(metrics_ours) == list(metrics_theirs)
+        for key, value in metrics_theirs.items():
+            assert isinstance(metrics_ours[key], float)
+            assert metrics_ours[key] == pytest.approx(value, abs=1e-6), key
+        if case[3] is not None:  # not vacuous: some tokens rejected, some kept
+            assert 0 < metrics_theirs["rollout_corr/rollout_rs_masked_fraction"] < 1
+        assert calls.get("policy_loss") == 1
+        if _compiled("policy_loss"):
+            assert ops.get("grpo_policy_loss"), f"no rlhf_kernels::grpo_policy_loss: {ops}"
+
+
+BYPASS_ERRORS = [
+    (None, AssertionError, "config is required"),
+    (actor_config(policy_loss={}), ValueError, "rollout_correction config not found"),
+    (_bypass_config("ppo", "token", 2.0, None, None), ValueError, "Invalid loss_type"),
+    (_bypass_config("reinforce", "tokens", 2.0, None, None), ValueError, "Invalid rollout_is"),
+    (_bypass_config("reinforce", "token", True, None, None), TypeError, "not a boolean"),
+    (_bypass_config("reinforce", "token", "2.0_0.5", None, None), ValueError, "lower bound must be <= upper"),
+    (_bypass_config("ppo_clip", None, 2.0, "token_k4", 1.5), ValueError, "Invalid rollout_rs option"),
+    (_bypass_config("ppo_clip", None, 2.0, "token_k2", None), ValueError, "rollout_rs_threshold must be"),
+    (_bypass_config("ppo_clip", None, 2.0, "token_k2", "0.5_2.0"), ValueError, "single upper bound"),
+    (_bypass_config("ppo_clip", None, 2.0, "token_k1,token_k2", "1,2,3"), ValueError, "expects either one"),
+]
+
+
+@pytest.mark.parametrize("config,error,match", BYPASS_ERRORS)
+def test_bypass_mode_errors_are_verls(config, error, match):
+    from test_grpo_correction import verl_helper_importable
+
+    x = _batch(seed=9)
+    args = (x["old_log_prob"], x["log_prob"], x["advantages"], x["mask"], "token-mean", config)
+    with verl_helper_importable(), verl_patched():
+        for fn in (THEIRS.get_policy_loss_fn("bypass_mode"), TARGET.get_policy_loss_fn("bypass_mode")):
+            with pytest.raises(error, match=match):
+                fn(*args)
+
+
 def test_uncovered_losses_stay_verls():
     with verl_patched():
         for name in rk_verl.NOT_COVERED:
@@ -397,9 +482,9 @@ def test_patch_replaces_and_unpatch_restores_exactly():
                 assert registries["loss"][name] is ours
             assert TARGET.POLICY_LOSS_REGISTRY["vanilla_user"] is custom
             for name in ("agg_loss", "kl_penalty", "compute_value_loss", "compute_policy_loss",
-                         "compute_policy_loss_vanilla", "compute_rloo_outcome_advantage"):  # fmt: skip
+                         "compute_policy_loss_vanilla", "compute_policy_loss_bypass_mode",
+                         "compute_rloo_outcome_advantage"):  # fmt: skip
                 assert getattr(TARGET, name) is getattr(rk_verl, name), name
-            assert TARGET.compute_policy_loss_bypass_mode is attributes["compute_policy_loss_bypass_mode"]
             with installed("0.9.1"):
                 assert rk_verl.patch(TARGET) == 0  # already patched
             late = types.ModuleType("verl.late_import")  # a verl module importing while patched

@@ -199,6 +199,7 @@ def policy_loss(
     rollout_batch_normalize: bool = False,
     rollout_rejection=None,
     rollout_rejection_threshold=None,
+    rollout_correction_from: str = "old",
     off_policy_mask_threshold: Optional[float] = None,
     top_entropy_quantile: Optional[float] = None,
     backend: Optional[str] = None,
@@ -223,8 +224,12 @@ def policy_loss(
     rollout_clip_min / rollout_clip_max, rollout_gate "ratio" | "binary_kl" | "tv"
     (OpenRLHF's gating), rollout_log_ratio_clamp (verl: 20), rollout_batch_normalize
     (verl); rollout_rejection / rollout_rejection_threshold (verl's rollout_rs: token_k1,
-    seq_mean_k3, ...; rejected tokens leave the mask); off_policy_mask_threshold (TRL's
-    DeepSeek-V3.2 off-policy sequence mask, from rollout_logprobs or else old_logprobs);
+    seq_mean_k3, ...; rejected tokens leave the mask); rollout_correction_from "old" |
+    "current": the weights, the rejection and rollout_kl compare rollout_logprobs with
+    old_logprobs (default) or with sg(logprobs) (verl's bypass mode, where old_logprobs =
+    rollout_logprobs: its ppo_clip with rollout_rs is loss_type="vanilla" on old_logprobs
+    = rollout_logprobs with rollout_rejection and "current"); off_policy_mask_threshold
+    (TRL's DeepSeek-V3.2 off-policy sequence mask, from rollout_logprobs or else old_logprobs);
     top_entropy_quantile (TRL's top-entropy token mask; needs entropy). The weights and
     the two masks multiply is_weights, so they scale the policy term only.
     Returns: (loss [] float32 (float64 for float64 input), stats: clipfrac_low, clipfrac_high, dual_clipfrac, ppo_kl, approx_kl,
@@ -272,7 +277,7 @@ def policy_loss(
     correcting = _check_rollout_correction(
         loss_type, rollout_logprobs, rollout_correction, rollout_gate, rollout_clip_min, rollout_clip_max,
         rollout_log_ratio_clamp, rollout_batch_normalize, rollout_rejection, rollout_rejection_threshold,
-        off_policy_mask_threshold, top_entropy_quantile, entropy,
+        rollout_correction_from, off_policy_mask_threshold, top_entropy_quantile, entropy,
     )  # fmt: skip
     correction = None
     if correcting:
@@ -281,7 +286,7 @@ def policy_loss(
             rollout_correction=rollout_correction, rollout_gate=rollout_gate, rollout_clip_min=rollout_clip_min,
             rollout_clip_max=rollout_clip_max, rollout_log_ratio_clamp=rollout_log_ratio_clamp,
             rollout_batch_normalize=rollout_batch_normalize, rollout_rejection=rollout_rejection,
-            rollout_rejection_threshold=rollout_rejection_threshold,
+            rollout_rejection_threshold=rollout_rejection_threshold, rollout_correction_from=rollout_correction_from,
             off_policy_mask_threshold=off_policy_mask_threshold, top_entropy_quantile=top_entropy_quantile,
             entropy=entropy, dtype=dtype,
         )  # fmt: skip
@@ -331,9 +336,12 @@ def policy_loss(
 
 def _check_rollout_correction(
     loss_type, rollout_logprobs, mode, gate, clip_min, clip_max, log_ratio_clamp, batch_normalize, rejection,
-    rejection_threshold, off_policy_mask_threshold, top_entropy_quantile, entropy,
+    rejection_threshold, correction_from, off_policy_mask_threshold, top_entropy_quantile, entropy,
 ) -> bool:  # fmt: skip
     """Validates policy_loss's correction keywords; True when any of them asks for something."""
+    check.choice("rollout_correction_from", correction_from, _grpo_correction.CORRECTION_FROM)
+    if correction_from != "old" and rollout_logprobs is None:
+        raise ValueError(f"rollout_correction_from={correction_from!r} needs rollout_logprobs")
     if mode is not None:
         check.choice("rollout_correction", mode, _grpo_correction.MODES)
         if rollout_logprobs is None:

@@ -31,10 +31,12 @@ compute_value_loss, the functional compute_policy_loss), so get_adv_estimator_fn
 get_policy_loss_fn, the trainer's direct calls (core_algos.compute_grpo_outcome_advantage,
 compute_gae_advantage_return) and dp_actor's `from core_algos import agg_loss, kl_penalty`
 all reach ours. A registry entry that is not verl's own function (a user's
-register_adv_est) is left alone. Not covered, left verl's: NOT_COVERED (bypass_mode: it
-needs verl's rollout_corr_helper, and its "ppo_clip" path calls
-core_algos.compute_policy_loss_vanilla, which is ours while patched). clip_cov's random
-draw is verl's own torch.randperm call on the global generator: a seed gives verl's tokens.
+register_adv_est) is left alone. Every verl 0.9.1 policy loss is covered (NOT_COVERED, the
+ones left verl's, is empty). bypass_mode keeps verl's rollout_corr_helper for the rollout
+correction (the IS weights and rejected mask of sg(log_prob) vs the rollout, and its
+rollout_corr/* metrics), as verl's trainer runs it outside bypass mode, and computes the
+loss with one rk.policy_loss call. clip_cov's random draw is verl's own torch.randperm
+call on the global generator: a seed gives verl's tokens.
 Like the frameworks' own, verl's actors run in Ray workers: patch() there too (e.g.
 runtime_env={"worker_process_setup_hook": "rlhf_kernels.integrations.verl.patch"}).
 The adapters compute in fp32 (float64 for float64 input) and return verl's dtypes;
@@ -833,6 +835,57 @@ def compute_policy_loss_kl_cov(
     return loss, {"actor/ppo_kl": rk.masked_mean(abs_log_ratio, response_mask).item()}
 
 
+def compute_policy_loss_bypass_mode(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Bypass mode (old_log_prob = rollout_log_prob), config.policy_loss.rollout_correction's
+    loss_type "reinforce" (-w A lp on the rejected mask) or "ppo_clip" (vanilla on the
+    rejected mask, no IS weights); rollout_is_weights is ignored, as in verl.
+
+    The correction is verl's own compute_rollout_correction_and_rejection_mask on
+    (sg(log_prob), rollout), called as verl calls it, so its rollout_corr/* metrics
+    (off-policy KL / PPL / chi2, IS weight spread and ESS, per-option rejection statistics:
+    dozens that policy_loss does not compute), its threshold parsing and errors, and its
+    torch.distributed batch normalisation are verl's by construction. The weights and
+    rejected mask it returns anyway feed one rk.policy_loss call ("gpg" with is_weights, or
+    the vanilla adapter) rather than being computed a second time by policy_loss's
+    rollout_correction_from="current" (the same values on one process, tested). Every
+    rollout_is / rollout_rs configuration runs here: none falls back to verl's function.
+    """
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    assert config is not None, "config is required for bypass_mode loss"
+    options = config.policy_loss.get("rollout_correction", None) if hasattr(config, "policy_loss") else None
+    if options is None:
+        raise ValueError(
+            "rollout_correction config not found in policy_loss. "
+            "When using loss_mode='bypass_mode', ensure rollout_correction config is passed."
+        )
+    loss_type = options.get("loss_type", "ppo_clip")
+    with torch.no_grad():
+        weights, mask, rollout_metrics = compute_rollout_correction_and_rejection_mask(
+            old_log_prob=log_prob, rollout_log_prob=old_log_prob, response_mask=response_mask,
+            rollout_is=options.get("rollout_is", None), rollout_is_threshold=options.get("rollout_is_threshold", 2.0),
+            rollout_is_batch_normalize=options.get("rollout_is_batch_normalize", False),
+            rollout_rs=options.get("rollout_rs", None), rollout_rs_threshold=options.get("rollout_rs_threshold", None),
+        )  # fmt: skip
+    if loss_type == "reinforce":
+        is_weights = None if weights is None else weights.batch["rollout_is_weights"]
+        loss, _ = _policy_loss("gpg", old_log_prob, log_prob, advantages, mask, loss_agg_mode, config, is_weights)
+        metrics = {"actor/ppo_kl": _ppo_kl(log_prob, old_log_prob, mask, clamp=False)}
+    elif loss_type == "ppo_clip":  # the ratio against the rollout already corrects: no IS weights
+        loss, metrics = compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, mask, loss_agg_mode, config)
+    else:
+        raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
+    return loss, {**metrics, **rollout_metrics}
+
+
 # ----------------------------------------------------------------------- patch --
 
 # Registry name -> our adapter, for verl 0.9.1's ADV_ESTIMATOR_REGISTRY and POLICY_LOSS_REGISTRY.
@@ -864,11 +917,10 @@ POLICY_LOSSES = {
     "cispo": compute_policy_loss_cispo,
     "clip_cov": compute_policy_loss_clip_cov,
     "kl_cov": compute_policy_loss_kl_cov,
+    "bypass_mode": compute_policy_loss_bypass_mode,
 }
-# verl's policy losses patch() leaves verl's own, and why.
-NOT_COVERED = {
-    "bypass_mode": "needs verl's rollout_corr_helper; its ppo_clip path calls compute_policy_loss_vanilla (ours)",
-}
+# verl's policy losses patch() leaves verl's own, and why (none in verl 0.9.1).
+NOT_COVERED: dict = {}
 # core_algos functions outside the registries that patch() replaces too.
 MODULE_FUNCTIONS = {
     "agg_loss": agg_loss,

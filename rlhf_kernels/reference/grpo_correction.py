@@ -15,6 +15,10 @@ nan_to_num: a token the engine could not score gets no correction; verl and Open
 would give NaN), optionally clamped to +-rollout_log_ratio_clamp (verl's SAFETY_BOUND
 20, applied to the token value or to the sequence sum before exp). [lo, hi] =
 [rollout_clip_min, rollout_clip_max], a missing bound unbounded.
+rollout_correction_from="current" reads sg(logprobs) in place of old_logprobs (d =
+sg(logprobs) - rollout_logprobs, for the weights, the rejection and rollout_kl): verl
+0.9.1's bypass mode, where old_logprobs = rollout_logprobs feed the PPO ratio and the
+correction reads the current policy; "old" (default) is the trainer's old_logprobs.
 
 rollout_correction (the IS weight w, multiplied into is_weights):
 
@@ -46,6 +50,7 @@ rollout_correction (the IS weight w, multiplied into is_weights):
                   (both)                                         rollout_log_ratio_clamp = 20
                   rollout_is_batch_normalize                     rollout_batch_normalize
                   rollout_rs, rollout_rs_threshold               rollout_rejection(_threshold)
+                  bypass mode (old_log_prob = rollout_log_prob)  rollout_correction_from = "current"
     OpenRLHF      is_correction_level token, mode clip           token_truncate, [low, high]
     0.11.2        level token, mode mask, gating g               token_mask, rollout_gate = g
                   level seq, mode mask, gating g                 geometric_mask, rollout_gate = g
@@ -90,7 +95,8 @@ are refused for them.
 
 Stats (float 0-d tensors; units: valid tokens, or rows with a valid token for the
 sequence modes and the geometric gate):
-    rollout_kl                     mean over valid tokens of rollout - old, NaN as 0 (verl's
+    rollout_kl                     mean over valid tokens of rollout - old (rollout - logprobs
+                                   with rollout_correction_from="current"), NaN as 0 (verl's
                                    rollout_corr/kl, OpenRLHF's vllm_kl)
     rollout_is_mean / _min / _max  of w over its units (TRL's sampling/importance_sampling_ratio/*
                                    and verl's rollout_is_mean), before batch normalisation
@@ -114,6 +120,7 @@ MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "
 TOKEN_MODES = ("token_truncate", "token_mask", "geometric_mask")  # one weight per token
 GATES = ("ratio", "binary_kl", "tv")
 GATED_MODES = ("token_mask", "geometric_mask")  # the modes a divergence can gate
+CORRECTION_FROM = ("old", "current")  # rollout_correction_from: old_logprobs or sg(logprobs)
 REJECTIONS = (
     "token_k1", "token_k2", "token_k3",
     "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
@@ -390,6 +397,7 @@ def correction(
     rollout_batch_normalize: bool = False,
     rollout_rejection=None,
     rollout_rejection_threshold=None,
+    rollout_correction_from: str = "old",
     off_policy_mask_threshold: Optional[float] = None,
     top_entropy_quantile: Optional[float] = None,
     entropy: Optional[torch.Tensor] = None,
@@ -399,15 +407,15 @@ def correction(
     weights (for is_weights), keep (for the mask) and their stats."""
     valid = mask != 0
     stats, factors, keep = {}, [], None
+    # The train-side log-probs the correction compares with the rollout's (log_ratio detaches).
+    train = logprobs if rollout_correction_from == "current" else old_logprobs
     if rollout_logprobs is not None:
         total = valid.sum().to(dtype)
-        # -d: rollout - old exactly (a float difference is antisymmetric), NaN as 0.
-        stats["rollout_kl"] = -log_ratio(old_logprobs, rollout_logprobs, valid, dtype).sum() / torch.where(
-            total > 0, total, 1
-        )
+        # -d: rollout - train exactly (a float difference is antisymmetric), NaN as 0.
+        stats["rollout_kl"] = -log_ratio(train, rollout_logprobs, valid, dtype).sum() / torch.where(total > 0, total, 1)
     if rollout_correction is not None:
         w, is_stats = is_weights(
-            old_logprobs, rollout_logprobs, mask, mode=rollout_correction, gate=rollout_gate,
+            train, rollout_logprobs, mask, mode=rollout_correction, gate=rollout_gate,
             clip_min=rollout_clip_min, clip_max=rollout_clip_max, log_ratio_clamp=rollout_log_ratio_clamp,
             batch_normalize=rollout_batch_normalize, dtype=dtype,
         )  # fmt: skip
@@ -415,7 +423,7 @@ def correction(
         stats.update(is_stats)
     if rollout_rejection is not None:
         keep, rs_stats = rejection_keep(
-            old_logprobs, rollout_logprobs, mask, rejection=rollout_rejection,
+            train, rollout_logprobs, mask, rejection=rollout_rejection,
             threshold=rollout_rejection_threshold, dtype=dtype,
         )  # fmt: skip
         stats.update(rs_stats)
