@@ -14,6 +14,7 @@ VOCAB_PARALLEL = dict(process_group=None, vocab_size=None)
 ROLLOUT_CORRECTION = dict(
     rollout_logprobs=None,
     rollout_correction=None,
+    rollout_correction_from="old",
     rollout_gate="ratio",
     rollout_clip_min=None,
     rollout_clip_max=None,

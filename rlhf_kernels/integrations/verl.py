@@ -31,11 +31,10 @@ compute_value_loss, the functional compute_policy_loss), so get_adv_estimator_fn
 get_policy_loss_fn, the trainer's direct calls (core_algos.compute_grpo_outcome_advantage,
 compute_gae_advantage_return) and dp_actor's `from core_algos import agg_loss, kl_penalty`
 all reach ours. A registry entry that is not verl's own function (a user's
-register_adv_est) is left alone. Every verl 0.9.1 policy loss is covered (NOT_COVERED, the
-ones left verl's, is empty). bypass_mode keeps verl's rollout_corr_helper for the rollout
-correction (the IS weights and rejected mask of sg(log_prob) vs the rollout, and its
-rollout_corr/* metrics), as verl's trainer runs it outside bypass mode, and computes the
-loss with one rk.policy_loss call. clip_cov's random draw is verl's own torch.randperm
+register_adv_est) is left alone. Every verl 0.9.1 policy loss is covered. bypass_mode
+keeps verl's rollout_corr_helper for the rollout correction (the IS weights and rejected
+mask of sg(log_prob) vs the rollout, and its rollout_corr/* metrics), as verl's trainer
+runs it outside bypass mode, and computes the loss with one rk.policy_loss call. clip_cov's random draw is verl's own torch.randperm
 call on the global generator: a seed gives verl's tokens.
 Like the frameworks' own, verl's actors run in Ray workers: patch() there too (e.g.
 runtime_env={"worker_process_setup_hook": "rlhf_kernels.integrations.verl.patch"}).
@@ -919,8 +918,6 @@ POLICY_LOSSES = {
     "kl_cov": compute_policy_loss_kl_cov,
     "bypass_mode": compute_policy_loss_bypass_mode,
 }
-# verl's policy losses patch() leaves verl's own, and why (none in verl 0.9.1).
-NOT_COVERED: dict = {}
 # core_algos functions outside the registries that patch() replaces too.
 MODULE_FUNCTIONS = {
     "agg_loss": agg_loss,
