@@ -381,7 +381,7 @@ def run_benchmarks(out: str, device: str, dry_run: bool, deadline: float, steps:
                 guard = Guard()
                 guard.deadline = min(deadline, time.monotonic() + FAMILY_BUDGET_S[family]) if not dry_run else deadline
                 cases = family_cases(module, family, device, dry_run, dtype, guard)
-                results = run.measure(family, device, dry_run, dtype, cases=cases)
+                results = run.measure(family, device, dry_run, dtype, cases=cases, smoke=dry_run)
                 stem = f"{family}-{device}-{str(dtype)[6:]}" + ("-dry-run" if dry_run else "")
                 if results:
                     run.write(results, stem, bandwidth, directory=out)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import gc
 import importlib
 import os
 import sys
@@ -68,19 +69,30 @@ def _runner(fn, args, grad_positions, mode):
 
 
 def measure(
-    family: str, device: str, quick: bool, dtype: torch.dtype, cases=None, contended: bool = False
+    family: str,
+    device: str,
+    quick: bool,
+    dtype: torch.dtype,
+    cases=None,
+    contended: bool = False,
+    smoke: bool = False,
 ) -> list[harness.Result]:
     """cases: the family's cases to run; default module.cases(device, quick, dtype).
     contended: per case, every row timed on the machine as it is, then every row again
     with two busy background processes (result.extra "contended_ms"); more repeats
-    then, as the busy machine is noisier."""
+    then, as the busy machine is noisier. smoke: one warm-up and one timed run per row
+    (bench/gpu.py --dry-run: checks that every row runs, times nothing worth reading)."""
     module = importlib.import_module(family)
     results = []
-    repeats = 3 if quick else 7
+    repeats = 1 if smoke else 3 if quick else 7
+    warmup = 1 if smoke else 2
     pause = 0.0
     if contended:
         repeats, pause = max(repeats, 9), COLD_PAUSE_S
     all_cases = list(module.cases(device, quick, dtype) if cases is None else cases)
+    # The modules imported so far (transformers, trl: ~10^6 objects) live until exit;
+    # frozen, gc.collect() in peak_mb scans only what the cases allocate (0.3 s -> ms a call).
+    gc.freeze()
     total = sum(len(case["impls"]) * len(case.get("modes", MODES)) for case in all_cases)
     step = 0
     for case in all_cases:
@@ -94,7 +106,7 @@ def measure(
                 print(f"[{step}/{total}] {case['name']} | {impl} | {mode} ...", end=" ", file=sys.stderr, flush=True)
                 run = _runner(fn, args, grad_positions, mode)
                 try:
-                    ms = harness.time_ms(run, device, repeats=repeats, pause_s=pause)
+                    ms = harness.time_ms(run, device, warmup=warmup, repeats=repeats, pause_s=pause)
                     peak = harness.peak_mb(run, device)
                 except (RuntimeError, torch.OutOfMemoryError) as error:  # a baseline that cannot run this shape
                     print(f"failed: {error}", file=sys.stderr)
@@ -125,6 +137,7 @@ def measure(
                     extra={"contended_ms": busy_ms[impl, mode]} if (impl, mode) in busy_ms else {},
                 )
             )
+    gc.unfreeze()  # collectable again at exit (triton's nanobind objects report leaks otherwise)
     return results
 
 
