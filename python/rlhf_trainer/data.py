@@ -175,7 +175,9 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def encode_prompts(tokenizer, prompts: list[str], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and attention mask [B, P]."""
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # One batched call (the Rust tokenizer encodes the list at once): per-string calls were
+    # 20% of the quick demo's time, 315k of them.
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     width = max(len(i) for i in ids)
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     attention = torch.zeros(len(ids), width, dtype=torch.long)
@@ -189,7 +191,7 @@ def encode_prompts(tokenizer, prompts: list[str], device="cpu") -> tuple[torch.T
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_response_tokens: int) -> Batch:
     """Prompt + response + <eos> for each example (responses truncated to the limit)."""
     prompt_ids, prompt_attention = encode_prompts(tokenizer, prompts)
-    encoded = [tokenizer(r, add_special_tokens=False)["input_ids"][:max_response_tokens] for r in responses]
+    encoded = [r[:max_response_tokens] for r in tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
     width = max(len(r) for r in encoded) + 1
     B, P = prompt_ids.shape
     response_ids = torch.full((B, width), tokenizer.pad_token_id, dtype=torch.long)
