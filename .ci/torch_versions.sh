@@ -75,7 +75,7 @@ run_version() {
         # Both skip the Triton-interpreter cases (half the suite's time, ~7.5 min -> ~3.5 min
         # on the 2-core CI machine; stop 22's .ci/run took 1368 s with them under 2.14.1):
         # they run under 2.13 (README test command), and on a GPU they compile, not interpret.
-        python -m pytest -q tests -p no:cacheprovider -k "not triton" \
+        python -m pytest -q -n 2 --dist loadfile tests -p no:cacheprovider -k "not triton" \
             --ignore=tests/test_trainer.py --ignore=tests/test_label.py --ignore=tests/test_grpo_trainer.py \
             --ignore=tests/test_trainer_distributed.py --ignore=tests/test_triton_aot.py \
             --ignore=tests/test_gpu_script.py --ignore=tests/test_batch_invariance.py
