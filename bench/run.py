@@ -21,6 +21,7 @@ import dataclasses
 import gc
 import importlib
 import os
+import re
 import sys
 import time
 
@@ -300,7 +301,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     families = FAMILIES if args.family == "all" else (args.family,)
-    only = f"-{args.only.replace(' ', '_')}" if args.only else ""
+    only = "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", args.only) if args.only else ""
     suffix = only + ("-quick" if args.quick else "") + ("-contended" if args.contended else "")
     if args.summarize:
         by_family = {}

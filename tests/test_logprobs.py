@@ -353,3 +353,28 @@ def test_inplace_backward_refuses_logits_another_node_still_needs(backend_name):
     lp = rk.token_logprobs(logits, labels, inplace_backward=True)  # ...which runs after this one's
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (lp.sum() + squares).backward()
+
+
+@pytest.mark.parametrize("softcap", [None, 6.0])
+def test_bf16_logits_give_the_fp32_computation_of_their_values(backend_name, softcap):
+    """bf16 logits are staged as fp32 exactly, and the fp32 gradient is rounded as torch
+    rounds (nearest even, NaN kept): bit for bit the fp32 run on the same values. V is
+    not a multiple of the 16 lanes; one row has a NaN, one a -inf (masked) logit."""
+    if backend_name != "cpu":
+        pytest.skip("the C++ kernel's vectorised bf16 rows (Triton blocks bf16 and fp32 rows differently)")
+    logits = (4 * torch.randn(9, 1007)).to(torch.bfloat16)
+    logits[2, 5], logits[4, :300] = float("nan"), float("-inf")
+    labels = _labels((9,), 1007)
+    labels[2], labels[4] = 0, 400  # live labels: the NaN row and a live label in the masked row
+    grads = torch.randn(9), torch.randn(9)
+    results = []
+    for x in (logits, logits.float()):
+        x = x.clone().requires_grad_(True)
+        lp, h = rk.token_logprobs(x, labels, return_entropy=True, softcap=softcap)
+        torch.autograd.backward([lp, h], list(grads))
+        results.append((lp.detach(), h.detach(), x.grad))
+    (lp16, h16, grad16), (lp32, h32, grad32) = results
+    assert grad16.dtype == torch.bfloat16 and grad16[2].isnan().all()
+    # NaN as NaN (torch's vectorised cast keeps a NaN's sign bit, c10's scalar one does not)
+    for got, want in ((lp16, lp32), (h16, h32), (grad16, grad32.to(torch.bfloat16))):
+        assert got.isnan().equal(want.isnan()) and got.nan_to_num().equal(want.nan_to_num())

@@ -85,8 +85,22 @@ using RowsFor = std::conditional_t<std::is_same_v<scalar_t, double>, DoubleRows,
 // z = transform(x) for one row of V, in the compute dtype; returns max z.
 template <typename Rows, typename scalar_t>
 typename Rows::acc_t stage_row(const scalar_t* x, int64_t V, const TransformOptions& o, typename Rows::acc_t* z) {
-  for (int64_t v = 0; v < V; ++v) z[v] = static_cast<typename Rows::acc_t>(x[v]);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    vector_math::bf16_to_float(reinterpret_cast<const uint16_t*>(x), V, z);
+  } else {
+    for (int64_t v = 0; v < V; ++v) z[v] = static_cast<typename Rows::acc_t>(x[v]);
+  }
   return Rows::transform_max(z, V, o);
+}
+
+// grad_row = z rounded to the logits' dtype (a no-op cast when they are the same).
+template <typename acc_t, typename scalar_t>
+void store_row(const acc_t* z, int64_t V, scalar_t* grad_row) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    vector_math::float_to_bf16(z, V, reinterpret_cast<uint16_t*>(grad_row));
+  } else {
+    for (int64_t v = 0; v < V; ++v) grad_row[v] = static_cast<scalar_t>(z[v]);
+  }
 }
 
 // Labels are checked here, before any row is read or written: a label outside [0, V)
@@ -195,9 +209,7 @@ void token_logprobs_backward_into(
           const acc_t label_term = g_lp[n] * Rows::derivative(z[y[n]], transform);
           Rows::grad(z, V, row_lse[n], g_lp[n], g_h == nullptr ? acc_t(0) : g_h[n], row_lse[n] - row_h[n], transform);
           z[y[n]] += label_term;
-          if constexpr (!stage_in_output) {
-            for (int64_t v = 0; v < V; ++v) grad_row[v] = static_cast<scalar_t>(z[v]);
-          }
+          if constexpr (!stage_in_output) store_row(z, V, grad_row);
         }
       });
     });
