@@ -83,7 +83,7 @@ run_version() {
                 --ignore=tests/test_trainer_distributed.py --ignore=tests/test_triton_aot.py \
                 --ignore=tests/test_gpu_script.py --ignore=tests/test_batch_invariance.py
         else
-            python -m pytest -q tests -p no:cacheprovider -k "not triton" "${SMOKE_TESTS[@]}"
+            python -m pytest -q -p no:cacheprovider -k "not triton" "${SMOKE_TESTS[@]}"
         fi
     )
     rm -rf "$venv"
