@@ -225,7 +225,7 @@ def test_opcheck(backend_name, options):
     policy = {"cpu": torch.ops.rlhf_kernels.ppo_policy_loss, "triton": torch.ops.rlhf_kernels.ppo_policy_loss_triton}
     value = {"cpu": torch.ops.rlhf_kernels.ppo_value_loss, "triton": torch.ops.rlhf_kernels.ppo_value_loss_triton}
     lp, old, adv, mask = _batch(4, 9)
-    weight = ppo_ops.row_weights(mask, "seq-mean-token-mean")
+    weight = ppo_ops.row_weights(mask.sum(-1), mask.shape[1], "seq-mean-token-mean")
     for need_grad in (False, True):
         torch.library.opcheck(
             policy[backend_name].default,

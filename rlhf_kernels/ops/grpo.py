@@ -26,10 +26,9 @@ import torch
 
 from .. import _extension
 from ..reference import grpo as _reference
-from ..reference.autograd import recording_backward, vjp
 from ..reference.masked import masked_sum
 from ..reference.ppo import valid_only
-from . import needs_grad
+from . import needs_grad, stored_gradient
 
 N_STATS = 8
 _N_TENSORS = 7  # the op's tensor inputs: logprobs ... row_weight
@@ -131,51 +130,9 @@ def _loss_rows(lp, old, adv, mask, is_weights, ref, row_weight, loss_code, kl_co
     return row_weight * masked_sum(loss, mask, dim=-1)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1], *inputs[:_N_TENSORS])
-    ctx.options = inputs[_N_TENSORS:]
-    ctx.handed_out = False
-    # The gradient output is never differentiated: no [B, T] of zeros for its gradient.
-    ctx.set_materialize_grads(False)
-
-
-def _backward_of(op_name: str):
-    def backward(ctx, grad_row_stats, _grad_grad):
-        """d loss / d logprobs = (d loss / d row_stats[b, 0]) * the stored per-token gradient.
-
-        The first backward hands the stored gradient itself out, scaled in place (skipped
-        on CPU when every row's scale is 1, loss.backward()'s case): no [B, T] allocation
-        and no copy, as the kernel's buffer is used once (its .data, so the saved tensor's
-        version is untouched). A second backward of the same graph (retain_graph=True)
-        runs the kernel again for a fresh one (the same bits); a recorded backward
-        (create_graph=True) differentiates the reference's formulas."""
-        grad, lp, *constants = ctx.saved_tensors
-        untouched = (None,) * (_N_TENSORS - 1 + len(ctx.options))
-        if grad_row_stats is None:  # no gradient reached row_stats (grads are not materialised)
-            return (None,) + untouched
-        scale = grad_row_stats[:, :1]
-        if recording_backward():  # create_graph=True: differentiable, from the reference's formulas
-            rows = lambda x: _loss_rows(x, *constants, *ctx.options)
-            (grad_lp,) = vjp(rows, [lp], ctx.needs_input_grad[:1], [grad_row_stats[:, 0]])
-            return (grad_lp,) + untouched
-        if type(grad) is not torch.Tensor:  # traced (fake / functional tensors): no aliasing, no data checks
-            return (scale * grad,) + untouched
-        if ctx.handed_out:
-            op = getattr(torch.ops.rlhf_kernels, op_name.split("::")[1])
-            _, fresh = op(lp, *constants, *ctx.options[:-1], True)
-            return (scale * fresh,) + untouched
-        ctx.handed_out = True
-        grad = grad.data
-        if grad.device.type != "cpu" or not bool((scale == 1).all()):
-            grad.mul_(scale)
-        return (grad,) + untouched
-
-    return backward
-
-
 def _register(op_name: str) -> None:
     torch.library.register_fake(op_name, _fake)
-    torch.library.register_autograd(op_name, _backward_of(op_name), setup_context=_setup_context)
+    stored_gradient.register(op_name, _N_TENSORS, _loss_rows)
 
 
 _register("rlhf_kernels::grpo_policy_loss_triton")

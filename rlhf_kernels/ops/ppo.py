@@ -4,8 +4,9 @@ The kernels (csrc/cpu/ppo.cpp, rlhf_kernels/triton/ppo.py) return per-row sums a
 the per-token gradient of the loss; the aggregation (agg) reaches them as one
 weight per row, computed here from the mask's row sums, so every agg mode is the
 same kernel: loss = sum_b row_weight_b sum_t mask_bt loss_bt. The backward is a
-scale of the stored gradient; under create_graph=True (double backward) it is the
-reference's per-token loss differentiated as a graph (reference/autograd.py).
+scale of the stored gradient, in place (ops/stored_gradient.py); under
+create_graph=True (double backward) it is the reference's per-token loss
+differentiated as a graph (reference/autograd.py).
 """
 
 from __future__ import annotations
@@ -16,18 +17,17 @@ from typing import Optional
 import torch
 
 from .. import _extension
-from ..reference.autograd import recording_backward, vjp
 from ..reference.masked import masked_sum
 from ..reference.ppo import policy_token_loss, valid_only, value_token_loss
-from . import needs_grad
+from . import needs_grad, stored_gradient
 
 _POLICY_STATS = ("clipfrac", "dual_clipfrac", "approx_kl")
 
 
-def row_weights(weights: torch.Tensor, agg: str) -> torch.Tensor:
-    """Per-row scale [B] of the aggregation `agg` (rlhf_kernels.reference.ppo.aggregate)."""
-    counts = weights.sum(-1)
-    B, T = weights.shape
+def row_weights(counts: torch.Tensor, T: int, agg: str) -> torch.Tensor:
+    """Per-row scale [B] of the aggregation `agg` (rlhf_kernels.reference.ppo.aggregate)
+    over rows of T positions with counts [B] valid ones."""
+    B = counts.shape[0]
     if agg == "token-mean":
         total = counts.sum()
         return torch.where(total > 0, 1 / torch.where(total > 0, total, 1), 0).expand(B).contiguous()
@@ -106,28 +106,9 @@ def _value_rows(values, old, returns, mask, row_weight, clip, _need_grad):
     return row_weight * masked_sum(loss, mask, dim=-1)
 
 
-def _setup_context_with_inputs(ctx, inputs, output):
-    ctx.save_for_backward(output[1], *inputs[:5])
-    ctx.options = inputs[5:]
-
-
-def _backward_of(rows):
-    def backward(ctx, grad_row_stats, _grad_grad):
-        """d loss / d input = (d loss / d row_stats[b, 0]) * stored per-token gradient."""
-        grad, x, *constants = ctx.saved_tensors
-        if recording_backward():  # create_graph=True: differentiable, from the reference's formulas
-            (grad_x,) = vjp(
-                lambda x: rows(x, *constants, *ctx.options), [x], ctx.needs_input_grad[:1], [grad_row_stats[:, 0]]
-            )
-            return (grad_x,) + (None,) * (4 + len(ctx.options))
-        return (grad_row_stats[:, :1] * grad,) + (None,) * (4 + len(ctx.options))
-
-    return backward
-
-
 def _register(op_name: str, n_stats: int, rows) -> None:
     torch.library.register_fake(op_name, _fake(n_stats))
-    torch.library.register_autograd(op_name, _backward_of(rows), setup_context=_setup_context_with_inputs)
+    stored_gradient.register(op_name, 5, rows)
 
 
 _register("rlhf_kernels::ppo_policy_loss_triton", 4, _policy_rows)
@@ -145,12 +126,13 @@ _OPS = {
 
 
 def _prepare(dtype: torch.dtype, mask: torch.Tensor, agg: str, *tensors: torch.Tensor):
+    """(tensors in dtype, mask weights, row weights, the number of valid positions)."""
     weights = mask.to(dtype).contiguous()
-    return [x.to(dtype).contiguous() for x in tensors], weights, row_weights(weights, agg)
+    counts = weights.sum(-1)
+    return [x.to(dtype).contiguous() for x in tensors], weights, row_weights(counts, weights.shape[1], agg), counts.sum()
 
 
-def _masked_fraction(total: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    count = weights.sum()
+def _masked_fraction(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, total / torch.where(count > 0, count, 1), 0)
 
 
@@ -158,7 +140,7 @@ def ppo_policy_loss(
     logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, dual_clip, log_ratio_clamp, agg, dtype, kernel
 ):
     """Runs `kernel` ("cpu" or "triton"); arguments and results as functional.ppo_policy_loss."""
-    (lp, old, adv), weights, row_weight = _prepare(
+    (lp, old, adv), weights, row_weight, count = _prepare(
         dtype, mask, agg, logprobs, old_logprobs.detach(), advantages.detach()
     )
     need_grad = needs_grad(logprobs)
@@ -175,15 +157,17 @@ def ppo_policy_loss(
         need_grad,
     )
     sums = row_stats.detach()[:, 1:].sum(0)
-    stats = {name: _masked_fraction(sums[i], weights) for i, name in enumerate(_POLICY_STATS)}
+    stats = {name: _masked_fraction(sums[i], count) for i, name in enumerate(_POLICY_STATS)}
     return row_stats[:, 0].sum(), stats
 
 
 def ppo_value_loss(values, old_values, returns, mask, *, clip, agg, dtype, kernel):
     """Runs `kernel` ("cpu" or "triton"); arguments and results as functional.ppo_value_loss."""
-    (v, old, ret), weights, row_weight = _prepare(dtype, mask, agg, values, old_values.detach(), returns.detach())
+    (v, old, ret), weights, row_weight, count = _prepare(
+        dtype, mask, agg, values, old_values.detach(), returns.detach()
+    )
     need_grad = needs_grad(values)
     row_stats, _ = _OPS[("value", kernel)]()(
         v, old, ret, weights, row_weight, None if clip is None else float(clip), need_grad
     )
-    return row_stats[:, 0].sum(), {"vf_clipfrac": _masked_fraction(row_stats.detach()[:, 1].sum(), weights)}
+    return row_stats[:, 0].sum(), {"vf_clipfrac": _masked_fraction(row_stats.detach()[:, 1].sum(), count)}
