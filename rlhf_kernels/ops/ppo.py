@@ -129,7 +129,12 @@ def _prepare(dtype: torch.dtype, mask: torch.Tensor, agg: str, *tensors: torch.T
     """(tensors in dtype, mask weights, row weights, the number of valid positions)."""
     weights = mask.to(dtype).contiguous()
     counts = weights.sum(-1)
-    return [x.to(dtype).contiguous() for x in tensors], weights, row_weights(counts, weights.shape[1], agg), counts.sum()
+    return (
+        [x.to(dtype).contiguous() for x in tensors],
+        weights,
+        row_weights(counts, weights.shape[1], agg),
+        counts.sum(),
+    )
 
 
 def _masked_fraction(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
