@@ -6,6 +6,14 @@ Rates use the useful work of the op, the same for every implementation:
 token_logprobs moves N*V logits once forward, three times forward+backward
 (read, re-read, write the gradient); linear_logprobs does 2NHV FLOPs forward and
 6NHV forward+backward (the logits, d hidden, d weight).
+
+trl_head cases: what TRL 1.16's trainers run, the fused LM head's
+`_ChunkedLogProbFunction.apply` with the outputs each trainer asks for
+(TRL_HEAD_OUTPUTS), TRL's own class against the drop-in rk_trl.patch() installs
+(rlhf_kernels.integrations.trl.ChunkedLogProbFunction), both with TRL's chunk size;
+at the linear shapes, inputs in the run's dtype (a trainer under bf16 autocast
+projects in bf16 too). forward+backward backpropagates the log-probs, as the
+trainers' losses do (the entropy and the statistics feed metrics and masks).
 """
 
 from __future__ import annotations
@@ -78,7 +86,9 @@ def linear_impls(device: str, quick: bool) -> dict[str, Callable]:
     if trl_chunked is not None:
         # TRL 1.16's fused LM head (what its DPO/GRPO trainers run; our trl.patch() replaces
         # it): 32768-wide vocabulary chunks as TRL's add_fused_lm_head passes them.
-        impls["trl ChunkedLogProbFunction"] = lambda h, w, y: trl_chunked.apply(h, w, None, y, 1.0, 32768)[0]
+        impls["trl ChunkedLogProbFunction"] = lambda h, w, y: trl_chunked.apply(
+            h, w, None, y, 1.0, 32768, None, 1.0, ("log_probs",)
+        )[0]  # the log-probs only, as ours (its default computes every statistic)
     cce = _optional("cut_cross_entropy", "linear_cross_entropy")
     if cce is not None and device == "cuda":
         impls["cce linear_cross_entropy"] = lambda h, w, y: -cce(h, w, y, reduction="none")
@@ -87,6 +97,34 @@ def linear_impls(device: str, quick: bool) -> dict[str, Callable]:
         loss = liger(reduction="none")
         impls["liger fused linear CE"] = lambda h, w, y: -loss(w, h, y)
     return impls
+
+
+# The outputs TRL 1.16's trainers ask of the fused LM head (add_fused_lm_head's
+# `outputs`), by case: (outputs, modes).
+TRL_HEAD_OUTPUTS = {
+    # DPOTrainer's policy (use_weighting adds log_sum_sq_probs)
+    "dpo-policy": (("log_probs", "entropy", "mean_logits", "is_top1"), ("forward", "forward+backward")),
+    # GRPOTrainer's policy (RLOO's and the async GRPO trainer's too)
+    "grpo-policy": (("log_probs", "entropy"), ("forward", "forward+backward")),
+    # every trainer's reference model: add_fused_lm_head's default, no gradient
+    "reference": (("log_probs",), ("forward",)),
+}
+
+
+def trl_head_impls(outputs: tuple) -> dict[str, Callable]:
+    """TRL's own fused-head function and our drop-in, called as TRL's head calls them
+    (temperature 1, no bias / softcap / scale); {} without TRL."""
+    theirs = _optional("trl.kernels.chunked_logprob", "ChunkedLogProbFunction")
+    if theirs is None:
+        return {}
+    from rlhf_kernels.integrations import trl as rk_trl
+
+    chunk = _optional("trl.trainer.utils", "_CHUNKED_LOGPROB_CHUNK_SIZE") or 32768
+
+    def call(cls):
+        return lambda h, w, y: cls.apply(h, w, None, y, 1.0, chunk, None, 1.0, outputs)[0]
+
+    return {"ours:trl drop-in": call(rk_trl.ChunkedLogProbFunction), "trl _ChunkedLogProbFunction": call(theirs)}
 
 
 def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
@@ -120,3 +158,22 @@ def cases(device: str, quick: bool, dtype: torch.dtype) -> Iterator[dict]:
             unit="TFLOP/s",
             work={"forward": 2 * N * H * V / 1e12, "forward+backward": 6 * N * H * V / 1e12},
         )
+    for N, H, V in shapes["linear"]:
+        for trainer, (outputs, modes) in TRL_HEAD_OUTPUTS.items():
+            impls = trl_head_impls(outputs)
+            if not impls:
+                break
+
+            def make(N=N, H=H, V=V):
+                hidden = torch.randn(N, H, device=device, dtype=dtype)
+                weight = torch.randn(V, H, device=device, dtype=dtype) / H**0.5
+                return (hidden, weight, torch.randint(0, V, (N,), device=device)), (0, 1)
+
+            yield dict(
+                name=f"trl_head {trainer} N={N} H={H} V={V} {str(dtype)[6:]}",
+                impls=impls,
+                make=make,
+                modes=modes,
+                unit="TFLOP/s",
+                work={"forward": 2 * N * H * V / 1e12, "forward+backward": 6 * N * H * V / 1e12},
+            )

@@ -11,6 +11,7 @@ from conftest import random_mask
 
 from rlhf_kernels.integrations import openrlhf, verl
 from rlhf_kernels.integrations import trl as rk_trl
+from rlhf_kernels.integrations._version import installed_version, is_supported
 
 B, T, V = 4, 9, 37
 
@@ -38,9 +39,19 @@ def _logps(*shape):
 
 
 # ---------------------------------------------------------------------- TRL ------
-trl_utils = pytest.importorskip("trl.trainer.utils")
+try:
+    import trl.trainer.utils as trl_utils
+except ImportError:
+    trl_utils = None
+_TRL_VERSION = installed_version("trl")
+# The drop-ins follow SUPPORTED_VERSIONS only (the test extra pins it; another TRL skips).
+needs_trl = pytest.mark.skipif(
+    trl_utils is None or not is_supported(_TRL_VERSION, rk_trl.SUPPORTED_VERSIONS),
+    reason=f"trl {_TRL_VERSION} is installed; the drop-ins follow trl {', '.join(rk_trl.SUPPORTED_VERSIONS)}",
+)
 
 
+@needs_trl
 @pytest.mark.parametrize("top_k", [None, 3])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("row_mask", [False, True])
@@ -55,17 +66,120 @@ def test_trl_selective_log_softmax(top_k, temperature, row_mask):
     _same(call(rk_trl.selective_log_softmax), call(trl_utils.selective_log_softmax), logits)
 
 
+@needs_trl
 def test_trl_selective_log_softmax_keeps_the_logits_dtype():
     logits = torch.randn(3, 5, V, dtype=torch.bfloat16)
     index = torch.randint(0, V, (3, 5))
     got = rk_trl.selective_log_softmax(logits, index)
     want = trl_utils.selective_log_softmax(logits, index)
     assert got.dtype == want.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)  # TRL rounds its log_softmax to bf16
+    assert torch.equal(got, want)  # TRL's own 16-bit arithmetic (test_dropin_semantics.py)
 
 
+@needs_trl
 def test_trl_entropy_from_logits():
     _same(rk_trl.entropy_from_logits, trl_utils.entropy_from_logits, 2 * torch.randn(B, T, V))
+
+
+ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+@needs_trl
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [(1.0, None, 1.0), (0.7, 30.0, 0.5)], ids=["plain", "T-softcap-scale"])
+def test_trl_chunked_log_prob_function_every_output(dtype, options):
+    """Every output TRL 1.16's ChunkedLogProbFunction computes, with a bias and a chunk
+    size small enough that the statistics pass runs one row at a time (its cap), against
+    TRL's class; outputs in TRL's dtypes, gradients of log_probs and entropy."""
+    temperature, softcap, scale = options
+    n, h, v, chunk = 64, 16, 300, 16
+    assert rk_trl._stats_chunk_rows(n, v, chunk, dtype, "cpu") == 1
+    hidden, weight, bias = torch.randn(n, h).to(dtype), (torch.randn(v, h) / 2).to(dtype), torch.randn(v).to(dtype)
+    targets = torch.randint(0, v, (n,))
+    from trl.kernels import ChunkedLogProbFunction as theirs
+
+    def run(cls):
+        leaves = [x.detach().clone().requires_grad_(True) for x in (hidden, weight, bias)]
+        out = cls.apply(*leaves[:2], leaves[2], targets, temperature, chunk, softcap, scale, ALL_OUTPUTS)
+        (out[0].sum() + 0.5 * out[1].sum()).backward()
+        return out, [leaf.grad for leaf in leaves]
+
+    (got, got_grads), (want, want_grads) = run(rk_trl.ChunkedLogProbFunction), run(theirs)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    for name, g, w in zip(ALL_OUTPUTS, got, want):
+        assert g.dtype == w.dtype, name
+        if name == "is_top1":
+            # bf16: TRL rounds its logits tile to bf16 (ties), ours are the fp32 GEMM's
+            assert (g == w).float().mean() >= (1.0 if dtype == torch.float32 else 0.9), name
+        else:
+            torch.testing.assert_close(g.float(), w.float(), **tol, msg=name)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(
+            g.float(), w.float(), **(tol if dtype == torch.float32 else dict(atol=0.1, rtol=0.05))
+        )
+
+
+@needs_trl
+def test_trl_chunked_log_prob_function_computes_only_what_is_asked(monkeypatch):
+    """outputs=("log_probs",) (what TRL's head asks of a reference model): no entropy,
+    no statistics pass; ("log_probs", "entropy") (GRPO): the entropy, still no pass."""
+    import rlhf_kernels as rk
+
+    calls = {"entropy": [], "stats": 0}
+    linear_logprobs, statistics = rk.linear_logprobs, rk_trl._logit_statistics
+
+    def spy_linear(*args, **kwargs):
+        calls["entropy"].append(kwargs["return_entropy"])
+        return linear_logprobs(*args, **kwargs)
+
+    def spy_statistics(*args, **kwargs):
+        calls["stats"] += 1
+        return statistics(*args, **kwargs)
+
+    monkeypatch.setattr(rk, "linear_logprobs", spy_linear)
+    monkeypatch.setattr(rk_trl, "_logit_statistics", spy_statistics)
+    hidden, weight, targets = torch.randn(6, 8), torch.randn(20, 8), torch.randint(0, 20, (6,))
+    out = rk_trl.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 32768, None, 1.0, ("log_probs",))
+    assert out[0].shape == (6,) and all(x is None for x in out[1:])
+    out = rk_trl.ChunkedLogProbFunction.apply(
+        hidden, weight, None, targets, 1.0, 32768, None, 1.0, ("log_probs", "entropy")
+    )
+    assert out[1].shape == (6,) and all(x is None for x in out[2:])
+    assert calls == {"entropy": [False, True], "stats": 0}
+    out = rk_trl.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 32768, None, 1.0, ALL_OUTPUTS)
+    assert calls["stats"] == 1 and all(x is not None for x in out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("n,v,chunk", [(16384, 128256, 32768), (8192, 152064, 32768), (100, 32000, 32768),
+                                       (3, 50000, 32768), (1, 262144, 32768), (64, 300, 16)])  # fmt: skip
+def test_trl_statistics_pass_holds_no_more_than_trls_tile(dtype, device, n, v, chunk):
+    """The no-grad statistics pass (mean_logits, is_top1, log_sum_sq_probs) holds at most
+    _stats_bytes_per_logit bytes per logit of its [rows, V] chunk (the GEMM output and its
+    fp32 copy, or the fp32 logits and logsumexp's temporary); its rows keep that within
+    TRL's own [min(N, 4096), chunk_size] tile in the compute dtype (the CUDA chunks of
+    the other chunked paths are >= 2048 rows x V fp32: 1 GiB at V = 128k), one row at
+    least. The chunk size is computed, not allocated: CPU-testable for CUDA too."""
+    rows = rk_trl._stats_chunk_rows(n, v, chunk, dtype, torch.device(device))
+    tile = min(n, rk_trl.TRL_TOKEN_TILE) * chunk * dtype.itemsize
+    assert 1 <= rows <= n
+    per_logit = rk_trl._stats_bytes_per_logit(dtype)
+    assert per_logit >= 4 + (dtype.itemsize if dtype != torch.float32 else 0) and per_logit >= 8
+    assert rows == 1 or rows * v * per_logit <= tile
+    if device == "cuda" and v >= 128256 and dtype == torch.bfloat16:
+        assert rows * v * per_logit <= 256 * 2**20  # TRL's 4096 x 32768 bf16 tile
+
+
+@needs_trl
+def test_trl_chunked_log_prob_function_without_tokens():
+    """No valid label in a micro-batch (TRL's compact head passes N = 0): empty outputs,
+    as TRL's, and a zero gradient."""
+    hidden, weight = torch.randn(0, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    out = rk_trl.ChunkedLogProbFunction.apply(hidden, weight, None, torch.zeros(0, dtype=torch.long), 1.0, 32768)
+    assert [x.shape for x in out] == [(0,)] * 5 and out[4].dtype == torch.bool
+    out[0].sum().backward()
+    assert weight.grad is not None and not weight.grad.any()
 
 
 @pytest.mark.parametrize("shift_mean", [True, False])
@@ -79,6 +193,7 @@ def test_trl_masked_statistics(shift_mean):
     _same(lambda v: rk_trl.masked_whiten(v, mask, shift_mean), lambda v: ref.trl_masked_whiten(v, mask, shift_mean), x)
 
 
+@needs_trl
 def test_trl_patch_runs_unchanged_trl_code_on_our_kernels():
     loss_utils = pytest.importorskip("trl.experimental.sdpo.loss_utils")
     student, teacher = torch.randn(B, T, V), torch.randn(B, T, V)

@@ -26,6 +26,15 @@ pytest.importorskip("rlhf_trainer")
 
 import rlhf_kernels as rk  # noqa: E402
 from rlhf_kernels.integrations import trl as rk_trl  # noqa: E402
+from rlhf_kernels.integrations._version import installed_version, is_supported  # noqa: E402
+
+if not is_supported(installed_version("trl"), rk_trl.SUPPORTED_VERSIONS):
+    # Another TRL (the test extra pins 1.16): patch() refuses it and these tests would fail.
+    pytest.skip(
+        f"trl {installed_version('trl')} is installed; the drop-ins follow trl "
+        f"{', '.join(rk_trl.SUPPORTED_VERSIONS)} (patch() refuses others)",
+        allow_module_level=True,
+    )
 from rlhf_trainer.models import tiny_model  # noqa: E402
 from rlhf_trainer.tokenizer import builtin_tokenizer  # noqa: E402
 
@@ -430,3 +439,39 @@ def test_patch_refuses_an_unsupported_trl_version(monkeypatch):
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     assert GRPOTrainer._compute_loss is not rk_trl.trl_grpo.compute_loss
+
+
+def test_patched_block_inside_a_patch_keeps_it():
+    """patch(); with patched(): ... leaves TRL patched (the block patched nothing, so it
+    unpatches nothing); the outer unpatch() restores TRL."""
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    theirs = trl_utils._ChunkedLogProbFunction
+    try:
+        assert rk_trl.patch() > 0
+        with rk_trl.patched() as count:
+            assert count == 0
+        assert trl_utils._ChunkedLogProbFunction is rk_trl.ChunkedLogProbFunction
+        assert trl_utils.selective_log_softmax is rk_trl.selective_log_softmax
+        assert GRPOTrainer._compute_loss is rk_trl.trl_grpo.compute_loss
+    finally:
+        rk_trl.unpatch()
+    assert trl_utils._ChunkedLogProbFunction is theirs
+    assert GRPOTrainer._compute_loss is not rk_trl.trl_grpo.compute_loss
+
+
+def test_patch_replaces_trls_objects_only_under_their_names():
+    """trl.kernels' Triton selective_log_softmax_and_entropy (another function, another
+    signature) and the public trl.kernels.ChunkedLogProbFunction stay TRL's; what the
+    trainers call (trl.trainer.utils and its importers) is replaced."""
+    import trl.kernels
+    import trl.trainer.utils as trl_utils
+
+    kernels_before = dict(vars(trl.kernels))
+    with rk_trl.patched():
+        assert trl.kernels.ChunkedLogProbFunction is not rk_trl.ChunkedLogProbFunction
+        assert trl_utils._ChunkedLogProbFunction is rk_trl.ChunkedLogProbFunction
+        assert trl_utils.selective_log_softmax_and_entropy is rk_trl.selective_log_softmax_and_entropy
+        for name, value in vars(trl.kernels).items():
+            assert kernels_before.get(name) is value, name

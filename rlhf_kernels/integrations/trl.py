@@ -5,13 +5,23 @@
     ...                       # an unchanged TRL trainer / loss
     rk_trl.unpatch()          # or: with rk_trl.patched(): ...
 
-What TRL 1.16's trainers call: DPOTrainer and GRPOTrainer compute every log-prob through
-the fused LM head that `add_fused_lm_head` installs, which calls
-`trl.trainer.utils._ChunkedLogProbFunction` (trl.kernels.ChunkedLogProbFunction) at
-each forward: ChunkedLogProbFunction below is its drop-in, on rk.linear_logprobs (one
-fused kernel, no [N, V] logits; entropy with it). selective_log_softmax,
-selective_log_softmax_and_entropy and entropy_from_logits are TRL 1.16's
-(trl.trainer.utils).
+What TRL 1.16's trainers call: DPOTrainer and GRPOTrainer (and SFT, KTO, RLOO and the
+experimental async GRPO trainer, which install the same head) compute every log-prob
+through the fused LM head that `add_fused_lm_head` installs, which calls
+`trl.trainer.utils._ChunkedLogProbFunction` at each forward: ChunkedLogProbFunction
+below is its drop-in, on rk.linear_logprobs (one fused kernel, no [N, V] logits;
+entropy with it when asked). The public name trl.kernels.ChunkedLogProbFunction (the
+same class, which no trainer calls by that name) is left as TRL's.
+selective_log_softmax, selective_log_softmax_and_entropy and entropy_from_logits are
+TRL 1.16's (trl.trainer.utils), with TRL's dispatch: where TRL runs its Triton kernel
+(CUDA / XPU logits, Triton installed, TRL's own shape test) ours run rk's kernel and
+return float32, as TRL's kernel does, 16-bit logits included; elsewhere float32 and
+float64 logits run rk's kernel (output in the logits dtype, within fp32 / fp64
+rounding of TRL's), and float16 / bfloat16 logits run TRL's own arithmetic (the
+temperature division, log_softmax and entropy in the 16-bit dtype, TRL's loops):
+TRL's bits, TRL's memory. rk's kernel rounds its fp32 result once; TRL's 16-bit
+log_softmax differs from that by up to one ulp of the 16-bit type, its entropy (three
+16-bit roundings) by more, so the 16-bit path is TRL's code, not the kernel.
 GRPOTrainer's loss: patch() also replaces `GRPOTrainer._compute_loss` by
 trl_grpo.compute_loss (TRL's forward, masks and metrics; the per-token loss, its
 normaliser, the KL and the entropy bonus by rk.policy_loss; trl_grpo.py has the
@@ -26,51 +36,117 @@ over one valid element gives 0 (TRL: NaN from its Bessel correction).
 
 from __future__ import annotations
 
-import contextlib
-import sys
+import importlib
 import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 import rlhf_kernels as rk
 
 from . import trl_grpo
+from ._patching import Patches, loaded_modules, patched_block
 from ._version import supported_version
 
 # TRL versions whose signatures and semantics these drop-ins follow (patch() refuses others).
 SUPPORTED_VERSIONS = ("1.16.*",)
 # TRL's ChunkedLogProbFunction outputs besides the log-probabilities (trl.kernels.chunked_logprob).
 _CHUNKED_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _trl_runs_its_kernel(
+    logits: torch.Tensor, index: Optional[torch.Tensor] = None, row_mask: Optional[torch.Tensor] = None
+) -> bool:
+    """Whether TRL 1.16 computes this call with its Triton kernel
+    (trl.kernels.selective_log_softmax_and_entropy: fp32 arithmetic, float32 outputs):
+    CUDA / XPU logits, Triton installed and TRL's own test of the shapes and dtypes
+    (trl.trainer.utils._supports_trl_loss_kernel). Elsewhere TRL runs torch ops."""
+    if logits.device.type not in ("cuda", "xpu"):
+        return False
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:  # no TRL: its torch path is the semantics to follow
+        return False
+    return bool(trl_utils.is_triton_available() and trl_utils._supports_trl_loss_kernel(logits, index, row_mask))
+
+
+def _trl_half_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature: float, row_mask) -> torch.Tensor:
+    """TRL 1.16's torch path for float16 / bfloat16 logits, operation for operation (its
+    bits): the logits divided by the temperature in their dtype, then log_softmax in that
+    dtype of each slice along the first dimension (TRL's loop), gathered; masked rows 0.
+    1-D logits are one row (TRL's loop would iterate over their elements and fail)."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    squeeze = index.ndim == logits.ndim - 1
+    if squeeze:
+        index = index.unsqueeze(-1)
+    if logits.ndim == 1:
+        logprobs = F.log_softmax(logits, dim=-1).gather(-1, index)
+    else:
+        if index.shape[0] != logits.shape[0]:
+            raise ValueError(f"index {tuple(index.shape)} does not match logits {tuple(logits.shape)}")
+        logprobs = torch.stack(
+            [F.log_softmax(rows, dim=-1).gather(-1, rows_index) for rows, rows_index in zip(logits, index)]
+        )
+    if squeeze:
+        logprobs = logprobs.squeeze(-1)
+    if row_mask is not None:
+        logprobs = logprobs.masked_fill(row_mask == 0, 0.0)
+    return logprobs
+
+
+def _trl_half_entropy(logits: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """TRL 1.16's torch entropy for float16 / bfloat16 logits, operation for operation:
+    rows in chunks of chunk_size, -(exp(log_softmax) * log_softmax).sum(-1) in the
+    16-bit dtype."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    parts = []
+    for chunk in flat.split(chunk_size, dim=0):
+        logps = F.log_softmax(chunk, dim=-1)
+        parts.append(-(torch.exp(logps) * logps).sum(-1))
+    return torch.cat(parts, dim=0).reshape(logits.shape[:-1])
 
 
 def selective_log_softmax(
     logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0, row_mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """log_softmax(logits / temperature).gather(-1, index): index of shape (...) or
-    (..., K) (top-K); rows where row_mask == 0 give 0. Output in the logits dtype."""
+    (..., K) (top-K); rows where row_mask == 0 give 0. As TRL 1.16: float32 where TRL
+    runs its Triton kernel (rk's kernel here); float16 / bfloat16 logits elsewhere run
+    TRL's own 16-bit arithmetic (TRL's bits and dtype); float32 / float64 logits run
+    rk's kernel, output in the logits dtype."""
     if temperature <= 0:
         raise ValueError("temperature must be positive")
+    trl_kernel = _trl_runs_its_kernel(logits, index, row_mask)
+    if logits.dtype in _HALF and not trl_kernel:
+        return _trl_half_log_softmax(logits, index, temperature, row_mask)
     top_k = index.ndim == logits.ndim
     first = index[..., 0] if top_k else index
     logprobs = rk.token_logprobs(logits, first, temperature=temperature)
     if top_k:
         # One kernel pass gives log p(first) = z_first / T - lse; the other K - 1 columns
         # reuse that row's lse: log p(k) = z_k / T - lse.
-        scaled = logits.gather(-1, index).float() / temperature
+        scaled = logits.gather(-1, index).to(logprobs.dtype) / temperature
         lse = scaled[..., :1] - logprobs.unsqueeze(-1)
         logprobs = scaled - lse
     if row_mask is not None:
         logprobs = logprobs.masked_fill(row_mask == 0, 0.0)
-    return logprobs.to(logits.dtype)
+    return logprobs if trl_kernel else logprobs.to(logits.dtype)
 
 
 def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
-    """Entropy (nats) of softmax(logits) per row, in the logits dtype. chunk_size is
-    accepted for TRL's signature; the kernel streams rows and needs no chunking."""
+    """Entropy (nats) of softmax(logits) per row. As TRL 1.16: float32 where TRL runs its
+    Triton kernel (rk's kernel here); float16 / bfloat16 logits elsewhere run TRL's own
+    16-bit arithmetic in chunks of chunk_size rows (TRL's bits); float32 / float64 logits
+    run rk's kernel (streams rows, chunk_size not needed), output in the logits dtype."""
+    trl_kernel = _trl_runs_its_kernel(logits)
+    if logits.dtype in _HALF and not trl_kernel:
+        return _trl_half_entropy(logits, chunk_size)
     labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
     _, entropy = rk.token_logprobs(logits, labels, return_entropy=True)
-    return entropy.to(logits.dtype)
+    return entropy if trl_kernel else entropy.to(logits.dtype)
 
 
 def selective_log_softmax_and_entropy(
@@ -80,52 +156,107 @@ def selective_log_softmax_and_entropy(
     temperature: float = 1.0,
     row_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log_softmax(logits / T).gather(index), entropy) in one pass over the logits; rows
-    where row_mask == 0 give 0 and 0. Outputs in the logits dtype, as TRL's."""
+    """(log_softmax(logits / T).gather(index), entropy of softmax(logits / T)); rows where
+    row_mask == 0 give 0 and 0. Dispatch and dtypes as selective_log_softmax: one rk
+    kernel pass for both outputs (float32 where TRL runs its Triton kernel, else the
+    logits dtype), TRL's own 16-bit arithmetic for float16 / bfloat16 logits elsewhere
+    (the logits divided by T in their dtype, then TRL's log_softmax and entropy)."""
     if temperature <= 0:
         raise ValueError("temperature must be positive")
+    trl_kernel = _trl_runs_its_kernel(logits, index, row_mask)
+    if logits.dtype in _HALF and not trl_kernel:
+        if temperature != 1.0:
+            logits = logits / temperature
+        logprobs = _trl_half_log_softmax(logits, index, 1.0, row_mask)
+        with torch.set_grad_enabled(entropy_requires_grad and torch.is_grad_enabled()):
+            entropy = _trl_half_entropy(logits, 128)
+        if row_mask is not None:
+            entropy = entropy.masked_fill(row_mask == 0, 0.0)
+        return logprobs, entropy
     logprobs, entropy = rk.token_logprobs(logits, index, temperature=temperature, return_entropy=True)
     if not entropy_requires_grad:
         entropy = entropy.detach()
     if row_mask is not None:
         logprobs = logprobs.masked_fill(row_mask == 0, 0.0)
         entropy = entropy.masked_fill(row_mask == 0, 0.0)
+    if trl_kernel:
+        return logprobs, entropy
     return logprobs.to(logits.dtype), entropy.to(logits.dtype)
 
 
-def _logit_statistics(hidden, weight, bias, targets, temperature, softcap, logit_scale, names) -> dict:
+# TRL 1.16's fused LM head projects [min(N, TRL_TOKEN_TILE), chunk_size] tiles of the
+# logits in the compute dtype (trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE; chunk_size
+# is _CHUNKED_LOGPROB_CHUNK_SIZE = 32768 from add_fused_lm_head).
+TRL_TOKEN_TILE = 4096
+
+
+def _stats_bytes_per_logit(dtype: torch.dtype) -> int:
+    """The most bytes _logit_statistics holds per logit of its chunk at once: the GEMM
+    output and its fp32 copy (none for fp32), or the fp32 logits and logsumexp's one
+    [rows, V] temporary."""
+    size = dtype.itemsize
+    return max(8, 4 + (size if size != 4 else 0))
+
+
+def _stats_chunk_rows(n_rows: int, vocab: int, chunk_size: int, dtype: torch.dtype, device) -> int:
+    """Rows per chunk of the metric-statistics pass: the rows of the chunked paths
+    (reference.logprobs.chunk_rows), capped so that the pass never holds more bytes than
+    the logits tile TRL's own head holds (min(N, 4096) x chunk_size in the compute dtype);
+    at least one row."""
+    from ..reference.logprobs import chunk_rows
+
+    tile_bytes = min(n_rows, TRL_TOKEN_TILE) * chunk_size * dtype.itemsize
+    cap = tile_bytes // (_stats_bytes_per_logit(dtype) * max(vocab, 1))
+    return max(1, min(chunk_rows(n_rows, vocab, device), cap))
+
+
+def _logit_statistics(hidden, weight, bias, targets, temperature, softcap, logit_scale, names, chunk_size) -> dict:
     """TRL's per-token metric statistics (no gradient), in row chunks of the logits:
     mean_logits = mean_v z, is_top1 = (argmax_v z == target, the first maximum wins, as
     TRL's running-max test), log_sum_sq_probs = log sum_v p_v^2 = logsumexp(2 z) - 2 lse,
-    with z the transformed fp32 logits."""
-    from ..reference.logprobs import LogitTransform, chunk_rows
-
-    transform = LogitTransform(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
+    with z the transformed fp32 logits (LogitTransform's arithmetic, in place)."""
+    n, vocab = hidden.shape[0], weight.shape[0]
     out = {name: [] for name in names}
-    step = chunk_rows(hidden.shape[0], weight.shape[0], hidden.device)
+    step = _stats_chunk_rows(n, vocab, chunk_size, hidden.dtype, hidden.device)
     with torch.no_grad():
-        for start in range(0, hidden.shape[0], step):
-            z = transform.apply(torch.nn.functional.linear(hidden[start : start + step], weight, bias).float())
+        for start in range(0, n, step):
+            z = torch.nn.functional.linear(hidden[start : start + step], weight, bias)
+            z = z.float()  # the GEMM output, or an fp32 copy of it (the 16-bit output is freed here)
+            if logit_scale != 1.0:
+                z.mul_(logit_scale)
+            if softcap is not None:
+                z.div_(softcap).tanh_().mul_(softcap)
+            if temperature != 1.0:
+                z.div_(temperature)
             if "mean_logits" in out:
                 out["mean_logits"].append(z.mean(-1))
             if "is_top1" in out:
                 out["is_top1"].append(z.argmax(-1) == targets[start : start + step])
             if "log_sum_sq_probs" in out:
-                out["log_sum_sq_probs"].append(torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1))
-    return {name: torch.cat(chunks) for name, chunks in out.items()}
+                lse = torch.logsumexp(z, -1)
+                out["log_sum_sq_probs"].append(torch.logsumexp(z.mul_(2), -1) - 2 * lse)
+            del z
+    empty = {"is_top1": torch.bool}
+    return {
+        name: torch.cat(chunks) if chunks else hidden.new_empty(0, dtype=empty.get(name, torch.float32))
+        for name, chunks in out.items()
+    }
 
 
 class ChunkedLogProbFunction:
     """TRL 1.16's trl.kernels.ChunkedLogProbFunction, called as TRL's fused LM head calls
     it: apply(hidden [N, H], weight [V, H], bias [V] or None, targets [N], temperature,
     chunk_size, final_logit_softcapping=None, logit_scale=1.0, outputs=...) ->
-    (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each [N] (float32; is_top1
-    bool) or None when not requested. log_probs and entropy come from rk.linear_logprobs,
-    differentiable w.r.t. hidden, weight and bias (chunk_size is TRL's tiling knob, not
-    needed). The metric statistics DPOTrainer asks for (mean_logits, is_top1,
-    log_sum_sq_probs: no gradient) take a second, no-grad pass over row chunks of the
-    logits (the kernels do not compute them yet). The projection runs in the autocast
-    dtype when autocast is on, as TRL's does."""
+    (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each [N] (float32, as
+    TRL's; is_top1 bool), each optional one None unless named in outputs (TRL computes
+    only those too). log_probs, and entropy when asked, come from one rk.linear_logprobs
+    call, differentiable w.r.t. hidden, weight and bias (chunk_size is TRL's tiling
+    knob: the kernel does not need it). The metric statistics (mean_logits, is_top1,
+    log_sum_sq_probs: no gradient; DPOTrainer, KTOTrainer and SFTTrainer ask for some)
+    take a second, no-grad pass over row chunks of the logits, sized to hold no more
+    bytes than TRL's own [4096, chunk_size] tile (the kernels do not compute them yet);
+    none when none is asked. The projection runs in the autocast dtype when autocast
+    is on, as TRL's does."""
 
     @staticmethod
     def apply(
@@ -145,14 +276,18 @@ class ChunkedLogProbFunction:
         bias = None if bias is None else bias.to(dtype)
         options = {"temperature": temperature, "softcap": final_logit_softcapping, "logit_scale": logit_scale}
         with torch.autocast(device_type, enabled=False):
-            logprobs, entropy = rk.linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True, **options)
+            with_entropy = "entropy" in outputs
+            result = rk.linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=with_entropy, **options)
+            logprobs, entropy = result if with_entropy else (result, None)
             extra = [name for name in ("log_sum_sq_probs", "mean_logits", "is_top1") if name in outputs]
-            stats = _logit_statistics(
-                hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, extra
-            )
+            stats = {}
+            if extra:
+                stats = _logit_statistics(
+                    hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, extra, chunk_size
+                )
         return (
-            logprobs,
-            entropy if "entropy" in outputs else None,
+            logprobs.float(),  # float32 as TRL's (its statistics are float32 for float64 inputs too)
+            None if entropy is None else entropy.float(),
             stats.get("log_sum_sq_probs"),
             stats.get("mean_logits"),
             stats.get("is_top1"),
@@ -194,16 +329,12 @@ DROP_INS = {
     "masked_var": masked_var,
     "masked_whiten": masked_whiten,
 }
-_patched: list[tuple[object, str, object]] = []
+_patches = Patches()
 
 
 def _trl_modules():
-    import importlib
-
     importlib.import_module("trl.trainer.utils")  # the home of the log-prob helpers
-    return [
-        module for name, module in list(sys.modules.items()) if module and (name == "trl" or name.startswith("trl."))
-    ]
+    return loaded_modules("trl")
 
 
 def _supported() -> bool:
@@ -223,47 +354,43 @@ def _patch_grpo_loss() -> None:
     if getattr(theirs, "__module__", None) != "trl.trainer.grpo_trainer":
         return  # already replaced by someone else: leave it
     trl_grpo.TRL_COMPUTE_LOSS = theirs
-    GRPOTrainer._compute_loss = trl_grpo.compute_loss
-    _patched.append((GRPOTrainer, "_compute_loss", theirs))
+    _patches.set_attr(GRPOTrainer, "_compute_loss", trl_grpo.compute_loss)
 
 
 def patch() -> int:
-    """Replaces TRL's functions of DROP_INS's names in every loaded trl module that holds
-    them (the defining module and every `from ... import name`) and GRPOTrainer's
-    _compute_loss (by trl_grpo.compute_loss); returns how many attributes were replaced.
-    Modules imported later see the patched trl.trainer.utils. With a TRL version other
-    than SUPPORTED_VERSIONS it warns and patches nothing."""
-    if _patched or not _supported():
+    """Replaces TRL's functions of DROP_INS's names, as trl.trainer.utils defines or
+    imports them, in every loaded trl module that holds that very object under that name
+    (trl.trainer.utils and every `from ... import name`; trl.kernels' own names, e.g. its
+    Triton selective_log_softmax_and_entropy and the public ChunkedLogProbFunction, are
+    other objects or names and stay TRL's), and GRPOTrainer's _compute_loss (by
+    trl_grpo.compute_loss); returns how many attributes were replaced. Modules imported
+    later see the patched trl.trainer.utils. With a TRL version other than
+    SUPPORTED_VERSIONS it warns and patches nothing; while patched, a second patch()
+    returns 0."""
+    if _patches or not _supported():
         return 0
     _patch_grpo_loss()
+    utils = importlib.import_module("trl.trainer.utils")
+    theirs = {
+        name: getattr(utils, name)
+        for name in DROP_INS
+        if callable(getattr(utils, name, None)) and getattr(getattr(utils, name), "__module__", "").startswith("trl")
+    }
     for module in _trl_modules():
-        for name, ours in DROP_INS.items():
-            theirs = getattr(module, name, None)
-            if callable(theirs) and getattr(theirs, "__module__", "").startswith("trl"):
-                setattr(module, name, ours)
-                _patched.append((module, name, theirs))
-    return len(_patched)
+        namespace = vars(module)
+        for name, original in theirs.items():
+            if namespace.get(name) is original:
+                _patches.set_attr(module, name, DROP_INS[name])
+    return len(_patches)
 
 
 def unpatch() -> None:
     """Restores every attribute patch() replaced, and TRL's function wherever a trl
     module imported ours while patched."""
-    originals = {}
-    while _patched:
-        module, name, theirs = _patched.pop()
-        setattr(module, name, theirs)
-        originals[name] = theirs
-    for module in _trl_modules():
-        for name, ours in DROP_INS.items():
-            if getattr(module, name, None) is ours and name in originals:
-                setattr(module, name, originals[name])
+    if _patches:
+        _patches.undo(_trl_modules())
 
 
-@contextlib.contextmanager
-def patched():
-    """with patched(): TRL runs on rlhf_kernels inside the block."""
-    patch()
-    try:
-        yield
-    finally:
-        unpatch()
+patched = patched_block(patch, unpatch)
+patched.__doc__ = """with patched(): TRL runs on rlhf_kernels inside the block (a block entered while
+already patched leaves the outer patch in place); yields patch()'s count."""
