@@ -34,7 +34,7 @@ single-process ops do, so no [N, V_r] fp32 logits exist beyond one chunk. The co
 cpu / triton kernels are not used on this path (they do not expose the partial
 statistics); ``backend=`` must be None or "reference" with a group. Not traced by
 torch.compile (the collectives are eager torch.distributed calls), and double backward
-(create_graph=True) is not supported.
+(create_graph=True) is not supported: a NotImplementedError naming the op and backend.
 """
 
 from __future__ import annotations
@@ -379,8 +379,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        if recording_backward():
-            raise NotImplementedError("double backward (create_graph=True) is not supported with process_group")
+        _no_double_backward("token_logprobs")
         logits, labels, lse, entropy = ctx.saved_tensors
         layout, opts = ctx.layout, ctx.opts
         dtype = compute_dtype(logits.dtype)
@@ -403,7 +402,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, opts, layout: Layout, group, batch_invariant: bool):
+    def forward(ctx, hidden, weight, bias, labels, opts, layout: Layout, group, batch_invariant: bool, op: str):
         dtype = compute_dtype(hidden.dtype)
         n, valid = hidden.shape[0], layout.valid
         w, b = weight[:valid], None if bias is None else bias[:valid]
@@ -416,13 +415,12 @@ class _LinearLogprobs(torch.autograd.Function):
                 stats[rows] = _chunk_stats(x, labels[rows], opts, layout, fresh=True)
         logprobs, entropy, lse = _combine(_gather(stats, group), labels, opts)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-        ctx.opts, ctx.layout, ctx.group, ctx.batch_invariant = opts, layout, group, batch_invariant
+        ctx.opts, ctx.layout, ctx.group, ctx.batch_invariant, ctx.op = opts, layout, group, batch_invariant, op
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        if recording_backward():
-            raise NotImplementedError("double backward (create_graph=True) is not supported with process_group")
+        _no_double_backward(ctx.op)
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         layout, opts = ctx.layout, ctx.opts
         need_weight, need_bias = ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None
@@ -456,8 +454,17 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_hidden if ctx.needs_input_grad[0] else None,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype),
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )  # fmt: skip
+
+
+def _no_double_backward(op: str) -> None:
+    """create_graph=True through the vocab-parallel path: a clear error naming the op."""
+    if recording_backward():
+        raise NotImplementedError(
+            f"double backward is not supported by {op} on backend reference with process_group (the vocab-parallel "
+            "path computes its gradient by hand, not as a graph); take second derivatives without process_group"
+        )
 
 
 def _finish(logprobs, entropy, shape, return_entropy):
@@ -466,11 +473,13 @@ def _finish(logprobs, entropy, shape, return_entropy):
 
 
 def _linear_apply(hidden, weight, labels, *, layout, group, bias=None, temperature=1.0, ignore_index=-100,
-                  return_entropy=False, softcap=None, logit_scale=1.0, batch_invariant=False):  # fmt: skip
-    """linear_logprobs on an agreed layout (what the sequence-level ops call)."""
+                  return_entropy=False, softcap=None, logit_scale=1.0, batch_invariant=False,
+                  op="linear_logprobs"):  # fmt: skip
+    """linear_logprobs on an agreed layout (what the sequence-level ops call; op: the public
+    op the call serves, for the double-backward error)."""
     opts = LogitTransform(temperature, softcap, logit_scale, ignore_index, return_entropy)
     logprobs, entropy = _LinearLogprobs.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), opts, layout, group, batch_invariant
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), opts, layout, group, batch_invariant, op
     )
     return _finish(logprobs, entropy, labels.shape, return_entropy)
 
@@ -591,7 +600,7 @@ def sequence_logprobs(hidden, weight, labels, mask, *, average, temperature, pro
     layout, _ = _consensus(process_group, "sequence_logprobs", validate, describe)
     return reference.sequence_logprobs(
         hidden, weight, labels, mask, average=average, temperature=temperature,
-        linear_logprobs=partial(_linear_apply, layout=layout, group=process_group),
+        linear_logprobs=partial(_linear_apply, layout=layout, group=process_group, op="sequence_logprobs"),
     )  # fmt: skip
 
 
@@ -623,7 +632,7 @@ def linear_dpo_loss(hidden, weight, labels, mask, *, process_group, vocab_size, 
     layout, (types, average) = _consensus(process_group, "linear_dpo_loss", validate, describe)
     # One layout for the policy and the reference pass (ref_weight's shards are checked
     # to be weight's); the reference pass runs under no_grad, so its backward never runs.
-    linear_logprobs = partial(_linear_apply, layout=layout, group=process_group)
+    linear_logprobs = partial(_linear_apply, layout=layout, group=process_group, op="linear_dpo_loss")
     options = {k: v for k, v in kwargs.items() if k not in ("average", "loss_type")}
     return reference.linear_dpo_loss(
         hidden, weight, labels, mask, average=average, loss_type=types, dtype=check.result_dtype(hidden),

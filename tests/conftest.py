@@ -46,22 +46,34 @@ def random_mask(B: int, T: int, *, holes: bool = True, all_masked_row: bool = Tr
     return mask
 
 
-def backends_of(op: str) -> list:
+def backends_of(op: str, gpu: bool = False) -> list:
     """pytest params for a module's backend fixture: reference, and cpu and triton
-    (in the interpreter, on CPU tensors) where `op` has them here."""
+    (in the interpreter, on CPU tensors) where `op` has them here.
+
+    gpu=True (tests/test_hostile.py, which moves its tensors to the GPU for these): on a
+    machine with CUDA, triton is the compiled one (the interpreter is off there) and
+    cuda is offered too, where `op` has a CUDA kernel. Without CUDA the params are the
+    same as gpu=False's."""
     from rlhf_kernels import backend
 
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return [
+    on_gpu = gpu and torch.cuda.is_available()
+    params = [
         "reference",
         pytest.param("cpu", marks=pytest.mark.skipif(op not in backend.HAS_CPU, reason="rlhf_kernels._C not built")),
         pytest.param(
             "triton",
             marks=pytest.mark.skipif(
-                op not in backend.HAS_TRITON or not interpreted, reason="needs triton and TRITON_INTERPRET=1"
+                op not in backend.HAS_TRITON or not (interpreted or on_gpu),
+                reason="needs triton and TRITON_INTERPRET=1 (or a CUDA device, with gpu=True)",
             ),
         ),
     ]
+    if on_gpu:
+        params.append(
+            pytest.param("cuda", marks=pytest.mark.skipif(op not in backend.HAS_CUDA, reason="no CUDA kernel built"))
+        )
+    return params
 
 
 def use_backend(request, monkeypatch, family: str) -> str:

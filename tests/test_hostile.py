@@ -1,7 +1,9 @@
 """Hostile inputs, every public op, every backend (the reliability issue, items 1-5).
 
-Each class of input must give a correct value or a clear error, never a silent wrong
-answer, a crash or an out-of-bounds access:
+Every public op (rk.__all__'s callables but the batch_invariant switch) meets every
+class of input below, or is exempt from a class with its reason (CLASS_COVERAGE,
+NOT_APPLICABLE; test_every_public_op_is_swept). Each class of input must give a correct
+value or a clear error, never a silent wrong answer, a crash or an out-of-bounds access:
 
 - out-of-range indices (labels, score_index) where the Python check is skipped: under
   torch.compile and in direct kernel calls (item 1; the segfault case in a subprocess);
@@ -12,7 +14,11 @@ answer, a crash or an out-of-bounds access:
 - double backward: exact second derivatives on every backend (item 4);
 - empty batches, meta tensors and the other edge cases of item 5.
 
-Triton runs in its interpreter on CPU tensors (tests/conftest.py). Shapes are tiny.
+Triton runs in its interpreter on CPU tensors (tests/conftest.py). On a machine with
+CUDA the sweep also runs compiled triton and cuda (conftest.backends_of(gpu=True)): the
+_on_the_gpu fixture moves every tensor an op gets to the GPU and its results back.
+group_advantages and broadcast_advantages run on the reference only (on every device).
+Shapes are tiny.
 """
 
 from __future__ import annotations
@@ -80,8 +86,52 @@ def _linear_policy_loss(x: dict, mask, backend, *, is_weights=False, kl_coef=0.0
     )  # fmt: skip
 
 
+# Public ops that run on the reference backend only, on every device (the functional
+# layer refuses another backend: group statistics over B scores are too small for a kernel).
+REFERENCE_ONLY = ("group_advantages", "broadcast_advantages")
+
+
 def _backends(op: str):
-    return backends_of(op)
+    return ["reference"] if op in REFERENCE_ONLY else backends_of(op, gpu=True)
+
+
+def _on_gpu(x):
+    """Tensors (in tuples, lists and dicts too) to the GPU; meta tensors and the rest stay."""
+    if isinstance(x, torch.Tensor):
+        return x.cuda() if x.device.type == "cpu" else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_on_gpu(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _on_gpu(v) for k, v in x.items()}
+    return x
+
+
+def _on_cpu(x):
+    if isinstance(x, torch.Tensor):
+        return x.cpu() if x.device.type == "cuda" else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_on_cpu(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _on_cpu(v) for k, v in x.items()}
+    return x
+
+
+@pytest.fixture(autouse=True)
+def _on_the_gpu(request, monkeypatch):
+    """A GPU backend's case (cuda, or compiled triton on a CUDA machine) builds CPU tensors
+    as every other case; each public op then gets them on the GPU and gives its results
+    back on the CPU (.cuda() and .cpu() are differentiable: gradients, double backward
+    included, reach the CPU leaves), so every assertion reads the same tensors."""
+    callspec = getattr(request.node, "callspec", None)
+    name = callspec.params.get("backend_name") if callspec else None
+    if name not in ("cuda", "triton") or not torch.cuda.is_available():
+        return
+
+    def moved(fn):
+        return lambda *args, **kwargs: _on_cpu(fn(*_on_gpu(args), **_on_gpu(kwargs)))
+
+    for op in PUBLIC_OPS:
+        monkeypatch.setattr(rk, op, moved(getattr(rk, op)))
 
 
 def _sweep(ops):
@@ -102,24 +152,114 @@ def _mask(B: int, T: int) -> torch.Tensor:
     return mask
 
 
+GA = rk.reference.grpo_advantages
+# group_advantages' variants: every estimator, and TRL's other two scalings.
+GA_CASES = [(e, {}) for e in GA.ESTIMATORS] + [("trl", dict(scale_rewards=s)) for s in ("batch", "none")]
+GA_GROUPS = torch.tensor([0, 0, 0, 1, 1, 1])  # rows 0-2 and 3-5
+WHITENED = ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "gdpo")  # need >= 2 valid tokens
+
+
+def _advantage_inputs(estimator: str, options: dict, B: int = 6, T: int = 5, mask=None, generator=None) -> dict:
+    """group_advantages' keyword arguments for `estimator` (scores included): B rows in
+    the groups GA_GROUPS (B = 6), mask _mask(B, T); fresh random values."""
+    g = generator
+    mask = _mask(B, T) if mask is None else mask
+    kw = dict(options, estimator=estimator, group_index=GA_GROUPS[:B] if B == 6 else torch.arange(B) // 3)
+    if estimator in GA.TOKEN_ESTIMATORS:
+        kw.update(scores=None, token_rewards=torch.randn(B, T, generator=g), mask=mask)
+        if estimator == "remax":
+            kw["reward_baselines"] = torch.randn(B, generator=g)
+        if estimator == "reinforce_plus_plus":
+            kw["gamma"] = 0.9
+        if estimator in GA.OTB_ESTIMATORS:
+            kw.update(old_logprobs=-torch.rand(B, T, generator=g) * 2, sum_pi_squared=torch.rand(B, T, generator=g),
+                      is_weights=torch.rand(B, T, generator=g) + 0.5)  # fmt: skip
+    else:
+        kw["scores"] = torch.randn(B, 2, generator=g) if estimator == "gdpo" else torch.randn(B, generator=g)
+        if estimator in ("opo", "reinforce_plus_plus_baseline", "gdpo"):
+            kw["lengths"] = mask.sum(-1)
+    return kw
+
+
+def _advantages(kw: dict, backend=None):
+    kw = dict(kw)
+    return rk.group_advantages(kw.pop("scores"), **kw, backend=backend)
+
+
 # --------------------------------------------------------------- coverage --
 
-SWEPT_OPS = {
-    "token_logprobs", "linear_logprobs", "sequence_logprobs", "kl_penalty", "kl_shaped_rewards", "gae",
-    "discounted_returns", "masked_mean", "masked_whiten", "ppo_policy_loss", "ppo_value_loss", "dpo_loss",
-    "linear_dpo_loss", "bradley_terry_loss", "ranking_loss", "policy_loss", "linear_policy_loss",
-}  # fmt: skip
-
+# rk.__all__'s callables that are not ops, and why.
+NOT_OPS = {
+    "batch_invariant": "a mode switch (context manager / decorator around op calls): no tensors in or out "
+    "(tests/test_batch_invariance.py)",
+}
+PUBLIC_OPS = tuple(sorted(name for name in rk.__all__ if callable(getattr(rk, name)) and name not in NOT_OPS))
+SWEPT_OPS = set(PUBLIC_OPS)
 
 # Ops not swept yet, and why: each is a known gap, not an oversight.
 NOT_YET_SWEPT: dict[str, str] = {}
 
+_NO_INDEX = "no index argument: every input is a value (a float, a mask or an option)"
+_NO_VOCABULARY = "no vocabulary: no logits, lm_head weight or bias input"
+_NOT_DIFFERENTIABLE = (
+    "not differentiable (documented): its outputs carry no graph (test_non_differentiable_ops_carry_no_graph)"
+)
+_NO_MASK = "no mask: one value per element / pair, every input is read"
+# Per class of hostile input, the public ops it cannot apply to, and why.
+_INDEX_FREE = (
+    "kl_penalty", "gae", "discounted_returns", "masked_whiten", "ppo_policy_loss", "ppo_value_loss", "dpo_loss",
+    "bradley_terry_loss", "policy_loss", "broadcast_advantages",
+)  # fmt: skip
+_VOCABULARY_FREE = (
+    "kl_penalty", "kl_shaped_rewards", "gae", "discounted_returns", "masked_mean", "masked_whiten", "ppo_policy_loss",
+    "ppo_value_loss", "dpo_loss", "bradley_terry_loss", "ranking_loss", "policy_loss", "group_advantages",
+    "broadcast_advantages",
+)  # fmt: skip
+NOT_APPLICABLE: dict[str, dict[str, str]] = {
+    "indices": {
+        **dict.fromkeys(_INDEX_FREE, _NO_INDEX),
+        "ranking_loss": "ranks are compared, never used as indices: any value is a rank (test_ranking_loss_"
+        "compares_int64_ranks_exactly; a NaN rank is in no pair: the masked-position case)",
+    },
+    "masked vocabulary": {
+        **dict.fromkeys(_VOCABULARY_FREE, _NO_VOCABULARY),
+        **dict.fromkeys(
+            ("sequence_logprobs", "linear_dpo_loss"),
+            "no logits or bias argument to mask a vocabulary with; it runs linear_logprobs' kernels, whose masked "
+            "vocabularies (through the bias) are test_masked_vocabulary_linear_logprobs'",
+        ),
+    },
+    "NaN at a valid position": {},
+    "NaN / inf at a masked position": dict.fromkeys(("kl_penalty", "dpo_loss", "bradley_terry_loss"), _NO_MASK),
+    "empty batches": {},
+    "meta tensors": {},
+    "double backward": dict.fromkeys(
+        ("gae", "discounted_returns", "kl_shaped_rewards", "group_advantages"), _NOT_DIFFERENTIABLE
+    ),
+}
+
 
 def test_every_public_op_is_swept():
-    """A new op needs its hostile cases here (indices, masks, NaN, empty, meta, double backward)."""
-    missing = set(_backend.OP_FAMILY) - SWEPT_OPS - set(NOT_YET_SWEPT)
-    assert not missing, f"add {sorted(missing)} to tests/test_hostile.py (every class of hostile input)"
-    assert not SWEPT_OPS & set(NOT_YET_SWEPT)
+    """A new op needs its hostile cases here (indices, masks, NaN, empty, meta, double
+    backward), or its exemption from a class with the reason in NOT_APPLICABLE; the ops
+    are rk.__all__'s, not a list kept by hand."""
+    assert set(_backend.OP_FAMILY) <= set(PUBLIC_OPS)
+    assert set(PUBLIC_OPS) - set(_backend.OP_FAMILY) == set(REFERENCE_ONLY), "a public op with no backend entry"
+    for name, covered in CLASS_COVERAGE.items():
+        exempt = NOT_APPLICABLE[name]
+        left = set(PUBLIC_OPS) - covered - set(exempt) - set(NOT_YET_SWEPT)
+        assert not left, f"class {name!r}: add {sorted(left)} to tests/test_hostile.py, or exempt them with a reason"
+        assert not covered & set(exempt), f"class {name!r}: {sorted(covered & set(exempt))} both swept and exempt"
+        assert set(covered) <= set(PUBLIC_OPS)
+
+
+def test_reference_only_ops_refuse_another_backend():
+    """group_advantages and broadcast_advantages name the backend they run on."""
+    for backend_name in ("cpu", "triton", "cuda"):
+        with pytest.raises(ValueError, match="reference backend only"):
+            rk.group_advantages(torch.randn(4), group_size=2, backend=backend_name)
+        with pytest.raises(ValueError, match="reference backend only"):
+            rk.broadcast_advantages(torch.randn(2), torch.ones(2, 3), backend=backend_name)
 
 
 # ------------------------------------------- 1. out-of-range indices --
@@ -204,6 +344,26 @@ def test_eager_range_checks_still_raise_first(op):
     fn, _, bad, _ = _index_case(op)
     with pytest.raises(ValueError, match="must be in"):
         fn(bad, "reference")
+
+
+def _case_id(estimator, options):
+    return estimator + "".join(f"-{k}={v}" for k, v in options.items())
+
+
+GROUPED = [(e, o) for e, o in GA_CASES if e not in ("remax", "reinforce_plus_plus")]  # the others take no groups
+
+
+@pytest.mark.parametrize("estimator,options", GROUPED, ids=[_case_id(*c) for c in GROUPED])
+def test_group_advantages_take_any_integer_labels(estimator, options):
+    """group_index holds labels, not indices (nothing to be out of range): negative, int64
+    extremes and interleaved groups give what the dense labels 0..G-1 give."""
+    kw = _advantage_inputs(estimator, options)
+    interleaved = torch.tensor([0, 1, 0, 1, 0, 1])
+    want = _advantages(dict(kw, group_index=interleaved))
+    for labels in ([-7, 2**62, -7, 2**62, -7, 2**62], [-(2**63), 5, -(2**63), 5, -(2**63), 5]):
+        got = _advantages(dict(kw, group_index=torch.tensor(labels)))
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=False)
+        assert torch.isfinite(got).all()
 
 
 @pytest.mark.parametrize("backend_name", _backends("linear_policy_loss"))
@@ -475,13 +635,49 @@ def _nan_case(op: str, variant):
 
         return nan, lambda b: [] if poisoned == "hidden" else [run(b)[1]["entropy"]]
     if op == "dpo_loss":
+        loss_type, divergence = (variant, "reverse_kl") if isinstance(variant, str) else variant
         logps = [-torch.rand(B) * 5 for _ in range(4)]
-        logps[1][0] = NAN
-        extra = dict(label_smoothing=0.1) if variant in ("exo_pair", "robust") else {}
-        if variant == "sigmoid_norm":
+        logps[0 if loss_type == "sft" else 1][0] = NAN  # sft reads the chosen log-probs only
+        extra = dict(label_smoothing=0.1) if loss_type in ("exo_pair", "robust") else {}
+        if loss_type in ("sigmoid_norm", "sft"):
             extra = dict(chosen_lengths=torch.full((B,), 3), rejected_lengths=torch.full((B,), 4))
-        losses = lambda b: rk.dpo_loss(*logps, loss_type=variant, backend=b, **extra)[0]
-        return lambda b: [losses(b)[0]], lambda b: [losses(b)[1:]]
+        if divergence != "reverse_kl":
+            extra["f_divergence_type"] = divergence
+        out = lambda b: rk.dpo_loss(*logps, loss_type=loss_type, backend=b, **extra)
+        if loss_type == "sft":  # one NLL over the batch's chosen tokens: every pair's loss reads it
+            return lambda b: [out(b)[0]], lambda b: [out(b)[2]]
+        if loss_type in rk.reference.dpo.BATCH_LOSS_TYPES:  # aot: sorted across the batch, the loss reads every pair
+            return lambda b: [out(b)[0].sum(), out(b)[2][0]], lambda b: [out(b)[1], out(b)[2][1:]]
+        return lambda b: [out(b)[0][0]], lambda b: [out(b)[0][1:]]
+    if op == "group_advantages":
+        estimator, options, poisoned = variant
+        kw = _advantage_inputs(estimator, options)
+        valid = kw.get("mask", _mask(6, 5)) != 0
+        group_0 = (GA_GROUPS == 0)[:, None].expand(6, 5)
+        if poisoned == "scores":  # sequence estimators: row 1's score, in group 0
+            kw["scores"][1] = NAN
+            batch_wide = (
+                estimator in ("reinforce_plus_plus_baseline", "gdpo") or options.get("scale_rewards") == "batch"
+            )
+            nan = torch.ones(6, dtype=torch.bool) if batch_wide else GA_GROUPS == 0
+        elif poisoned == "token_rewards":  # row 1's last valid reward
+            kw["token_rewards"][1, 3] = NAN
+            if estimator == "remax":  # row 1's returns to go up to it
+                nan = torch.zeros(6, 5, dtype=torch.bool)
+                nan[1, :4] = True
+            else:  # reinforce_plus_plus whitens over the batch; OTB: the group's baselines
+                nan = valid if estimator == "reinforce_plus_plus" else valid & group_0
+        else:  # old_logprobs of row 1 at position 1: its path weight W from there on, in its group's baselines
+            kw["old_logprobs"][1, 1] = NAN
+            column = valid.cumsum(-1) - 1 if estimator == "tir_optimal_token_baseline" else torch.arange(5)
+            nan = valid & group_0 & (column >= 1)
+        out = lambda b: _advantages(kw, b)
+        return lambda b: [out(b)[nan]], lambda b: [out(b)[~nan]]
+    if op == "broadcast_advantages":
+        advantages = torch.randn(B)
+        advantages[1] = NAN
+        out = lambda b: rk.broadcast_advantages(advantages, mask, backend=b)
+        return lambda b: [out(b)[1][mask[1] != 0]], lambda b: [out(b)[[0, 2]], out(b)[1][mask[1] == 0]]
     if op == "bradley_terry_loss":
         chosen, rejected = torch.randn(B), torch.randn(B)
         rejected[1] = NAN
@@ -499,8 +695,13 @@ NAN_CASES = (
     + [("gae", mode) for mode in ("ignore", "multiply", "carry")]
     + [("ppo_policy_loss", {}), ("ppo_policy_loss", dict(dual_clip=3.0, log_ratio_clamp=5.0))]
     + [("ppo_value_loss", 0.2), ("ppo_value_loss", None)]
-    + [("dpo_loss", loss) for loss in PER_PAIR_LOSSES]
+    + [("dpo_loss", loss) for loss in rk.reference.dpo.LOSS_TYPES]  # per pair, aot, aot_unpaired, sft
+    + [("dpo_loss", (loss, f)) for f in rk.reference.dpo.F_DIVERGENCES[1:] for loss in ("sigmoid", "ipo", "robust")]
     + [("bradley_terry_loss", None), ("ranking_loss", None)]
+    + [("group_advantages", (e, o, "scores")) for e, o in GA_CASES if e in GA.SEQUENCE_ESTIMATORS]
+    + [("group_advantages", (e, o, "token_rewards")) for e, o in GA_CASES if e in GA.TOKEN_ESTIMATORS]
+    + [("group_advantages", (e, {}, "old_logprobs")) for e in GA.OTB_ESTIMATORS]
+    + [("broadcast_advantages", None)]
     + [("policy_loss", ("logprobs", dict(loss_type=loss))) for loss in POLICY_LOSS_TYPES]
     + [("policy_loss", ("logprobs", dict(loss_type="grpo", dual_clip=3.0, delta=1.5, log_ratio_clamp=5.0)))]
     + [("policy_loss", ("logprobs", dict(loss_type="cispo", cispo_clip="upper", clip_high=5.0)))]
@@ -650,6 +851,82 @@ def _masked_poison_case(op: str, variant):
             return [rk.sequence_logprobs(hidden, weight, labels, mask, backend=b)]
 
         return fn
+    if op == "linear_logprobs":
+
+        def fn(poison, b):  # rows labelled ignore_index hold poison hidden states (padding)
+            g = torch.Generator().manual_seed(8)
+            hidden, weight, bias = (
+                torch.randn(6, 4, generator=g),
+                torch.randn(7, 4, generator=g),
+                torch.randn(7, generator=g),
+            )
+            labels = torch.randint(0, 7, (6,), generator=g)
+            labels[[1, 4]] = -100
+            keep = labels != -100
+            hidden = torch.where(keep[:, None], hidden, torch.full_like(hidden, poison))
+            leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+            lp, entropy = rk.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, backend=b)
+            d_hidden, d_weight, d_bias = torch.autograd.grad(lp.sum() + entropy[keep].sum(), leaves)
+            if variant == "d_weight":
+                return [d_weight]
+            return [lp, entropy[keep], d_hidden[keep], d_hidden[~keep], d_bias]
+
+        return fn
+    if op == "linear_dpo_loss":
+
+        def fn(poison, b):  # mask-0 positions: poison hidden states, labels out of the vocabulary
+            g = torch.Generator().manual_seed(9)
+            pairs = _mask(2 * B, T)
+            hidden, weight = torch.randn(2 * B, T, 4, generator=g), torch.randn(7, 4, generator=g)
+            labels, refs = torch.randint(0, 7, (2 * B, T), generator=g), torch.randn(2, B, generator=g)
+            hidden = torch.where(pairs[..., None] != 0, hidden, torch.full_like(hidden, poison)).requires_grad_(True)
+            fill = {0.0: 0, INF: -5, -INF: 7}.get(poison, 10**6)
+            labels = torch.where(pairs != 0, labels, torch.full_like(labels, fill))
+            weight.requires_grad_(True)
+            loss, stats = rk.linear_dpo_loss(hidden, weight, labels, pairs, ref_chosen_logps=refs[0],
+                                             ref_rejected_logps=refs[1], backend=b)  # fmt: skip
+            d_hidden, d_weight = torch.autograd.grad(loss, [hidden, weight])
+            if variant == "d_weight":
+                return [d_weight]
+            return [loss, *_flatten(stats), d_hidden[pairs != 0], d_hidden[pairs == 0]]
+
+        return fn
+    if op == "group_advantages":
+        estimator, options = variant
+        kw = _advantage_inputs(estimator, options, generator=torch.Generator().manual_seed(9))
+        if estimator in GA.TOKEN_ESTIMATORS:  # every [B, T] input poisoned at mask-0 positions
+            names = [k for k in ("token_rewards", "old_logprobs", "sum_pi_squared", "is_weights") if k in kw]
+
+            def fn(poison, b):
+                x = {k: torch.where(kw["mask"] != 0, kw[k], torch.full_like(kw[k], poison)) for k in names}
+                return [_advantages(dict(kw, **x), b)]  # every position: remax's mask-0 ones are returns to go
+
+            return fn
+        # Length-weighted statistics: a row of length 0 (no valid token) weighs nothing (opo: in a group of
+        # three; the whitened ones: alone in its group, so only the whitening could read it).
+        row = 2 if estimator == "opo" else 5
+        lengths = kw["lengths"].clone()
+        lengths[row] = 0
+        others = torch.arange(6) != row
+
+        def fn(poison, b):
+            scores = kw["scores"].clone()
+            scores[row] = poison
+            groups = torch.tensor([0, 0, 0, 1, 1, 2])
+            return [_advantages(dict(kw, scores=scores, lengths=lengths, group_index=groups), b)[others]]
+
+        return fn
+    if op == "broadcast_advantages":
+
+        def fn(poison, b):  # row 0's advantage: its mask-0 positions stay exactly 0, the other rows unchanged
+            advantages = base[0, :, 0].clone()
+            advantages[0] = poison
+            advantages.requires_grad_(True)
+            out = rk.broadcast_advantages(advantages, mask, backend=b)
+            (grad,) = torch.autograd.grad(out.sum(), advantages)
+            return [out[1:], out[0][mask[0] == 0], grad]
+
+        return fn
     assert op == "ranking_loss"
 
     def fn(poison, b):  # a response with a NaN rank is in no pair: its reward is never read
@@ -689,13 +966,41 @@ MASKED_CASES = (
         ("linear_policy_loss", dict(loss_type="cispo", is_weights=True, entropy_coef=0.01, agg="seq-mean-token-sum")),
         ("linear_policy_loss", dict(SEQUENCE_LEVEL, loss_type="dr_grpo", kl_is_corrected=True, kl_coef=0.1)),
     ]
+    + [("linear_logprobs", part) for part in ("values", "d_weight")]
+    + [("linear_dpo_loss", part) for part in ("values", "d_weight")]
+    + [
+        ("group_advantages", (e, o))
+        for e, o in GA_CASES
+        if e in GA.TOKEN_ESTIMATORS or e in ("opo", "reinforce_plus_plus_baseline", "gdpo")
+    ]
+    + [("broadcast_advantages", None)]
 )
+# Known leaks, each a bug to fix where the op lives (functional/logprobs.py, functional/dpo.py
+# and their kernels), not here: a row with a zero d logits (an ignore_index row, a mask-0
+# position) still enters d weight = d logits^T hidden, where 0 x its NaN / inf hidden is NaN.
+# linear_policy_loss selects hidden to 0 at mask-0 positions first, and is exact.
+KNOWN_LEAKS = {
+    ("linear_logprobs", "d_weight"): "an ignore_index row's NaN / inf hidden reaches d weight (0 x NaN)",
+    ("linear_dpo_loss", "d_weight"): "a mask-0 position's NaN / inf hidden reaches d weight (0 x NaN)",
+}
+
+
+def _known_leak(op, variant) -> list:
+    if isinstance(variant, str) and (op, variant) in KNOWN_LEAKS:
+        return [pytest.mark.xfail(strict=True, reason=KNOWN_LEAKS[op, variant])]
+    return []
 
 
 @pytest.mark.parametrize(
     "op,variant,backend_name",
     [
-        pytest.param(op, variant, *p.values, marks=p.marks, id=f"{op}-{variant}-{p.values[0]}")
+        pytest.param(
+            op,
+            variant,
+            *p.values,
+            id=f"{op}-{variant}-{p.values[0]}",
+            marks=[*p.marks, *_known_leak(op, variant)],
+        )  # fmt: skip
         for op, variant in MASKED_CASES
         for p in [q if hasattr(q, "values") else pytest.param(q) for q in _backends(op)]
     ],
@@ -762,14 +1067,19 @@ def _double_case(op: str, variant):
         old, ret = torch.randn(B, T, generator=g, dtype=torch.float64), torch.randn(B, T, generator=g).double()
         return lambda v: rk.ppo_value_loss(v, old, ret, mask, clip=0.5)[0], [r(B, T)]
     if op == "dpo_loss":
+        loss_type, divergence = (variant, "reverse_kl") if isinstance(variant, str) else variant
         refs = torch.randn(2, B, generator=g, dtype=torch.float64)
-        extra = dict(label_smoothing=0.1) if variant in ("exo_pair", "robust") else {}
-        if variant == "sigmoid_norm":
+        extra = dict(label_smoothing=0.1) if loss_type in ("exo_pair", "robust") else {}
+        if loss_type in ("sigmoid_norm", "sft"):
             extra = dict(chosen_lengths=torch.tensor([3, 4]), rejected_lengths=torch.tensor([2, 5]))
-        fn = lambda a, b: rk.dpo_loss(a, b, *refs, beta=0.5, loss_type=variant, **extra)[0]
+        if divergence != "reverse_kl":
+            extra["f_divergence_type"] = divergence
+        fn = lambda a, b: rk.dpo_loss(a, b, *refs, beta=0.5, loss_type=loss_type, **extra)[0]
         return fn, [r(B), r(B)]
     if op == "bradley_terry_loss":
         return lambda a, b: rk.bradley_terry_loss(a, b, margin=0.3), [r(4), r(4)]
+    if op == "broadcast_advantages":
+        return lambda a: rk.broadcast_advantages(a, mask), [r(B)]
     if op == "policy_loss":
         x = _policy_inputs(B, T, g, dtype=torch.float64)
         x["old_logprobs"] = x["logprobs"] + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
@@ -788,7 +1098,7 @@ DOUBLE_CASES = (
     + [("masked_mean", None), ("masked_whiten", True), ("masked_whiten", False)]
     + [("ppo_policy_loss", "token-mean"), ("ppo_policy_loss", "seq-mean-token-mean"), ("ppo_value_loss", None)]
     + [("dpo_loss", loss) for loss in ("sigmoid", "ipo", "exo_pair", "apo_down", "sigmoid_norm", "discopop")]
-    + [("bradley_terry_loss", None), ("ranking_loss", None)]
+    + [("bradley_terry_loss", None), ("ranking_loss", None), ("broadcast_advantages", None)]
     # policy_loss: the types without a stop-gradient (a finite difference of a first derivative
     # through sg() also moves the stopped factor; cispo's test is below)
     + [
@@ -820,17 +1130,88 @@ def test_double_backward_is_exact(op, variant, backend_name, monkeypatch):
     """Second derivatives (create_graph=True) on every backend equal finite differences of
     the first (gradgradcheck, float64); they were a silent 0 in 33 of 40 cpu configurations
     (kl_penalty k2: 0 where the truth is 1)."""
+    _assert_exact_second_derivatives(op, variant, backend_name, monkeypatch)
+
+
+def _derivatives(fn, inputs) -> list:
+    """First derivatives (create_graph) along a fixed cotangent and second derivatives
+    along a fixed direction: one forward and two backwards."""
+    out = fn(*inputs)
+    g = torch.Generator().manual_seed(11)
+    cotangent = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    firsts = torch.autograd.grad(out, inputs, cotangent, create_graph=True, allow_unused=True)
+    firsts = [torch.zeros_like(x) if d is None else d for d, x in zip(firsts, inputs)]
+    direction = sum((d * torch.randn(d.shape, generator=g, dtype=d.dtype)).sum() for d in firsts)
+    seconds = [None] * len(inputs)  # a function linear in its inputs: no graph, second derivatives 0
+    if direction.requires_grad:
+        seconds = torch.autograd.grad(direction, inputs, allow_unused=True)
+    return [d.detach() for d in firsts] + [torch.zeros_like(x) if d is None else d for d, x in zip(seconds, inputs)]
+
+
+def _assert_exact_second_derivatives(op, variant, backend_name, monkeypatch):
+    """gradgradcheck, except for triton in its interpreter, where its finite differences
+    ran the kernels for up to 20 s a case: there the first and second derivatives must
+    equal the reference's (which gradgradcheck checks in the case's reference run)."""
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", backend_name)
     fn, inputs = _double_case(op, variant)
-    assert torch.autograd.gradgradcheck(fn, inputs)
+    if backend_name != "triton" or torch.cuda.is_available():
+        assert torch.autograd.gradgradcheck(fn, inputs), (op, variant)
+        return
+    got = _derivatives(fn, inputs)
+    monkeypatch.setenv("RLHF_KERNELS_BACKEND", "reference")
+    for a, b in zip(got, _derivatives(fn, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{op} {variant}: {m}")
 
 
-@pytest.mark.parametrize("backend_name", _backends("dpo_loss")[:2])  # triton: the cpu path's mechanism
+DPO_DOUBLE = list(rk.reference.dpo.LOSS_TYPES) + [
+    (loss, f) for f in rk.reference.dpo.F_DIVERGENCES[1:] for loss in ("sigmoid", "ipo", "sft")
+]
+
+
+@pytest.mark.parametrize("backend_name", _backends("dpo_loss"))
 def test_double_backward_every_dpo_loss_type(backend_name, monkeypatch):
-    monkeypatch.setenv("RLHF_KERNELS_BACKEND", backend_name)
-    for loss in PER_PAIR_LOSSES:
-        fn, inputs = _double_case("dpo_loss", loss)
-        assert torch.autograd.gradgradcheck(fn, inputs), loss
+    """Every loss type (per pair, and aot, aot_unpaired, sft, which couple the pairs) and
+    the f-divergences, on every backend (triton in the interpreter: against the
+    reference's, as test_double_backward_is_exact)."""
+    for loss in DPO_DOUBLE:
+        _assert_exact_second_derivatives("dpo_loss", loss, backend_name, monkeypatch)
+
+
+def test_double_backward_with_a_process_group_names_the_op_and_backend():
+    """The vocab-parallel path (process_group=) computes its gradient by hand: create_graph
+    is a NotImplementedError naming the op and the backend (it said only "with
+    process_group"); first derivatives still work. A one-process gloo group, in process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        B, T, H, V = 2, 3, 4, 5
+        hidden, weight = torch.randn(B, T, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
+        labels, mask = torch.randint(0, V, (B, T)), torch.ones(B, T)
+        old, adv = -torch.rand(B, T), torch.randn(B)
+        calls = {
+            "token_logprobs": lambda: rk.token_logprobs(hidden @ weight.T, labels, process_group=group),
+            "linear_logprobs": lambda: rk.linear_logprobs(hidden, weight, labels, process_group=group),
+            "sequence_logprobs": lambda: rk.sequence_logprobs(hidden, weight, labels, mask, process_group=group),
+            "linear_dpo_loss": lambda: rk.linear_dpo_loss(
+                hidden, weight, labels, mask, reference_free=True, process_group=group
+            )[0],
+        }
+        # linear_policy_loss runs linear_logprobs' vocab-parallel path: the error names that op
+        calls["linear_policy_loss"] = lambda: rk.linear_policy_loss(
+            hidden, weight, labels, mask, old_logprobs=old, advantages=adv, process_group=group
+        )[0]
+        for op, fn in calls.items():
+            assert torch.isfinite(torch.autograd.grad(fn().sum(), hidden)[0]).all()
+            named = "linear_logprobs" if op == "linear_policy_loss" else op
+            message = f"double backward is not supported by {named} on backend reference with process_group"
+            with pytest.raises(NotImplementedError, match=message):
+                torch.autograd.grad(fn().sum(), hidden, create_graph=True)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend_name", _backends("policy_loss"))
@@ -865,6 +1246,8 @@ def _empty_case(op: str, B: int, T: int, variant):
     V, H = 5, 4
     x = lambda *s: torch.randn(*s, requires_grad=True)
     options = variant if isinstance(variant, dict) else dict(agg=variant)  # the meta test passes an agg
+    if op == "group_advantages" and not isinstance(variant, tuple):
+        variant = ("grpo", {})
     mask = torch.ones(B, T)
     labels = torch.zeros(B, T, dtype=torch.long)
     calls = {
@@ -890,6 +1273,8 @@ def _empty_case(op: str, B: int, T: int, variant):
             dict({name: x(B, T) for name in POLICY_TENSORS}, hidden=x(B, T, H), weight=x(V, H), bias=x(V), labels=labels),
             mask, b, **options,
         ),
+        "group_advantages": lambda b: _advantages(_advantage_inputs(*variant, B=B, T=T, mask=mask), b),
+        "broadcast_advantages": lambda b: rk.broadcast_advantages(x(B), mask, backend=b),
     }  # fmt: skip
     return calls[op]
 
@@ -900,7 +1285,12 @@ LINEAR_POLICY_EMPTY = [(loss, None) for loss in ("grpo", "dr_grpo", "geo_mean", 
     ("gspo", "seq-mean-token-sum"),
 ]
 EMPTY_CASES = (
-    [(op, None) for op in sorted(SWEPT_OPS) if not op.startswith("ppo_") and not op.endswith("policy_loss")]
+    [
+        (op, None)
+        for op in sorted(SWEPT_OPS)
+        if not op.startswith("ppo_") and not op.endswith("policy_loss") and op != "group_advantages"
+    ]
+    + [("group_advantages", case) for case in GA_CASES]
     + [(op, agg) for op in ("ppo_policy_loss", "ppo_value_loss") for agg in rk.reference.ppo.AGG_MODES]
     + [("policy_loss", dict(loss_type="grpo", agg=agg, **FULL_POLICY_LOSS)) for agg in POLICY_AGGS]
     + [("policy_loss", dict(loss_type=loss, **FULL_POLICY_LOSS)) for loss in POLICY_LOSS_TYPES]
@@ -937,9 +1327,17 @@ def test_empty_batches_give_empty_or_zero_never_nan(op, variant, backend_name, B
         with pytest.raises(ValueError, match="T >= 1"):
             run(backend_name)
         return
+    if op == "group_advantages" and variant[0] in ("reinforce_plus_plus_baseline", "gdpo") and B > 0:
+        # T = 0 leaves B sequences of no token to whiten over: verl raises, and so do we
+        with pytest.raises(ValueError, match="at least two valid tokens"):
+            run(backend_name)
+        return
     outputs = _flatten(run(backend_name))
     # Scalars over nothing are 0 (T = 0 leaves rows: only the means over tokens are empty).
     nothing = B == 0 or op in ("ppo_policy_loss", "ppo_value_loss", "masked_mean") or op.endswith("policy_loss")
+    if op == "group_advantages":  # an empty batch, or T = 0 for the token estimators: an empty result
+        sequence = variant[0] in GA.SEQUENCE_ESTIMATORS
+        assert [tuple(out.shape) for out in outputs] == [(B,) if sequence else (B, T)]
     for out in outputs:
         assert not torch.isnan(out).any(), (op, out)
         if out.dim() == 0 and nothing:
@@ -952,19 +1350,40 @@ def test_empty_batches_give_empty_or_zero_never_nan(op, variant, backend_name, B
 # ---------------------------------------------------------- meta tensors --
 
 
-@pytest.mark.parametrize("op", sorted(SWEPT_OPS))
-def test_meta_inputs_give_meta_outputs(op):
+META_CASES = [(op, "token-mean") for op in sorted(SWEPT_OPS) if op != "group_advantages"] + [
+    ("group_advantages", case) for case in GA_CASES
+]
+
+
+@pytest.mark.parametrize("op,variant", META_CASES, ids=[f"{op}-{variant}" for op, variant in META_CASES])
+def test_meta_inputs_give_meta_outputs(op, variant):
     """Meta tensors (FSDP's meta-device init, shape inference) run wherever the op is
-    resolved automatically, never calling .item(); a backend named for them that has no
-    meta kernel is a clear error."""
+    resolved automatically, never calling .item() (group_advantages called torch.unique
+    and .item(): NotImplementedError); a backend named for them that has no meta kernel
+    is a clear error."""
     B, T = 2, 3
     with torch.device("meta"):
-        outputs = _flatten(_empty_case(op, B, T, "token-mean")(None))
+        outputs = _flatten(_empty_case(op, B, T, variant)(None))
     assert outputs and all(out.device.type == "meta" for out in outputs)
+    if op == "group_advantages":
+        assert outputs[0].shape == ((B,) if variant[0] in GA.SEQUENCE_ESTIMATORS else (B, T))
     for name in ("cpu", "triton"):
         if op in getattr(_backend, "HAS_CPU" if name == "cpu" else "HAS_TRITON"):
             with torch.device("meta"), pytest.raises(ValueError, match="meta"):
-                _empty_case(op, B, T, "token-mean")(name)
+                _empty_case(op, B, T, variant)(name)
+
+
+NOT_DIFFERENTIABLE = sorted(NOT_APPLICABLE["double backward"])
+
+
+@pytest.mark.parametrize("op,backend_name", _sweep(NOT_DIFFERENTIABLE))
+def test_non_differentiable_ops_carry_no_graph(op, backend_name):
+    """The ops documented as not differentiable return constants for inputs that require
+    grad (no graph for a first or second derivative to follow, not a silent wrong one)."""
+    variants = GA_CASES if op == "group_advantages" else [None]
+    for variant in variants:
+        outputs = _flatten(_empty_case(op, 2, 3, variant)(backend_name))
+        assert outputs and not any(out.requires_grad for out in outputs), (op, variant)
 
 
 @pytest.mark.parametrize("backend_name", _backends("token_logprobs"))
@@ -1051,3 +1470,21 @@ def test_ppo_approx_kl_small_log_ratios(backend_name):
     _, stats = rk.ppo_policy_loss(lp, torch.zeros(1, 4), torch.ones(1, 4), torch.ones(1, 4), backend=backend_name)
     want = torch.tensor(math.expm1(1e-4) - 1e-4, dtype=torch.float64)
     torch.testing.assert_close(stats["approx_kl"].double(), want, rtol=1e-4, atol=0)
+
+
+# ------------------------------------------------------------- class coverage --
+
+# The public ops each class of hostile input reaches (test_every_public_op_is_swept: with
+# NOT_APPLICABLE's exemptions, every public op in every class).
+CLASS_COVERAGE: dict[str, set] = {
+    # + masked_mean's dim (test_masked_mean_dim_out_of_range_raises_everywhere) and group_advantages'
+    # labels (test_group_advantages_take_any_integer_labels)
+    "indices": set(INDEX_OPS) | {"masked_mean", "group_advantages"},
+    # test_masked_vocabulary_token_logprobs / _linear_logprobs / _linear_policy_loss
+    "masked vocabulary": {"token_logprobs", "linear_logprobs", "linear_policy_loss"},
+    "NaN at a valid position": {op for op, _ in NAN_CASES},
+    "NaN / inf at a masked position": {op for op, _ in MASKED_CASES},
+    "empty batches": {op for op, _ in EMPTY_CASES},
+    "meta tensors": {op for op, _ in META_CASES},
+    "double backward": {op for op, _ in DOUBLE_CASES},
+}

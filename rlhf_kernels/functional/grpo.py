@@ -77,6 +77,9 @@ def group_advantages(
     handle_zero_tail (verl's default True), and group by group_index / group_size.
     eps None is verl's default of the estimator: 1e-6, and 1e-8 for the two OTB estimators.
     Singleton groups follow verl (see reference/grpo_advantages.py). Not differentiable.
+    Masks are selects: NaN / inf at a mask-0 position reaches no valid output; a NaN score
+    or reward at a valid position makes what reads it NaN (grpo_passk: its whole group).
+    An empty batch (B = 0, or T = 0) gives an empty result; meta inputs a meta result.
     Returns: advantages [B] or [B, T], float32 (float64 for float64 input).
     """
     check.choice("estimator", estimator, _grpo_advantages.ESTIMATORS)
@@ -89,6 +92,7 @@ def group_advantages(
         if estimator == "remax":
             check.tensor("reward_baselines", reward_baselines, ndim=1, shape_doc="[B]")
             check.shape("reward_baselines", reward_baselines, token_rewards.shape[:1], "[B]")
+            check.same_device(token_rewards=token_rewards, reward_baselines=reward_baselines)
         if estimator in _grpo_advantages.OTB_ESTIMATORS:
             check.tensor("old_logprobs", old_logprobs, ndim=2, shape_doc="[B, T]")
             check.tensor("sum_pi_squared", sum_pi_squared, ndim=2, shape_doc="[B, T]")
@@ -105,20 +109,22 @@ def group_advantages(
             if not isinstance(handle_zero_tail, bool):
                 raise TypeError(f"handle_zero_tail must be a bool, got {type(handle_zero_tail).__name__}")
         dtype = check.result_dtype(token_rewards)
+        shape, device = token_rewards.shape, token_rewards.device
     else:
         check.tensor("scores", scores, min_ndim=1, shape_doc="[B] ([B, K] for gdpo)")
         if scores.dim() != 1 and not (estimator == "gdpo" and scores.dim() == 2):
             raise ValueError(f"scores must be [B] ([B, K] for gdpo), got shape {tuple(scores.shape)}")
         B = scores.shape[0]
-        if B == 0:
-            raise ValueError("scores must hold at least one sequence")
         _check_groups(B, group_index, group_size)
         if estimator in ("opo", "reinforce_plus_plus_baseline", "gdpo"):
             check.tensor("lengths", lengths, dtypes=check.FLOAT_DTYPES + check.INDEX_DTYPES, ndim=1, shape_doc="[B]")
             check.shape("lengths", lengths, (B,), "[B]")
         check.same_device(scores=scores, group_index=group_index, lengths=lengths)
         dtype = check.result_dtype(scores)
+        shape, device = (B,), scores.device
     _reference_only("group_advantages", backend)
+    if device.type == "meta":  # shape inference: the result's shape never depends on the values
+        return torch.empty(shape, dtype=dtype, device=device)
     return _grpo_advantages.group_advantages(
         scores,
         group_index,
@@ -146,7 +152,8 @@ def broadcast_advantages(advantages: Tensor, mask: Tensor, *, backend: Optional[
     """Sequence advantages to tokens (verl's scores.unsqueeze(-1) * response_mask).
 
     Args: advantages [B], mask [B, T].
-    Returns: [B, T] in advantages' float dtype: A_b where mask, 0 elsewhere.
+    Returns: [B, T] in advantages' float dtype: A_b (times the mask value) where mask != 0,
+    exactly 0 elsewhere, even for a NaN / inf A_b (a select, not verl's product).
     """
     check.tensor("advantages", advantages, ndim=1, shape_doc="[B]")
     check.tensor("mask", mask, dtypes=check.MASK_DTYPES, ndim=2, shape_doc="[B, T]")

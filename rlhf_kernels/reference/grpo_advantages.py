@@ -8,7 +8,7 @@ unbiased standard deviation (torch.std):
     grpo_passk              best of the group: (s_max - s_second) [/ (std_g + eps)], others 0
     rloo                    n_g / (n_g - 1) (s - mean_g)
     rloo_vectorized         the same
-    opo                     s - sum_g(L s) / sum_g(L)          L = response lengths
+    opo                     s - sum_g(L s) / sum_g(L)          L = response lengths (0 when sum_g(L) = 0)
     gpg                     alpha (s - mean_g) / f_norm         alpha = B / max(#(s != 0), 1)
     reinforce_plus_plus_baseline  whiten_L(s - mean_g)         token-weighted batch whitening
     gdpo                    whiten_L(sum_k w_k grpo(s[:, k]))   scores [B, K]
@@ -39,6 +39,16 @@ Token-level estimators return [B, T] from token_rewards [B, T] and the mask:
     tir_optimal_token_baseline  the same, but the sequences of a group are aligned by the
                             ordinal of the valid token (k-th response token of each), not by
                             position t, so multi-turn rows with observation spans line up
+
+Masks enter by select, never by product (0 x NaN is NaN): a value at a mask-0 position
+(padding: NaN, inf, anything) reaches no output at a valid position, and the outputs
+the module computes as "x m" are where(m != 0, x m, 0). For finite inputs and a 0/1
+mask (any mask, as verl multiplies it in) the values are verl's, position by position.
+NaN is never hidden: a NaN score or reward at a valid position makes every output that
+reads it NaN (grpo_passk: the whole group, whose best sequence it leaves undefined).
+An empty batch (B = 0, or T = 0 for the token estimators) gives an empty result; the
+whitening estimators (reinforce_plus_plus, reinforce_plus_plus_baseline, gdpo) raise,
+as verl does, when a non-empty batch has fewer than two valid tokens.
 
 Both follow verl 0.9.1 (compute_optimal_token_baseline_advantage and
 compute_multi_turn_optimal_token_baseline_advantage), whose epsilon default is 1e-8:
@@ -103,14 +113,20 @@ def _group_stats(x: torch.Tensor, ids: torch.Tensor):
     return count[ids], mean[ids], std[ids]
 
 
+def _select(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x m where m != 0, exactly 0 elsewhere (a select: 0 x NaN / inf would be NaN)."""
+    return torch.where(m != 0, x * m, 0)
+
+
 def _whiten_by_length(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """verl's masked_whiten of x[:, None] * mask over the mask (weights = response lengths)."""
+    """verl's masked_whiten of x[:, None] * mask over the mask (weights = response lengths;
+    a row of length 0 adds nothing, as a select: its NaN / inf x stays out of the statistics)."""
     total = lengths.sum()
     if total <= 1:
         # verl's masked_var raises here ("at least one element" / "sum of the mask is one").
         raise ValueError("whitening needs at least two valid tokens in the batch (verl raises too)")
-    mean = (x * lengths).sum() / (total + WHITEN_EPS)
-    var = (((x - mean) ** 2) * lengths).sum() / (total + WHITEN_EPS) * (total / (total - 1))
+    mean = _select(x, lengths).sum() / (total + WHITEN_EPS)
+    var = _select((x - mean) ** 2, lengths).sum() / (total + WHITEN_EPS) * (total / (total - 1))
     return (x - mean) * torch.rsqrt(var + WHITEN_EPS)
 
 
@@ -141,7 +157,10 @@ def _passk(s, ids, eps, norm_by_std):
     gap = best[ids] - second[ids]
     if norm_by_std:
         gap = gap / (std + eps)
-    return torch.where(winner, gap, 0)
+    # A NaN score leaves the group's best undefined (s == best is never true for NaN):
+    # every member of its group is NaN, never a silent 0.
+    nan_group = torch.zeros(G, dtype=s.dtype, device=s.device).index_add_(0, ids, s.isnan().to(s.dtype)) > 0
+    return torch.where(nan_group[ids], torch.nan, torch.where(winner, gap, 0))
 
 
 def _trl(s, ids, eps, scale_rewards):
@@ -176,6 +195,10 @@ def group_advantages(
 ) -> torch.Tensor:
     """Advantages [B] (sequence estimators) or [B, T] (token estimators); see the module docstring."""
     eps = default_eps(estimator) if eps is None else eps
+    if estimator in TOKEN_ESTIMATORS and token_rewards.numel() == 0:  # B = 0 or T = 0: nothing to estimate
+        return torch.zeros(token_rewards.shape, dtype=dtype, device=token_rewards.device)
+    if estimator not in TOKEN_ESTIMATORS and scores.shape[0] == 0:
+        return torch.zeros(0, dtype=dtype, device=scores.device)
     if estimator in OTB_ESTIMATORS:
         ids = group_ids(token_rewards.shape[0], group_index, group_size, token_rewards.device)
         return _optimal_token_baseline(
@@ -199,9 +222,10 @@ def group_advantages(
         L = lengths.to(torch.float64)
         count, _, _ = _group_stats(s, ids)
         G = int(ids.max()) + 1
-        weighted = torch.zeros(G, dtype=s.dtype, device=s.device).index_add_(0, ids, L * s)
+        weighted = torch.zeros(G, dtype=s.dtype, device=s.device).index_add_(0, ids, _select(s, L))
         total = torch.zeros(G, dtype=s.dtype, device=s.device).index_add_(0, ids, L)
-        out = s - torch.where(count > 1, weighted[ids] / total[ids], 0)
+        # A group of one, or one whose sequences have no tokens (verl: 0 / 0), has baseline 0.
+        out = s - torch.where((count > 1) & (total[ids] != 0), weighted[ids] / total[ids], 0)
     elif estimator == "gpg":
         alpha = s.shape[0] / max(int((s != 0).sum()), 1)
         count, mean, _ = _group_stats(s, ids)
@@ -225,23 +249,32 @@ def _token_estimator(estimator, token_rewards, mask, reward_baselines, gamma, dt
     r = token_rewards.detach().to(torch.float64)
     m = mask.to(torch.float64)
     if estimator == "remax":
-        returns = (r * m).flip(-1).cumsum(-1).flip(-1)
-        return (returns - reward_baselines.detach().to(torch.float64)[:, None] * m).to(dtype)
+        # verl: returns - baseline m; a mask-0 position holds the returns to go of the valid tokens after it
+        returns = _select(r, m).flip(-1).cumsum(-1).flip(-1)
+        return (returns - _select(reward_baselines.detach().to(torch.float64)[:, None], m)).to(dtype)
+    valid = m != 0
+    total = m.sum()
+    if total <= 1:
+        # verl's masked_var raises here ("at least one element" / "sum of the mask is one").
+        raise ValueError("reinforce_plus_plus whitens over the mask: it needs at least two valid tokens (mask != 0) "
+                         "in a non-empty batch (verl raises too)")  # fmt: skip
     returns = torch.zeros_like(r)
     running = torch.zeros_like(r[:, 0])
     for t in reversed(range(r.shape[1])):
         new = r[:, t] + gamma * running
-        returns[:, t] = new * m[:, t]
-        running = new * m[:, t] + running * (1 - m[:, t])
-    total = m.sum()
-    mean = (returns * m).sum() / (total + WHITEN_EPS)
-    var = (((returns - mean) ** 2) * m).sum() / (total + WHITEN_EPS) * (total / (total - 1))
-    return ((returns - mean) * torch.rsqrt(var + WHITEN_EPS) * m).to(dtype)
+        returns[:, t] = _select(new, m[:, t])
+        # mask-0 positions carry the running return (verl: new m + running (1 - m), as a select)
+        running = torch.where(valid[:, t], new * m[:, t] + running * (1 - m[:, t]), running)
+    mean = _select(returns, m).sum() / (total + WHITEN_EPS)
+    var = _select((returns - mean) ** 2, m).sum() / (total + WHITEN_EPS) * (total / (total - 1))
+    return _select((returns - mean) * torch.rsqrt(var + WHITEN_EPS), m).to(dtype)
 
 
 def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sequence advantages [B] as token advantages [B, T]: A_b on valid tokens, 0 elsewhere."""
-    return advantages[:, None] * mask.to(advantages.dtype)
+    """Sequence advantages [B] as token advantages [B, T]: A_b m on valid tokens, exactly 0
+    elsewhere (verl's advantages[:, None] * mask, as a select: a NaN / inf A_b stays off
+    its row's mask-0 positions)."""
+    return _select(advantages[:, None], mask.to(advantages.dtype))
 
 
 def _zero_tail(baselines, lengths, ids, member):
@@ -265,13 +298,14 @@ def _zero_tail(baselines, lengths, ids, member):
     return torch.where(tail, 0, baselines)
 
 
-def _group_baseline(returns, weights, ids, member, eps):
-    """Per-column sum_g(R W) / (sum_g(W) + eps) of each row's group [B, C]; 0 for groups
-    with fewer than two members (verl: a single trajectory has no baseline)."""
+def _group_baseline(returns, weights, valid, ids, member, eps):
+    """Per-column sum_g(R W) / (sum_g(W) + eps) of each row's group [B, C] over the valid
+    entries (a select: a mask-0 entry's R or W never enters); 0 for groups with fewer
+    than two members (verl: a single trajectory has no baseline)."""
     G = int(ids.max()) + 1
     grid = torch.zeros((G, returns.shape[1]), dtype=returns.dtype, device=returns.device)
-    numerator = grid.index_add(0, ids, returns * weights)
-    denominator = grid.index_add(0, ids, weights) + eps
+    numerator = grid.index_add(0, ids, torch.where(valid, returns * weights, 0))
+    denominator = grid.index_add(0, ids, torch.where(valid, weights, 0)) + eps
     members = torch.zeros(G, dtype=returns.dtype, device=returns.device).index_add(0, ids, member.to(returns.dtype))
     return torch.where((members[ids] >= 2)[:, None], (numerator / denominator)[ids], 0)
 
@@ -284,19 +318,19 @@ def _optimal_token_baseline(r, mask, ids, old_logprobs, sum_pi_squared, is_weigh
     if B == 0 or T == 0:
         return torch.zeros_like(r)
     m = mask.detach().to(torch.float64)
-    returns = (r * m).flip(-1).cumsum(-1).flip(-1)
+    valid = m != 0
+    returns = _select(r, m).flip(-1).cumsum(-1).flip(-1)
     w = 1 - 2 * torch.exp(old_logprobs.detach().to(torch.float64)) + sum_pi_squared.detach().to(torch.float64)
     if is_weights is not None:
         w = w * is_weights.detach().to(torch.float64) ** 2
-    path = (w * m).cumsum(-1)
+    path = _select(w, m).cumsum(-1)
     if not aligned:
         member = torch.ones(B, dtype=torch.bool, device=r.device)
-        baselines = _group_baseline(returns, path * m, ids, member, eps)
+        baselines = _group_baseline(returns, _select(path, m), valid, ids, member, eps)
         if handle_zero_tail:
             baselines = _zero_tail(baselines, m.sum(-1).floor(), ids, member)
-        return (returns - baselines) * m
+        return _select(returns - baselines, m)
     # tir: row i's k-th valid token sits in column k of a [B, max length] grid.
-    valid = mask.detach() != 0
     lengths = valid.sum(-1)
     width = int(lengths.max())
     rows, columns = valid.nonzero(as_tuple=True)
@@ -306,9 +340,10 @@ def _optimal_token_baseline(r, mask, ids, old_logprobs, sum_pi_squared, is_weigh
     packed_returns[rows, ordinal] = returns[rows, columns]
     packed_path[rows, ordinal] = path[rows, columns]
     member = lengths > 0  # rows with no valid token belong to no group
-    baselines = _group_baseline(packed_returns, packed_path, ids, member, eps)
+    packed_valid = torch.arange(width, device=r.device) < lengths[:, None]
+    baselines = _group_baseline(packed_returns, packed_path, packed_valid, ids, member, eps)
     if handle_zero_tail:
         baselines = _zero_tail(baselines, lengths.to(torch.float64), ids, member)
     advantages = torch.zeros_like(r)
     advantages[rows, columns] = (packed_returns - baselines)[rows, ordinal]
-    return advantages * m
+    return _select(advantages, m)
