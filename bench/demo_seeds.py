@@ -14,6 +14,14 @@ torch's thread count and torch's version. The default folders and file are
 rlhf-demo/seeds<suffix>/ and bench/results/demo-seeds<suffix>.md, the suffix naming
 --quick, --noise and --length-bias when given (e.g. -length-bias-0.15), so runs with other
 options neither overwrite nor restart each other.
+
+README.md's demo tables are rendered from these files, never copied by hand: each sits
+between `<!-- demo-seeds:begin bench/results/<file>.md -->` and `<!-- demo-seeds:end -->`,
+and a run that writes <file>.md rewrites its README table (readme_table(): the summary
+table's cells, stage names with their DemoConfig settings, a [min, max] that equals the
+mean shown once). `python bench/demo_seeds.py --readme-only` re-renders every README
+table from the committed files without running anything; tests/test_trainer.py checks
+that README's tables are what the files render to.
 """
 
 from __future__ import annotations
@@ -22,12 +30,16 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import shlex
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
+README = os.path.join(ROOT, "README.md")
+# A README table rendered from a results file: <!-- demo-seeds:begin RESULTS_FILE --> ... end.
+README_BLOCK = re.compile(r"(<!-- demo-seeds:begin (\S+) -->\n)(.*?)(<!-- demo-seeds:end -->)", re.DOTALL)
 # (key in a stage row, column title, format)
 METRICS = (
     ("gold_reward", "gold reward", "{:.3f}"),
@@ -141,6 +153,97 @@ def report(runs: list[dict], *, command: str, threads: int, minutes: float, quic
     )
 
 
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _short(x: float) -> str:
+    """3e-4 as 3e-4 (not 0.0003), 0.5 as 0.5."""
+    if x and abs(x) < 1e-3:
+        mantissa, exponent = f"{x:e}".split("e")
+        return f"{float(mantissa):g}e{int(exponent)}"
+    return f"{x:g}"
+
+
+def stage_labels(config) -> dict[str, str]:
+    """README's stage names: each stage with the DemoConfig settings that define it."""
+    return {
+        "sft": "sft",
+        "ppo": f"ppo (kl_coef {_short(config.ppo.kl_coef)})",
+        "dpo": f"dpo (beta {_short(config.dpo.beta)}, lr {_short(config.dpo.lr)})",
+        "grpo": f"grpo (kl_coef {_short(config.grpo.kl_coef)})",
+        "ppo_kl0": f"ppo_kl0 (kl_coef 0, {config.hacking_steps} steps)",
+    }
+
+
+def readme_table(results: str) -> str:
+    """README's table of a results file's text (what report() wrote): its summary table
+    with the stages named by their settings (DemoConfig's, or DemoConfig.quick's for a
+    --quick run), the demo's options in the first column's title, and a cell whose
+    min and max equal its mean (sft's KL and win rate) shown as the mean alone."""
+    from rlhf_trainer.demo import DemoConfig
+
+    lines = results.splitlines()
+    title = re.match(r"# `rlhf-kernels demo([^`]*)`", lines[0])
+    if title is None:
+        raise ValueError(f"not a demo_seeds.py results file (title {lines[0]!r})")
+    options = title.group(1).split()
+    quick = "--quick" in options
+    options = " ".join(option for option in options if option != "--quick")
+    labels = stage_labels(DemoConfig.quick() if quick else DemoConfig())
+    start = next(i for i, line in enumerate(lines) if line.startswith("| stage |"))
+    header = _cells(lines[start])
+    header[0] = f"stage ({options})" if options else "stage"
+    out = ["| " + " | ".join(header) + " |", lines[start + 1]]
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        stage, *cells = _cells(line)
+        shown = []
+        for cell in cells:
+            mean, _, bounds = cell.partition(" [")
+            shown.append(mean if bounds.rstrip("]").split(", ") == [mean, mean] else cell)
+        out.append(f"| {labels.get(stage, stage)} | " + " | ".join(shown) + " |")
+    return "\n".join(out) + "\n"
+
+
+def readme_block(table: str) -> str:
+    """What README holds between its markers: the table, with a blank line either side
+    (so Markdown renders it as a table next to the comments)."""
+    return "\n" + table + "\n"
+
+
+def readme_blocks(readme: str) -> list[tuple[str, str]]:
+    """(results file relative to the checkout, the table README holds for it)."""
+    return [(match.group(2), match.group(3)) for match in README_BLOCK.finditer(readme)]
+
+
+def render_readme(readme: str, only: str | None = None) -> str:
+    """README's text with its demo tables rendered from their results files (only: the
+    one file, relative to the checkout)."""
+
+    def render(match) -> str:
+        path = match.group(2)
+        if only is not None and os.path.normpath(path) != os.path.normpath(only):
+            return match.group(0)
+        with open(os.path.join(ROOT, path)) as source:
+            table = readme_table(source.read())
+        return match.group(1) + readme_block(table) + match.group(4)
+
+    return README_BLOCK.sub(render, readme)
+
+
+def update_readme(only: str | None = None) -> bool:
+    """Rewrites README.md's demo tables (only: the one results file); True if it changed."""
+    with open(README) as source:
+        before = source.read()
+    after = render_readme(before, only)
+    if after != before:
+        with open(README, "w") as out:
+            out.write(after)
+    return after != before
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -152,7 +255,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--noise", type=float, default=0.05)
     parser.add_argument("--length-bias", type=float, default=0.0)
+    parser.add_argument(
+        "--readme-only", action="store_true", help="re-render README's demo tables from the results files; run nothing"
+    )
     args = parser.parse_args(argv)
+    if args.readme_only:
+        print("README.md " + ("updated" if update_readme() else "already matches the results files"))
+        return 0
     suffix = "-quick" * args.quick + f"-noise-{args.noise:g}" * (args.noise != 0.05)
     suffix += f"-length-bias-{args.length_bias:g}" * bool(args.length_bias)
     args.output = args.output or f"rlhf-demo/seeds{suffix}"
@@ -184,6 +293,12 @@ def main(argv=None) -> int:
         out.write(text)
     print(text)
     print(f"wrote {args.results}", file=sys.stderr)
+    relative = os.path.relpath(os.path.abspath(args.results), ROOT)
+    with open(README) as source:
+        blocks = readme_blocks(source.read())
+    if any(os.path.normpath(path) == relative for path, _ in blocks):
+        update_readme(relative)
+        print(f"updated README.md's table of {relative}", file=sys.stderr)
     return 0
 
 

@@ -4,6 +4,7 @@ on rlhf_kernels' ops; then checkpoint integrity (a kill between the checkpoint's
 files, corrupted weights, resumes that must be refused), bad preference records and
 the demo resuming its finished stages."""
 
+import copy
 import glob
 import json
 import os
@@ -291,6 +292,48 @@ def test_resume_refuses_what_it_cannot_continue_and_applies_lr(tmp_path, capsys)
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
 
 
+def test_resume_refuses_changed_command_line_options(tmp_path, capsys):
+    """--data (its content: the sha256), --bf16, --rankings and --device are recorded in
+    checkpoint.json; a resume that changes one is a one-line error saying how to start
+    fresh (they were neither saved nor compared: a resume on other data went on)."""
+    from rlhf_trainer import cli
+    from rlhf_trainer.data import write_jsonl
+
+    data, other, moved = (str(tmp_path / name) for name in ("data.jsonl", "other.jsonl", "moved.jsonl"))
+    write_jsonl(data, task.sft_records(40, 1))
+    write_jsonl(other, task.sft_records(40, 2))
+    write_jsonl(moved, task.sft_records(40, 1))  # the same content elsewhere
+    out = str(tmp_path / "sft")
+    base = ["--set", "batch_size=8", "--output", out]
+    assert cli.main(_train("sft", "--data", data, "--set", "steps=2", *base)) == 0
+    manifest_path = glob.glob(os.path.join(out, "checkpoint-*", common.MANIFEST))[0]
+    with open(manifest_path) as source:
+        run = json.load(source)["run"]
+    assert run["data_sha256"] == common.file_digest(data) and run["bf16"] is False and run["device"] == "cpu"
+    refused = {
+        "--data a file of sha256 " + common.file_digest(data)[:12] + " -> a file of sha256": ["--data", other],
+        "--data a file of sha256 " + common.file_digest(data)[:12] + " -> the built-in data": [],
+        "--bf16 False -> True": ["--data", data, "--bf16"],
+        "--rankings False -> True": ["--data", data, "--rankings"],
+    }
+    for message, extra in refused.items():
+        assert cli.main(_train("sft", *extra, "--set", "steps=3", *base, "--resume", out)) == 2, message
+        (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # one line
+        assert message in error and "start fresh: a new --output without --resume" in error, error
+    # a checkpoint written on a GPU, resumed here
+    with open(manifest_path) as source:
+        manifest = json.load(source)
+    with open(manifest_path, "w") as out_file:
+        json.dump(dict(manifest, run=dict(manifest["run"], device="cuda")), out_file)
+    assert cli.main(_train("sft", "--data", data, "--set", "steps=3", *base, "--resume", out)) == 2
+    assert "--device 'cuda' -> 'cpu'" in capsys.readouterr().err
+    with open(manifest_path, "w") as out_file:
+        json.dump(manifest, out_file)
+    # the same data file moved: the same run
+    assert cli.main(_train("sft", "--data", moved, "--set", "steps=3", *base, "--resume", out)) == 0
+    assert _steps(os.path.join(out, "metrics.jsonl")) == [("sft", 1), ("sft", 2), ("sft", 3)]
+
+
 def test_ppo_resume_refuses_another_reference_and_applies_kl_coef(tmp_path, capsys):
     from rlhf_trainer import cli
 
@@ -335,8 +378,58 @@ def test_invalid_utf8_and_non_finite_ranks_name_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"prefs.jsonl:2: not valid UTF-8"):
         read_jsonl(str(path), "preferences")
     path.write_text('{"prompt": "a :", "responses": ["a", "b"], "ranks": [0, NaN]}\n')
-    with pytest.raises(DataError, match=r"prefs.jsonl:1: field 'ranks' must be finite numbers"):
+    with pytest.raises(DataError, match=r"prefs.jsonl:1: field 'ranks' must be integers"):
         read_jsonl(str(path), "rankings")
+
+
+@pytest.mark.parametrize(
+    "ranks", ["[0, 1.5]", "[0, true]", '[0, "1"]', "[0, Infinity]", "[0, 1e300]", "[0, 9223372036854775808]"]
+)
+def test_ranks_must_be_integers(tmp_path, ranks):
+    path = tmp_path / "ranks.jsonl"
+    path.write_text(f'{{"prompt": "a :", "responses": ["a", "b"], "ranks": {ranks}}}\n')
+    with pytest.raises(DataError, match=r"ranks.jsonl:1: field 'ranks' must be integers"):
+        read_jsonl(str(path), "rankings")
+
+
+def test_integer_ranks_stay_exact_in_the_reward_model():
+    """Ranks are int64 from the file to ranking_loss: 2^25 and 2^25 + 1 were one float32
+    rank (rm.py built them as float32), and their pair was lost; 2.0 reads as 2."""
+    import tempfile
+
+    from rlhf_trainer.rm import rank_tensor
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "ranks.jsonl")
+        with open(path, "w") as out:
+            out.write('{"prompt": "a :", "responses": ["a", "b", "c"], "ranks": [33554432, 33554433, 2.0]}\n')
+        records = read_jsonl(path, "rankings")
+    assert records[0]["ranks"] == [2**25, 2**25 + 1, 2] and all(type(r) is int for r in records[0]["ranks"])
+    ranks = rank_tensor(records)
+    assert ranks.dtype == torch.int64 and ranks.unique().numel() == 3
+    rewards = torch.tensor([[0.5, -0.25, 1.0]])
+    want = rlhf_kernels.ranking_loss(rewards, torch.tensor([[1, 2, 0]]))  # the same order
+    torch.testing.assert_close(rlhf_kernels.ranking_loss(rewards, ranks), want)
+
+
+def test_a_metrics_row_after_a_cut_off_line_is_kept(tmp_path):
+    """A kill mid-write leaves a cut-off last line: the next row must not be appended
+    onto it (both were lost), whether truncate() dropped rows or not; a last row without
+    its newline is kept and completed."""
+    path = tmp_path / "metrics.jsonl"
+    row = '{"stage": "sft", "step": 1, "loss": 1.0}\n'
+    for content, use_truncate in [(row + '{"stage": "sft", "st', True), (row + '{"stage": "sft", "st', False),
+                                  (row + '{"stage": "sft", "step": 2, "loss": 0.7}', False)]:  # fmt: skip
+        path.write_text(content)
+        log = common.MetricsLog(str(path))
+        before = len(log.rows)
+        if use_truncate:
+            log.truncate("sft", 5)  # drops no row: the torn line alone must make it rewrite
+        log.log("sft", before + 1, loss=0.5)
+        lines = path.read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == list(range(1, before + 2)), (content, lines)
+        assert path.read_text().endswith("\n")
+        assert [r["step"] for r in common.MetricsLog(str(path)).rows] == list(range(1, before + 2))
 
 
 def test_data_outside_the_builtin_vocabulary_needs_a_model(tmp_path, capsys):
@@ -392,6 +485,54 @@ def test_the_demo_resumes_its_finished_stages(tmp_path, tiny_demo):
     assert resumed["rm_accuracy"] == straight["rm_accuracy"]
     steps = _steps(os.path.join(killed, "metrics.jsonl"))
     assert sorted(steps) == sorted(_steps(os.path.join(straight_folder, "metrics.jsonl")))  # no duplicate rows
+
+
+def test_a_corrupted_demo_stage_is_a_one_line_error(tmp_path, tiny_demo, capsys, monkeypatch):
+    """`rlhf-kernels demo` on a folder whose RM checkpoint was corrupted: exit 2 and one
+    line naming the stage's folder and how to retrain it (it was a CheckpointError
+    traceback)."""
+    import shutil
+
+    from rlhf_trainer import cli
+    from rlhf_trainer.demo import DemoConfig as Demo
+
+    config, _, straight = tiny_demo
+    folder = str(tmp_path / "demo")
+    shutil.copytree(straight, folder)
+    files = [f for f in glob.glob(os.path.join(folder, "rm", "checkpoint-*", "**", "*"), recursive=True)
+             if os.path.isfile(f) and not f.endswith(common.MANIFEST)]  # fmt: skip
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as stream:
+        stream.seek(-100, os.SEEK_END)
+        stream.write(bytes(100))
+    monkeypatch.setattr(Demo, "quick", classmethod(lambda cls, seed=0: copy.deepcopy(config)))
+    assert cli.main(["demo", "--quick", "--output", folder]) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # one line
+    rm_folder = os.path.join(folder, "rm")
+    assert error.startswith("rlhf-kernels demo: error: the rm stage's checkpoint in " + rm_folder), error
+    assert f"delete {rm_folder} (rm -r {rm_folder}) and run the demo again" in error
+
+
+def test_readme_demo_tables_are_rendered_from_the_results_files():
+    """README's demo tables are what bench/demo_seeds.py renders from the committed
+    bench/results files (no demo run): a hand edit of either shows here."""
+    demo_seeds = _demo_seeds()
+    with open(demo_seeds.README) as source:
+        blocks = demo_seeds.readme_blocks(source.read())
+    assert {path for path, _ in blocks} >= {
+        "bench/results/demo-seeds.md",
+        "bench/results/demo-seeds-length-bias-0.15.md",
+    }
+    for path, table in blocks:
+        with open(os.path.join(demo_seeds.ROOT, path)) as source:
+            assert table == demo_seeds.readme_block(demo_seeds.readme_table(source.read())), path
+    results = "# `rlhf-kernels demo --quick --noise 0.1` over seeds 0\n\n| stage | a | b |\n|---|---:|---:|\n"
+    results += "| sft | 0.50 [0.50, 0.50] | 1.0 [0.5, 2.0] |\n| dpo | 0.70 [0.60, 0.80] | 2.0 [2.0, 2.0] |\n\nmore\n"
+    quick = DemoConfig.quick()
+    assert demo_seeds.readme_table(results).splitlines() == [
+        "| stage (--noise 0.1) | a | b |", "|---|---:|---:|", "| sft | 0.50 | 1.0 [0.5, 2.0] |",
+        f"| dpo (beta {demo_seeds._short(quick.dpo.beta)}, lr {demo_seeds._short(quick.dpo.lr)}) | 0.70 [0.60, 0.80] | 2.0 |",
+    ]  # fmt: skip
 
 
 def _demo_seeds():

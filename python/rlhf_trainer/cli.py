@@ -98,6 +98,17 @@ def _builtin_data(stage: str, seed: int, output: str) -> list[dict]:
     return records
 
 
+def _run_options(args, device: torch.device) -> dict:
+    """common.RUN_OPTIONS of this command line (and the data file's path, for messages)."""
+    return {
+        "data": os.path.abspath(args.data) if args.data else None,
+        "data_sha256": common.file_digest(args.data) if args.data else None,
+        "bf16": bool(args.bf16),
+        "rankings": bool(args.rankings),
+        "device": torch.device(device).type,
+    }
+
+
 def run_train(args) -> int:
     """A bad data record or a checkpoint that cannot be resumed is a one-line error
     (exit status 2), not a traceback."""
@@ -131,15 +142,19 @@ def _run_train(args) -> int:
     else:
         records = _builtin_data(stage, args.seed, args.output)
     log = common.MetricsLog(os.path.join(args.output, "metrics.jsonl"))
+    # The options outside the stage config that shape the run: each checkpoint records
+    # them, and a resume that changes one is refused (common.RUN_OPTIONS).
+    run = {"run_options": _run_options(args, device)}
     if stage == "sft":
-        train_sft(model, tokenizer, records, config, log, output=args.output, resume=args.resume)
+        train_sft(model, tokenizer, records, config, log, output=args.output, resume=args.resume, **run)
     elif stage == "rm":
         _, accuracy = train_rm(RewardModel(model), tokenizer, records, config, log, output=args.output,
-                               resume=args.resume, kind="rankings" if args.rankings else "preferences")  # fmt: skip
+                               resume=args.resume, kind="rankings" if args.rankings else "preferences",
+                               **run)  # fmt: skip
         if accuracy is not None and distributed.is_main():
             print(f"held-out accuracy {accuracy:.1%}")
     elif stage == "dpo":
-        train_dpo(model, tokenizer, records, config, log, output=args.output, resume=args.resume)
+        train_dpo(model, tokenizer, records, config, log, output=args.output, resume=args.resume, **run)
     elif stage == "grpo":
         if config.reward == "gold" and args.data:
             raise ValueError("--set reward=gold is the built-in task's reward: without --data, or use --reward-model")
@@ -148,13 +163,15 @@ def _run_train(args) -> int:
                              "or --set reward=gold on the built-in task")  # fmt: skip
         reward_model = RewardModel.load(args.reward_model).to(device=device, dtype=dtype) if args.reward_model else None
         train_grpo(model, tokenizer, [r["prompt"] for r in records], config, log, reward_model=reward_model,
-                   gold_fn=None if args.data else task.gold_reward, output=args.output, resume=args.resume)  # fmt: skip
+                   gold_fn=None if args.data else task.gold_reward, output=args.output, resume=args.resume,
+                   **run)  # fmt: skip
     else:
         if not args.reward_model:
             raise ValueError("train ppo needs --reward-model (the reward_model_hf folder `train rm` writes)")
         reward_model = RewardModel.load(args.reward_model).to(device=device, dtype=dtype)
         train_ppo(model, reward_model, tokenizer, [r["prompt"] for r in records], config, log,
-                  gold_fn=None if args.data else task.gold_reward, output=args.output, resume=args.resume)  # fmt: skip
+                  gold_fn=None if args.data else task.gold_reward, output=args.output, resume=args.resume,
+                  **run)  # fmt: skip
     if distributed.is_main():
         print(f"wrote {args.output}")
     return 0
@@ -172,11 +189,18 @@ def add_demo_parser(commands) -> None:
 
 
 def run_demo_command(args) -> int:
+    """A stage checkpoint that cannot be resumed (corrupted, or from another version) is a
+    one-line error naming its folder and how to retrain that stage (exit status 2)."""
     from .demo import DemoConfig, run_demo
 
     config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
     config.noise, config.length_bias = args.noise, args.length_bias
-    run_demo(args.output, config)
+    try:
+        run_demo(args.output, config)
+    except common.CheckpointError as error:
+        if distributed.is_main():
+            print(f"rlhf-kernels demo: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -40,6 +40,12 @@ CRASH_ENV = "RLHF_TRAINER_CRASH_AFTER"
 # the restored optimizer and kl_coef replaces the restored KL coefficient. Any other
 # change would silently not apply (or apply to half a run), so resume refuses it.
 RESUMABLE = ("steps", "checkpoint_every", "lr", "kl_coef")
+# The command line's options outside the stage config that shape a run (`train` records
+# them in each checkpoint's "run"): the data (its sha256: the same file, wherever it is),
+# the weights' dtype, the RM's data kind and the device type. A resume refuses any change:
+# a run resumed on other data, in another precision or on another device (its kernels
+# round differently) would not continue the one its checkpoint comes from.
+RUN_OPTIONS = {"data_sha256": "--data", "bf16": "--bf16", "rankings": "--rankings", "device": "--device"}
 
 
 try:
@@ -83,15 +89,28 @@ class MetricsLog:
     def __init__(self, path: str | None):
         self.path = path if distributed.is_main() else None
         path = self.path
-        self.rows: list[dict] = _read_rows(path) if path and os.path.exists(path) else []
+        # torn: the file holds a line that is not a row (cut short by a kill) or does not end
+        # in a newline; it is rewritten from the rows before anything is appended to it
+        self.rows, self.torn = _read_metrics(path) if path and os.path.exists(path) else ([], False)
 
     def log(self, stage: str, step: int, **metrics) -> dict:
         row = {"stage": stage, "step": step, **{k: float(v) for k, v in metrics.items()}}
         self.rows.append(row)
         if self.path is not None:
+            if self.torn:  # appending to a cut-off line would glue this row onto it: both lost
+                self._rewrite(self.rows[:-1])
             with open(self.path, "a") as out:
                 out.write(json.dumps(row) + "\n")
         return row
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        """The file replaced by `rows`, one line each (a temporary file renamed into place)."""
+        with open(self.path + ".tmp", "w") as out:
+            out.writelines(json.dumps(row) + "\n" for row in rows)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(self.path + ".tmp", self.path)
+        self.torn = False
 
     def truncate(self, stage: str, step: int) -> None:
         """Before a stage (re)starts at `step`: drops its rows after that step (a run
@@ -104,22 +123,34 @@ class MetricsLog:
                     continue
                 seen.add(row.get("step"))
             kept.append(row)
-        if len(kept) != len(self.rows) and self.path is not None:
-            with open(self.path + ".tmp", "w") as out:
-                out.writelines(json.dumps(row) + "\n" for row in kept)
-            os.replace(self.path + ".tmp", self.path)
+        if (len(kept) != len(self.rows) or self.torn) and self.path is not None:
+            self._rewrite(kept)
         self.rows = kept
 
 
 def _read_rows(path: str) -> list[dict]:
-    rows = []
-    with open(path, "rb") as lines:
-        for line in lines:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line cut short by a kill: truncate() rewrites the file without it
-                continue
-    return rows
+    """The rows of a metrics file (a line cut short by a kill left out)."""
+    return _read_metrics(path)[0]
+
+
+def _read_metrics(path: str) -> tuple[list[dict], bool]:
+    """The rows of a metrics file, and whether it is torn: a line that is not a JSON object
+    (cut short by a kill) or a last line without its newline."""
+    with open(path, "rb") as source:
+        data = source.read()
+    rows, torn = [], bool(data) and not data.endswith(b"\n")
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a kill: left out, and the file rewritten without it
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            torn = True
+    return rows, torn
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -130,6 +161,11 @@ def weights_digest(module: torch.nn.Module) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes."""
+    return _file_digest(path)
 
 
 def _file_digest(path: str) -> str:
@@ -258,12 +294,13 @@ def _load_optimizer(folder: str, models: dict, optimizer) -> None:
 
 
 def save_checkpoint(output: str, *, stage: str, models: dict, optimizer, step: int, config, state: dict | None = None,
-                    fingerprints: dict | None = None) -> str:  # fmt: skip
+                    fingerprints: dict | None = None, run: dict | None = None) -> str:  # fmt: skip
     """models: name -> module; modules with save_pretrained are saved that way, the
     rest as state dicts; the optimizer in optimizer/ (torch.distributed.checkpoint),
-    the trainer state in trainer_state.json. Under torchrun every rank calls it (the
-    optimizer is written collectively) and rank 0 writes the rest. Returns the
-    checkpoint folder."""
+    the trainer state in trainer_state.json; run: the command line's options (RUN_OPTIONS'
+    keys, and "data": the file's path), recorded in checkpoint.json. Under torchrun every
+    rank calls it (the optimizer is written collectively) and rank 0 writes the rest.
+    Returns the checkpoint folder."""
     main = distributed.is_main()
     if main:
         os.makedirs(output, exist_ok=True)
@@ -283,6 +320,7 @@ def save_checkpoint(output: str, *, stage: str, models: dict, optimizer, step: i
             json.dump({"step": step, "state": state or {}}, out)
         manifest = {
             "stage": stage, "step": step, "config": dataclasses.asdict(config), "fingerprints": fingerprints or {},
+            "run": run,
             "saved_at": time.time_ns(),  # orders two complete checkpoints (a kill before the old one is deleted)
             "files": {relative: _file_digest(os.path.join(folder, relative)) for relative in _files(folder)},
         }  # fmt: skip
@@ -318,7 +356,33 @@ def find_checkpoint(path: str) -> str:
     raise CheckpointError(f"--resume {path}: no checkpoint there (no checkpoint-*/ folder with a {MANIFEST})")
 
 
-def _check_resume(directory: str, manifest: dict, stage: str, config, fingerprints: dict) -> dict:
+def _data_name(digest: str | None) -> str:
+    return "the built-in data" if digest is None else f"a file of sha256 {digest[:12]}"
+
+
+def _describe_run_change(key: str, was, now) -> str:
+    if key == "data_sha256":
+        return f"--data {_data_name(was)} -> {_data_name(now)}"
+    return f"{RUN_OPTIONS[key]} {was!r} -> {now!r}"
+
+
+def _check_run(directory: str, saved: dict | None, run: dict | None) -> None:
+    """Refuses a resume whose command-line options (RUN_OPTIONS) differ from the run's.
+    Checkpoints written without them (older ones, the demo's) are not compared."""
+    if saved is None or run is None:
+        return
+    changed = [_describe_run_change(key, saved.get(key), run.get(key)) for key in RUN_OPTIONS
+               if saved.get(key) != run.get(key)]  # fmt: skip
+    if changed:
+        raise CheckpointError(
+            f"--resume {directory}: changed command-line options a resume cannot apply: {', '.join(changed)} "
+            f"(the checkpoint's data: {saved.get('data') or 'the built-in data'}); put them back, or start fresh: "
+            "a new --output without --resume"
+        )
+
+
+def _check_resume(directory: str, manifest: dict, stage: str, config, fingerprints: dict,
+                  run: dict | None = None) -> dict:  # fmt: skip
     """Refuses a checkpoint this run cannot continue; returns the options it changes."""
     if manifest.get("stage") != stage:
         raise CheckpointError(f"--resume {directory}: a checkpoint of stage {manifest.get('stage')!r}, "
@@ -334,6 +398,7 @@ def _check_resume(directory: str, manifest: dict, stage: str, config, fingerprin
             f"--resume {directory}: changed options a resume cannot apply: {', '.join(refused)} (a resume may "
             f"change only {', '.join(RESUMABLE)}); put them back or start a new run"
         )
+    _check_run(directory, manifest.get("run"), run)
     for name, digest in fingerprints.items():
         if manifest["fingerprints"].get(name) != digest:
             raise CheckpointError(
@@ -349,14 +414,14 @@ def _check_resume(directory: str, manifest: dict, stage: str, config, fingerprin
 
 
 def load_checkpoint(path: str, *, stage: str, models: dict, optimizer, config,
-                    fingerprints: dict | None = None) -> tuple[int, dict, dict, str]:  # fmt: skip
+                    fingerprints: dict | None = None, run: dict | None = None) -> tuple[int, dict, dict, str]:  # fmt: skip
     """Verifies and loads what save_checkpoint wrote into the given modules; returns
     (step, trainer state, changed options {name: (old, new)}, checkpoint folder).
     Under torchrun every rank verifies and loads (so all refuse a bad checkpoint alike);
     the world size may differ from the run that wrote it."""
     directory = find_checkpoint(path)
     manifest = _manifest(directory)
-    changed = _check_resume(directory, manifest, stage, config, fingerprints or {})
+    changed = _check_resume(directory, manifest, stage, config, fingerprints or {}, run)
     try:
         for name, module in models.items():
             if hasattr(module, "save_pretrained"):
@@ -405,17 +470,24 @@ class StageRun:
 
     frozen: name -> module the run depends on without training it (PPO's reference
     and reward model, DPO's reference); their weights' digests are stored in each
-    checkpoint and a resume against other weights is refused."""
+    checkpoint and a resume against other weights is refused. run: the command line's
+    options (RUN_OPTIONS), stored in each checkpoint; a resume that changes one is refused."""
 
     def __init__(self, stage: str, config, log: MetricsLog, *, models: dict, optimizer, output=None, resume=None,
-                 show_progress=True, frozen: dict | None = None):  # fmt: skip
-        self.stage, self.config, self.log = stage, config, log
+                 show_progress=True, frozen: dict | None = None, run: dict | None = None):  # fmt: skip
+        self.stage, self.config, self.log, self.run = stage, config, log, run
         self.models, self.optimizer, self.output = models, optimizer, output
         self.fingerprints = {name: weights_digest(module) for name, module in (frozen or {}).items()}
         self.start, self.state, self.changed, self.resumed_from = 0, {}, {}, None
         if resume:
             self.start, self.state, self.changed, self.resumed_from = load_checkpoint(
-                resume, stage=stage, models=models, optimizer=optimizer, config=config, fingerprints=self.fingerprints
+                resume,
+                stage=stage,
+                models=models,
+                optimizer=optimizer,
+                config=config,
+                fingerprints=self.fingerprints,
+                run=run,
             )
             notes = "".join(f"; {key} {old!r} -> {new!r}" for key, (old, new) in self.changed.items()
                             if key in ("lr", "kl_coef"))  # fmt: skip
@@ -426,7 +498,7 @@ class StageRun:
 
     def _save(self, step: int, state: dict | None) -> str:
         return save_checkpoint(self.output, stage=self.stage, models=self.models, optimizer=self.optimizer, step=step,
-                               config=self.config, state=state, fingerprints=self.fingerprints)  # fmt: skip
+                               config=self.config, state=state, fingerprints=self.fingerprints, run=self.run)  # fmt: skip
 
     def step_done(self, step: int, shown: dict, state: dict | None = None, **metrics) -> None:
         """step: the 1-based step just finished; shown: the metrics on the bar."""

@@ -3,7 +3,8 @@
 Formats, one JSON object per line:
   sft          {"prompt": str, "response": str}
   preferences  {"prompt": str, "chosen": str, "rejected": str}  (extra keys allowed)
-  rankings     {"prompt": str, "responses": [str, ...], "ranks": [int, ...]} (rank 0 best)
+  rankings     {"prompt": str, "responses": [str, ...], "ranks": [int, ...]} (rank 0 best; integers,
+               1.0-style integral floats read as ints; equal ranks tie)
   prompts      {"prompt": str}  (PPO)
 A malformed record raises DataError naming the file, line and field: invalid UTF-8
 or JSON, a missing or wrong-typed field, a number that is not finite in float32 (a
@@ -51,6 +52,21 @@ def _finite(value) -> bool:
         return False
 
 
+INT64_MAX = 2**63 - 1
+FLOAT_EXACT = 2**53  # floats are integers exactly up to here
+
+
+def _rank(value):
+    """A rank as an int: a JSON integer in int64, or an integral float below 2^53; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if -INT64_MAX - 1 <= value <= INT64_MAX else None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) <= FLOAT_EXACT:
+        return int(value)
+    return None
+
+
 def _check_flags(record: dict, where: str) -> None:
     """skipped / tie decide whether a record trains: "false" (a string, truthy) must not drop it."""
     for flag in ("skipped", "tie"):
@@ -74,8 +90,10 @@ def _check_record(record, kind: str, where: str) -> dict:
             raise DataError(f"{where}: 'responses' and 'ranks' must be lists of one length >= 2")
         if not all(isinstance(r, str) for r in record["responses"]):
             raise DataError(f"{where}: field 'responses' must be strings")
-        if not all(_finite(r) for r in record["ranks"]):
-            raise DataError(f"{where}: field 'ranks' must be finite numbers, got {record['ranks']!r}")
+        ranks = [_rank(r) for r in record["ranks"]]
+        if any(r is None for r in ranks):
+            raise DataError(f"{where}: field 'ranks' must be integers (rank 0 best; int64), got {record['ranks']!r}")
+        record["ranks"] = ranks
     return record
 
 

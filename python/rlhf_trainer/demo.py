@@ -120,13 +120,22 @@ def run_demo(output: str, config: DemoConfig | None = None, *, show_progress: bo
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    resuming = {}  # the stage whose checkpoint is being loaded, and its folder
     try:
-        return _run_demo(output, config, show_progress, echo)
+        return _run_demo(output, config, show_progress, echo, resuming)
+    except common.CheckpointError as error:
+        if not resuming:
+            raise
+        folder = resuming["folder"]
+        raise common.CheckpointError(
+            f"the {resuming['stage']} stage's checkpoint in {folder} cannot be resumed ({error}); to retrain that "
+            f"stage, delete {folder} (rm -r {folder}) and run the demo again: the stages before it are kept"
+        ) from None
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(output: str, config: DemoConfig, show_progress: bool, echo) -> dict:
+def _run_demo(output: str, config: DemoConfig, show_progress: bool, echo, resuming: dict) -> dict:
     distributed.setup("cpu")  # under torchrun: join the other processes (the demo's models are on the CPU)
     main = distributed.is_main()
     if not main:
@@ -142,8 +151,10 @@ def _run_demo(output: str, config: DemoConfig, show_progress: bool, echo) -> dic
         """A stage's checkpoint folder, and what to resume from."""
         folder = os.path.join(output, name)
         resume = folder if common.has_checkpoint(folder) else None
+        resuming.clear()
         if resume:
             echo(f"      resuming {name} from its checkpoint in {folder}")
+            resuming.update(stage=name, folder=folder)
         return {"output": folder, "resume": resume}
 
     common.seed_everything(config.seed)

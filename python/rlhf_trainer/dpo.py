@@ -55,13 +55,14 @@ def reference_logps(reference, tokenizer, records, config: DPOConfig, batch_size
 
 
 def train_dpo(policy, tokenizer, records, config: DPOConfig, log: common.MetricsLog, *, output=None, resume=None,
-              show_progress=True):  # fmt: skip
+              show_progress=True, run_options=None):  # fmt: skip
     device = next(policy.parameters()).device
     reference = frozen_copy(policy)  # the starting weights: a resume must start from the same ones
     ref = reference_logps(reference, tokenizer, records, config)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
     run = common.StageRun("dpo", config, log, models={"model": policy}, optimizer=optimizer, output=output,
-                          resume=resume, show_progress=show_progress, frozen={"reference": reference})  # fmt: skip
+                          resume=resume, show_progress=show_progress, frozen={"reference": reference},
+                          run=run_options)  # fmt: skip
     distributed.check_shareable("batch_size", config.batch_size)
     parallel = distributed.DataParallel({"model": policy})
 

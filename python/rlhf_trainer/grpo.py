@@ -65,7 +65,7 @@ def _scores(config, rollout, picked, texts, reward_model, gold_fn) -> torch.Tens
 
 def train_grpo(policy, tokenizer, prompts: list[str], config: GRPOConfig, log: common.MetricsLog, *,
                reward_model=None, reference=None, gold_fn=None, stage="grpo", output=None, resume=None,
-               show_progress=True):  # fmt: skip
+               show_progress=True, run_options=None):  # fmt: skip
     """gold_fn(prompt, response): the reward with reward="gold"; with reward="rm" it is
     only logged (evaluation), never trained on."""
     if config.reward not in REWARDS:
@@ -78,7 +78,7 @@ def train_grpo(policy, tokenizer, prompts: list[str], config: GRPOConfig, log: c
         frozen["reward_model"] = reward_model
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
     run = common.StageRun(stage, config, log, models={"model": policy}, optimizer=optimizer, output=output,
-                          resume=resume, show_progress=show_progress, frozen=frozen)  # fmt: skip
+                          resume=resume, show_progress=show_progress, frozen=frozen, run=run_options)  # fmt: skip
     completions = config.prompts * config.group_size
     distributed.check_minibatches(f"prompts={config.prompts} x group_size={config.group_size}, minibatch="
                                   f"{config.minibatch}", completions, config.minibatch, config.group_size)  # fmt: skip

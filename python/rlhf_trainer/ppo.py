@@ -65,7 +65,8 @@ class KLController:
 
 
 def train_ppo(policy, reward_model, tokenizer, prompts: list[str], config: PPOConfig, log: common.MetricsLog, *,
-              reference=None, gold_fn=None, stage="ppo", output=None, resume=None, show_progress=True):  # fmt: skip
+              reference=None, gold_fn=None, stage="ppo", output=None, resume=None, show_progress=True,
+              run_options=None):  # fmt: skip
     """gold_fn(prompt, response), when given, is only logged (evaluation), never trained on."""
     device = next(policy.parameters()).device
     reference = frozen_copy(policy) if reference is None else reference
@@ -76,7 +77,7 @@ def train_ppo(policy, reward_model, tokenizer, prompts: list[str], config: PPOCo
     models = {"model": policy, "value_model": value_model}
     frozen = {"reference": reference, "reward_model": reward_model}  # a resume against others is refused
     run = common.StageRun(stage, config, log, models=models, optimizer=optimizer, output=output, resume=resume,
-                          show_progress=show_progress, frozen=frozen)  # fmt: skip
+                          show_progress=show_progress, frozen=frozen, run=run_options)  # fmt: skip
     # The restored (possibly adapted) coefficient, unless this run sets another kl_coef.
     controller = KLController(config, None if "kl_coef" in run.changed else run.state.get("kl_coef"))
     distributed.check_minibatches(f"rollouts={config.rollouts}, minibatch={config.minibatch}", config.rollouts,

@@ -63,19 +63,25 @@ def accuracy(reward_model, tokenizer, records, max_tokens: int = 6, batch_size: 
     return float(distributed.all_sum([wins], device)[0]) / max(total, 1)
 
 
+def rank_tensor(records: list[dict], device="cpu") -> torch.Tensor:
+    """The records' integer ranks [N, K] as int64, which ranking_loss compares exactly
+    (float32 tied ranks 2^24 apart: 2^25 and 2^25 + 1 were one rank, their pair lost)."""
+    return torch.tensor([r["ranks"] for r in records], dtype=torch.int64, device=device)
+
+
 def split(records: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
     n_eval = int(len(records) * eval_fraction)
     return records[n_eval:], records[:n_eval]
 
 
 def train_rm(reward_model, tokenizer, records, config: RMConfig, log: common.MetricsLog, *, kind="preferences",
-             output=None, resume=None, show_progress=True):  # fmt: skip
+             output=None, resume=None, show_progress=True, run_options=None):  # fmt: skip
     """kind: "preferences" (margin from an optional "margin" field) or "rankings"."""
     device = next(reward_model.parameters()).device
     train, held_out = split(records, config.eval_fraction) if kind == "preferences" else (records, [])
     optimizer = torch.optim.AdamW(reward_model.parameters(), lr=config.lr)
     run = common.StageRun("rm", config, log, models={"reward_model": reward_model}, optimizer=optimizer,
-                          output=output, resume=resume, show_progress=show_progress)  # fmt: skip
+                          output=output, resume=resume, show_progress=show_progress, run=run_options)  # fmt: skip
     distributed.check_shareable("batch_size", config.batch_size)
     parallel = distributed.DataParallel({"reward_model": reward_model})
 
@@ -92,7 +98,7 @@ def train_rm(reward_model, tokenizer, records, config: RMConfig, log: common.Met
         index = distributed.shard(common.batch_indices(len(train), config.batch_size, config.seed, step))
         picked = [train[i] for i in index]
         if kind == "rankings":
-            ranks = torch.tensor([r["ranks"] for r in picked], dtype=torch.float32, device=device)
+            ranks = rank_tensor(picked, device)
             count = float((ranks.amax(-1) != ranks.amin(-1)).sum())  # ranking_loss: the prompts with a ranked pair
             scale = distributed.loss_scale(count, distributed.global_count(count, device))
             loss = parallel.loss(rankings_loss, picked, ranks)

@@ -29,11 +29,11 @@ class SFTConfig:
 
 
 def train_sft(policy, tokenizer, records, config: SFTConfig, log: common.MetricsLog, *, output=None, resume=None,
-              show_progress=True):  # fmt: skip
+              show_progress=True, run_options=None):  # fmt: skip
     device = next(policy.parameters()).device
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr)
     run = common.StageRun("sft", config, log, models={"model": policy}, optimizer=optimizer, output=output,
-                          resume=resume, show_progress=show_progress)  # fmt: skip
+                          resume=resume, show_progress=show_progress, run=run_options)  # fmt: skip
     distributed.check_shareable("batch_size", config.batch_size)
     parallel = distributed.DataParallel({"model": policy})
 
