@@ -97,8 +97,8 @@ CONTRACT = {
     "ranking_loss": (["rewards", "ranks"], dict()),
     "sequence_logprobs": (
         ["hidden", "weight", "labels", "mask"],
-        dict(average=False, temperature=1.0, **VOCAB_PARALLEL),
-    ),
+        dict(average=False, temperature=1.0, batch_invariant=None, **VOCAB_PARALLEL),
+    ),  # batch_invariant: as linear_logprobs (the batch-invariance issue)
     "linear_dpo_loss": (
         ["hidden", "weight", "labels", "mask"],
         dict(
@@ -118,9 +118,10 @@ CONTRACT = {
             f_alpha_divergence_coef=0.5,
             weights=None,
             discopop_tau=0.05,
+            batch_invariant=None,
             **VOCAB_PARALLEL,
         ),
-    ),
+    ),  # batch_invariant: as linear_logprobs, for the policy and the ref_hidden pass
     # The GRPO issue, part 1: estimators of verl 0.9.1 and TRL 1.16, the policy-loss zoo.
     "group_advantages": (
         ["scores", "group_index"],

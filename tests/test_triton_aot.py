@@ -89,6 +89,29 @@ def test_batch_invariant_linear_launch_does_not_depend_on_the_number_of_rows(dty
     assert len({configuration(N, False)[1] for N in rows}) > 1
 
 
+def test_batch_invariant_linear_forward_is_one_binary_for_every_number_of_rows():
+    """What the GPU would compile, not only what the launcher passes: Triton's binder
+    specializes an int argument equal to 1 (a constant) and one divisible by 16 (a hint),
+    so without do_not_specialize=["N"] N = 1, 7 and 64 build three binaries of the fused
+    forward. The gate's check (tests/triton_aot.py, batch_invariance_problems) runs the
+    binder for sm_90 on the batch-invariant launches at N in (1, 7, 64, 300, 8192, 65536)
+    for every dtype and option set and requires one specialization and one launch
+    configuration (tiles, warps, stages, vocabulary splits) for all N. The Triton linear
+    backward is torch's GEMMs in 64-row blocks and the token backward kernel, which is
+    elementwise per (row, vocabulary tile): no reduction across or along rows there."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "triton_aot.py"), "--batch-invariance-only"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    report = result.stdout[-6000:] + result.stderr[-3000:]
+    assert result.returncode == 0, report
+    assert "x N in (1, 7, 64, 300, 8192, 65536): one specialization and launch configuration each" in result.stdout
+
+
 def test_a_grid_over_the_hardware_limit_is_a_clear_error():
     from rlhf_kernels.triton import gae
     from rlhf_kernels.triton._launch import launch

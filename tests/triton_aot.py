@@ -18,7 +18,10 @@ Coverage, by construction, not by a hand-kept list of configurations:
   {1031, 32000, 152064, 262144}, N in {1, 8192, 65536}, H in {896, 4096, 8192}) at
   the default options;
 - a check that every `*_kernel` in rlhf_kernels.triton was launched and that every
-  bool constexpr took both values.
+  bool constexpr took both values;
+- the batch-invariant mode of the fused linear forward: its specialization and launch
+  configuration are the same at every N (`batch_invariance_problems`; alone, without
+  compiling: `--batch-invariance-only`).
 Fails (exit 1) on a compile error, a spill (LOCAL > 0) not in ALLOWED_SPILLS, or a
 kernel above 240 registers (within 16 of the ceiling); writes the resource table either way. Must run
 without TRITON_INTERPRET (the test that calls it starts a clean subprocess).
@@ -115,30 +118,87 @@ def logprobs_calls():
     )
     yield from _sweep("token_logprobs", list(itertools.product(ROWS, VOCABS)), token_options, token)
 
-    def linear(shape, dtype, bias, softcap, entropy, tf32):
-        N, H, V = shape
-        hidden, weight = meta(N, H, dtype=dtype), meta(V, H, dtype=dtype)
-        with _float32_matmul_precision("high" if tf32 else "highest"):
-            m.linear_logprobs_forward(
-                hidden,
-                weight,
-                meta(V, dtype=dtype) if bias else None,
-                meta(N, dtype=INDEX),
-                1.0,
-                softcap,
-                1.0,
-                -100,
-                entropy,
-            )
+    yield from _sweep("linear_logprobs", list(itertools.product(ROWS, HIDDENS, VOCABS)), LINEAR_OPTIONS, _linear)
+    # The batch-invariant mode at every N of INVARIANT_ROWS: one specialization for all
+    # of them (batch_invariance_problems checks it; the dedup in collect() keeps one).
+    for N in INVARIANT_ROWS:
+        shape = (N,) + INVARIANT_SHAPES[0]
+        yield f"linear_logprobs batch_invariant {shape}", functools.partial(_linear, shape, batch_invariant=True)
 
-    linear_options = dict(
-        dtype=(torch.bfloat16, torch.float32, torch.float16),
-        bias=(False, True),
-        softcap=(None, 30.0),
-        entropy=(True, False),
-        tf32=(False, True),
-    )
-    yield from _sweep("linear_logprobs", list(itertools.product(ROWS, HIDDENS, VOCABS)), linear_options, linear)
+
+def _linear(shape, dtype=torch.bfloat16, bias=False, softcap=None, entropy=True, tf32=False, batch_invariant=False):
+    m = importlib.import_module("rlhf_kernels.triton.logprobs")
+    N, H, V = shape
+    hidden, weight = meta(N, H, dtype=dtype), meta(V, H, dtype=dtype)
+    with _float32_matmul_precision("high" if tf32 else "highest"):
+        m.linear_logprobs_forward(
+            hidden,
+            weight,
+            meta(V, dtype=dtype) if bias else None,
+            meta(N, dtype=INDEX),
+            1.0,
+            softcap,
+            1.0,
+            -100,
+            entropy,
+            batch_invariant=batch_invariant,
+        )
+
+
+LINEAR_OPTIONS = dict(
+    dtype=(torch.bfloat16, torch.float32, torch.float16),
+    bias=(False, True),
+    softcap=(None, 30.0),
+    entropy=(True, False),
+    tf32=(False, True),
+    batch_invariant=(False, True),
+)
+# The batch-invariant mode's claim on a GPU (docs/DESIGN.md, "Batch invariance"): a row's
+# reduction order is fixed by the binary and its launch, so every N must give the same
+# specialization (Triton's binder: N = 1 would be a constant, N % 16 == 0 a divisibility
+# hint, unless the kernel says do_not_specialize), tiles, warps, stages and vocabulary
+# splits; only grid axis 0 (the row blocks) may follow N. N: 1, not a multiple of 16, 64,
+# and ROWS' large ones; (H, V): the largest shape with every option, the others at the
+# default options.
+INVARIANT_ROWS = (1, 7, 64, 300, 8192, 65536)
+INVARIANT_SHAPES = tuple(itertools.product(HIDDENS[::-1], VOCABS[::-1]))
+
+
+def batch_invariance_problems() -> tuple[int, list[str]]:
+    """(option sets checked, problems): the binder's specialization and the launch
+    configuration of the fused linear forward in batch-invariant mode, compared across
+    INVARIANT_ROWS for each dtype x option set x (H, V). No compile."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    from rlhf_kernels.triton._launch import recording
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    options = {k: v for k, v in LINEAR_OPTIONS.items() if k != "batch_invariant"}
+    cases = [(INVARIANT_SHAPES[0], dict(zip(options, values))) for values in itertools.product(*options.values())]
+    cases += [(shape, dict(dtype=dtype)) for shape in INVARIANT_SHAPES[1:] for dtype in options["dtype"]]
+    problems = []
+    for shape, chosen in cases:
+        configurations = {}
+        for N in INVARIANT_ROWS:
+            with recording() as launches:
+                _linear((N,) + shape, **chosen, batch_invariant=True)
+            (launch,) = launches
+            signature, constexprs, attrs, binder_options = _specializations(launch, backend)
+            configurations[N] = repr((
+                launch.kernel.__name__, signature, sorted(constexprs.items()), sorted(attrs.items()),
+                sorted(binder_options.items()), launch.num_warps, launch.num_stages,
+                launch.grid[1:], launch.args[8],  # the vocabulary splits and the columns of each
+            ))  # fmt: skip
+        if len(set(configurations.values())) > 1:
+            groups = {}
+            for N, configuration in configurations.items():
+                groups.setdefault(configuration, []).append(N)
+            problems.append(
+                f"batch-invariant linear_logprobs (H, V) = {shape} {chosen}: N in {INVARIANT_ROWS} gives "
+                f"{len(groups)} different specializations / launch configurations, by N: {list(groups.values())}"
+            )
+    return len(cases), problems
 
 
 @contextlib.contextmanager
@@ -513,14 +573,29 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=DEFAULT_OUT, help="the resource table (markdown)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument(
+        "--batch-invariance-only",
+        action="store_true",
+        help="only compare the batch-invariant linear forward's specializations across N (no compile)",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("triton_aot: unset TRITON_INTERPRET: the gate compiles for real GPU targets", file=sys.stderr)
         return 2
+    cases, invariance = batch_invariance_problems()
+    print(
+        f"triton_aot: batch-invariant linear_logprobs: {cases} dtype / option / shape sets x N in {INVARIANT_ROWS}: "
+        f"{'one specialization and launch configuration each' if not invariance else 'FAILED'}"
+    )
+    if args.batch_invariance_only:
+        for problem in invariance:
+            print(f"triton_aot: FAIL {problem}")
+        return 1 if invariance else 0
     targets = supported_targets([int(cc) for cc in args.targets.split(",")])
     specs, seen = collect(tuple(args.families.split(",")))
     _SPECS[:] = specs
     problems = coverage_problems(seen) if args.families == ",".join(FAMILIES) else []
+    problems += invariance
     print(f"triton_aot: {len(specs)} specializations x {len(targets)} targets", file=sys.stderr, flush=True)
     started = time.perf_counter()
     results = {}

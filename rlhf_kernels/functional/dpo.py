@@ -13,7 +13,7 @@ from .. import vocab_parallel as _vocab_parallel
 from ..ops import dpo as _dpo_ops
 from ..reference.dpo import LOSS_TYPES
 from ._common import Tensor, _pick
-from .logprobs import _check_linear, _check_sequences, _linear_logprobs_on
+from .logprobs import _check_linear, _check_sequences, _in_mode, _linear_logprobs_on
 
 _DPO = reference.dpo
 _LENGTH_DTYPES = check.INDEX_DTYPES + check.FLOAT_DTYPES
@@ -209,6 +209,7 @@ def linear_dpo_loss(
     f_alpha_divergence_coef: float = 0.5,
     weights: Optional[Tensor] = None,
     discopop_tau: float = 0.05,
+    batch_invariant: Optional[bool] = None,
     process_group=None,
     vocab_size: Optional[int] = None,
     backend: Optional[str] = None,
@@ -229,6 +230,12 @@ def linear_dpo_loss(
     Returns: (mean loss [] float32, metrics) with detached 0-dim chosen_rewards,
     rejected_rewards, reward_margin, reward_accuracy, chosen_logps, rejected_logps
     (batch means). Differentiable w.r.t. hidden and weight.
+    Batch invariance: batch_invariant as linear_logprobs (None: the
+    rlhf_kernels.batch_invariant() setting), for the policy and the ref_hidden pass. In
+    the mode each pair's sequence log-probs (policy and reference) are bitwise the same
+    whatever other pairs share the batch, and reordering the pairs keeps each row's d
+    hidden bitwise; the loss and the metrics are means over the pairs, so their rounding
+    follows the pairs' order and number (bounds: docs/DESIGN.md, "Batch invariance").
     process_group / vocab_size: weight (and ref_weight) is this rank's vocabulary shard, as
     linear_logprobs; the loss and metrics are the same on every rank.
     """
@@ -240,9 +247,11 @@ def linear_dpo_loss(
         f_alpha_divergence_coef=f_alpha_divergence_coef, weights=weights, discopop_tau=discopop_tau,
     )  # fmt: skip
     if process_group is not None or vocab_size is not None:
-        return _vocab_parallel.linear_dpo_loss(
-            hidden, weight, labels, mask, process_group=process_group, vocab_size=vocab_size, backend=backend, **options
-        )
+        with _in_mode(batch_invariant):
+            return _vocab_parallel.linear_dpo_loss(
+                hidden, weight, labels, mask, process_group=process_group, vocab_size=vocab_size, backend=backend,
+                **options,
+            )  # fmt: skip
     types, average = _check_linear_dpo(hidden, weight, labels, mask, **options)
     check.labels_in_range(labels, weight.shape[0], ignore_index=-100, mask=mask)
     resolved = _backend.resolve("linear_dpo_loss", hidden.device, backend)
@@ -258,7 +267,7 @@ def linear_dpo_loss(
         average=average,
         temperature=temperature,
         dtype=check.result_dtype(hidden),
-        linear_logprobs=_linear_logprobs_on(resolved),
+        linear_logprobs=_linear_logprobs_on(resolved, batch_invariant),
         pair_loss=_pick("dpo_loss", hidden.device, resolved, reference.dpo_loss, _dpo_ops.dpo_loss),
         beta=beta,
         loss_type=types,

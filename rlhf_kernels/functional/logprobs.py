@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Union
 
 from .. import _batch_invariance, reference
@@ -61,6 +62,10 @@ def token_logprobs(
         logprobs [...] float32 (float64 for float64 logits), and entropy [...] when
         return_entropy. Differentiable w.r.t. logits (gradient in the logits dtype).
     Precision: fp32 accumulation; the label logit is read exactly.
+    Batch invariance: always, no mode needed: each row is its own reduction on every
+    backend, so a row's log-prob, entropy and d logits are bitwise the same whatever
+    batch, position, padding rows or packing ([N, V] packed rows) it comes with, in
+    every dtype (docs/DESIGN.md, "Batch invariance").
     """
     if process_group is not None or vocab_size is not None:
         return _vocab_parallel.token_logprobs(
@@ -139,8 +144,11 @@ def linear_logprobs(
     everything in fp32.
     Batch invariance: with batch_invariant=True (None: the rlhf_kernels.batch_invariant()
     setting, off by default) a row's log-prob, entropy and d hidden are bitwise the same
-    whatever batch, position or padding it comes with, on the cpu and triton backends
-    and the reference (docs/DESIGN.md, "Batch invariance"; its cost is in bench/).
+    whatever batch, position, padding rows or packing it comes with (1 row alone or in a
+    batch of any N), on the cpu and triton backends and the reference, in every dtype;
+    d weight and d bias are sums over the batch and are not. Without the mode the GEMM's
+    blocking follows N (about 1e-6 apart). docs/DESIGN.md, "Batch invariance"; its cost
+    is in bench/.
     Vocab parallel: with process_group, weight [V_r, H] and bias [V_r] are this rank's
     contiguous vocabulary shard (a column-parallel lm_head), hidden and labels (global
     indices) the same on every rank; d weight / d bias are the shard's, d hidden is
@@ -177,9 +185,20 @@ def linear_logprobs(
     )
 
 
-def _linear_logprobs_on(backend_name: str):
-    """linear_logprobs bound to a resolved backend, for the sequence-level ops."""
-    return lambda *args, **kwargs: linear_logprobs(*args, **kwargs, backend=backend_name)
+def _linear_logprobs_on(backend_name: str, batch_invariant: Optional[bool] = None):
+    """linear_logprobs bound to a resolved backend and a batch_invariant argument, for
+    the sequence-level ops."""
+    return lambda *args, **kwargs: linear_logprobs(
+        *args, **kwargs, batch_invariant=batch_invariant, backend=backend_name
+    )
+
+
+def _in_mode(batch_invariant: Optional[bool]):
+    """The batch-invariant setting for a call that takes no batch_invariant= itself (the
+    vocab-parallel routes): an explicit argument becomes the setting inside the block."""
+    if batch_invariant is None:
+        return contextlib.nullcontext()
+    return _batch_invariance.batch_invariant(batch_invariant)
 
 
 def _check_sequences(hidden, weight, labels, mask) -> None:
@@ -200,6 +219,7 @@ def sequence_logprobs(
     *,
     average: bool = False,
     temperature: float = 1.0,
+    batch_invariant: Optional[bool] = None,
     process_group=None,
     vocab_size: Optional[int] = None,
     backend: Optional[str] = None,
@@ -210,13 +230,20 @@ def sequence_logprobs(
     Labels at mask-0 positions are not read (any value is fine there).
     Returns: [B] float32. A sequence with no valid position gives 0.
     Never materializes the [B, T, V] logits (it runs on linear_logprobs).
+    Batch invariance: batch_invariant as linear_logprobs (None: the
+    rlhf_kernels.batch_invariant() setting). In the mode a sequence's sum (or mean) and
+    its d hidden are bitwise the same alone, among any other sequences, in any order or
+    next to all-masked padding sequences (which give exactly 0), on every backend and
+    dtype; a longer T of masked positions keeps each token bitwise but regroups the sum
+    over T (within (T + pad) ulps). docs/DESIGN.md, "Batch invariance".
     process_group / vocab_size: weight is this rank's vocabulary shard, as linear_logprobs.
     """
     if process_group is not None or vocab_size is not None:
-        return _vocab_parallel.sequence_logprobs(
-            hidden, weight, labels, mask, average=average, temperature=temperature,
-            process_group=process_group, vocab_size=vocab_size, backend=backend,
-        )  # fmt: skip
+        with _in_mode(batch_invariant):
+            return _vocab_parallel.sequence_logprobs(
+                hidden, weight, labels, mask, average=average, temperature=temperature,
+                process_group=process_group, vocab_size=vocab_size, backend=backend,
+            )  # fmt: skip
     _check_sequences(hidden, weight, labels, mask)
     check.positive("temperature", temperature)
     check.labels_in_range(labels, weight.shape[0], ignore_index=-100, mask=mask)
@@ -228,5 +255,5 @@ def sequence_logprobs(
         mask,
         average=average,
         temperature=temperature,
-        linear_logprobs=_linear_logprobs_on(resolved),
+        linear_logprobs=_linear_logprobs_on(resolved, batch_invariant),
     )

@@ -287,7 +287,11 @@ def token_logprobs_backward(
     return grad
 
 
-@triton.jit
+# N is not specialized: Triton would compile N = 1 as a constant and add a divisibility
+# hint for N % 16 == 0, so N = 1, 7 and 64 would run three different binaries; one binary
+# for every N keeps a row's arithmetic independent of the batch it comes in (the batch-
+# invariant mode; N only masks rows and addresses partials). tests/test_triton_aot.py.
+@triton.jit(do_not_specialize=["N"])
 def _linear_logprobs_forward_kernel(
     hidden_ptr,
     weight_ptr,
