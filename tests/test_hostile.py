@@ -975,20 +975,6 @@ MASKED_CASES = (
     ]
     + [("broadcast_advantages", None)]
 )
-# Known leaks, each a bug to fix where the op lives (functional/logprobs.py, functional/dpo.py
-# and their kernels), not here: a row with a zero d logits (an ignore_index row, a mask-0
-# position) still enters d weight = d logits^T hidden, where 0 x its NaN / inf hidden is NaN.
-# linear_policy_loss selects hidden to 0 at mask-0 positions first, and is exact.
-KNOWN_LEAKS = {
-    ("linear_logprobs", "d_weight"): "an ignore_index row's NaN / inf hidden reaches d weight (0 x NaN)",
-    ("linear_dpo_loss", "d_weight"): "a mask-0 position's NaN / inf hidden reaches d weight (0 x NaN)",
-}
-
-
-def _known_leak(op, variant) -> list:
-    if isinstance(variant, str) and (op, variant) in KNOWN_LEAKS:
-        return [pytest.mark.xfail(strict=True, reason=KNOWN_LEAKS[op, variant])]
-    return []
 
 
 @pytest.mark.parametrize(
@@ -999,7 +985,7 @@ def _known_leak(op, variant) -> list:
             variant,
             *p.values,
             id=f"{op}-{variant}-{p.values[0]}",
-            marks=[*p.marks, *_known_leak(op, variant)],
+            marks=p.marks,
         )  # fmt: skip
         for op, variant in MASKED_CASES
         for p in [q if hasattr(q, "values") else pytest.param(q) for q in _backends(op)]

@@ -6,11 +6,13 @@ from typing import Optional, Union
 
 import torch
 
+from .. import _batch_invariance
 from .. import _validation as check
 from .. import backend as _backend
 from .. import reference
 from .. import vocab_parallel as _vocab_parallel
 from ..ops import dpo as _dpo_ops
+from ..ops import linear_dpo as _linear_dpo_ops
 from ..reference.dpo import LOSS_TYPES
 from ._common import Tensor, _pick
 from .logprobs import _check_linear, _check_sequences, _in_mode, _linear_logprobs_on
@@ -255,11 +257,20 @@ def linear_dpo_loss(
     types, average = _check_linear_dpo(hidden, weight, labels, mask, **options)
     check.labels_in_range(labels, weight.shape[0], ignore_index=-100, mask=mask)
     resolved = _backend.resolve("linear_dpo_loss", hidden.device, backend)
-    return reference.linear_dpo_loss(
+    # A select, not a skip: a mask-0 position still enters d weight = d logits^T hidden,
+    # where its zero d logits times a NaN / inf hidden (padding) would be NaN.
+    hidden = hidden.masked_fill((mask == 0).unsqueeze(-1), 0)
+    route = reference.linear_dpo_loss
+    fused = {}
+    if resolved == "cpu" and _linear_dpo_ops.applies(types, hidden, weight):
+        route = _linear_dpo_ops.linear_dpo_loss
+        fused = dict(kernel=resolved, batch_invariant=_batch_invariance.enabled(batch_invariant))
+    return route(
         hidden,
         weight,
         labels,
         mask,
+        **fused,
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
         ref_hidden=ref_hidden,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 from typing import Optional, Union
 
+import torch
+
 from .. import _batch_invariance, reference
 from .. import _validation as check
 from .. import backend as _backend
@@ -171,6 +173,10 @@ def linear_logprobs(
     implementation = _pick(
         "linear_logprobs", hidden.device, backend, reference.linear_logprobs, _logprobs_ops.linear_logprobs
     )
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        # A select, not a skip: an ignored row still enters d weight = d logits^T hidden,
+        # where its zero d logits times a NaN / inf hidden (padding) would be NaN.
+        hidden = hidden.masked_fill((labels == ignore_index).unsqueeze(-1), 0)
     return implementation(
         hidden,
         weight,

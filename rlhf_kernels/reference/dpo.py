@@ -260,23 +260,45 @@ def linear_dpo_loss(
     if linear_logprobs is not None:
         sequence_options["linear_logprobs"] = linear_logprobs
     policy_logps = sequence_logprobs(hidden, weight, labels, mask, **sequence_options)
-    if ref_chosen_logps is None:
-        if ref_hidden is None:  # reference_free: no reference at all
-            ref_logps = torch.zeros_like(policy_logps)
-        else:
-            with torch.no_grad():
-                ref_logps = sequence_logprobs(
-                    ref_hidden, weight if ref_weight is None else ref_weight, labels, mask, **sequence_options
-                )
-        ref_chosen_logps, ref_rejected_logps = ref_logps[:n_pairs], ref_logps[n_pairs:]
+    ref_chosen_logps, ref_rejected_logps = reference_logps(
+        ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight if ref_weight is not None else weight, labels,
+        mask, like=policy_logps, **sequence_options,
+    )  # fmt: skip
     if not average:
-        lengths = (mask != 0).sum(-1)
-        loss_options.update(chosen_lengths=lengths[:n_pairs], rejected_lengths=lengths[n_pairs:])
+        loss_options.update(completion_lengths(mask))
     chosen_logps, rejected_logps = policy_logps[:n_pairs], policy_logps[n_pairs:]
     losses, chosen_rewards, rejected_rewards = (pair_loss or dpo_loss)(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, dtype=dtype, **loss_options
     )
-    metrics = {
+    return _mean(losses), pair_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, dtype)
+
+
+def reference_logps(
+    ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, labels, mask, *, like, **sequence_options
+):
+    """(ref chosen [B], ref rejected [B]) of linear_dpo_loss: as given, from ref_hidden
+    without grad, or zeros (reference_free; `like` gives their shape and dtype)."""
+    if ref_chosen_logps is not None:
+        return ref_chosen_logps, ref_rejected_logps
+    if ref_hidden is None:  # reference_free: no reference at all
+        ref_logps = torch.zeros_like(like)
+    else:
+        with torch.no_grad():
+            ref_logps = sequence_logprobs(ref_hidden, ref_weight, labels, mask, **sequence_options)
+    n_pairs = ref_logps.shape[0] // 2
+    return ref_logps[:n_pairs], ref_logps[n_pairs:]
+
+
+def completion_lengths(mask) -> dict:
+    """dpo_loss's chosen_lengths / rejected_lengths: the mask's row sums per half."""
+    lengths = (mask != 0).sum(-1)
+    n_pairs = lengths.shape[0] // 2
+    return dict(chosen_lengths=lengths[:n_pairs], rejected_lengths=lengths[n_pairs:])
+
+
+def pair_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, dtype) -> dict:
+    """linear_dpo_loss's metrics: batch means over the pairs, detached."""
+    return {
         "chosen_rewards": _mean(chosen_rewards),
         "rejected_rewards": _mean(rejected_rewards),
         "reward_margin": _mean(chosen_rewards - rejected_rewards),
@@ -284,7 +306,6 @@ def linear_dpo_loss(
         "chosen_logps": _mean(chosen_logps.detach()),
         "rejected_logps": _mean(rejected_logps.detach()),
     }
-    return _mean(losses), metrics
 
 
 def _mean(x: torch.Tensor) -> torch.Tensor:
