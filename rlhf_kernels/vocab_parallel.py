@@ -596,12 +596,15 @@ def sequence_logprobs(hidden, weight, labels, mask, *, average, temperature, pro
         check.positive("temperature", temperature)
 
     opts = LogitTransform(temperature=temperature)
-    describe = _describe_linear(hidden, weight, None, labels, mask, opts, vocab_size, False)
+    batch_invariant = _batch_invariance.enabled(None)  # the caller's setting (functional's _in_mode)
+    describe = _describe_linear(hidden, weight, None, labels, mask, opts, vocab_size, batch_invariant)
     layout, _ = _consensus(process_group, "sequence_logprobs", validate, describe)
+    linear_logprobs = partial(
+        _linear_apply, layout=layout, group=process_group, batch_invariant=batch_invariant, op="sequence_logprobs"
+    )
     return reference.sequence_logprobs(
-        hidden, weight, labels, mask, average=average, temperature=temperature,
-        linear_logprobs=partial(_linear_apply, layout=layout, group=process_group, op="sequence_logprobs"),
-    )  # fmt: skip
+        hidden, weight, labels, mask, average=average, temperature=temperature, linear_logprobs=linear_logprobs
+    )
 
 
 def linear_dpo_loss(hidden, weight, labels, mask, *, process_group, vocab_size, backend, **kwargs):
@@ -628,12 +631,16 @@ def linear_dpo_loss(hidden, weight, labels, mask, *, process_group, vocab_size, 
         return F._check_linear_dpo(hidden, weight, labels, mask, **kwargs)
 
     opts = LogitTransform(temperature=kwargs["temperature"])
-    describe = _describe_linear(hidden, weight, None, labels, mask, opts, vocab_size, False, ref_weight)
+    batch_invariant = _batch_invariance.enabled(None)  # the caller's setting (functional's _in_mode)
+    describe = _describe_linear(hidden, weight, None, labels, mask, opts, vocab_size, batch_invariant, ref_weight)
     layout, (types, average) = _consensus(process_group, "linear_dpo_loss", validate, describe)
     # One layout for the policy and the reference pass (ref_weight's shards are checked
     # to be weight's); the reference pass runs under no_grad, so its backward never runs.
-    linear_logprobs = partial(_linear_apply, layout=layout, group=process_group, op="linear_dpo_loss")
+    linear_logprobs = partial(
+        _linear_apply, layout=layout, group=process_group, batch_invariant=batch_invariant, op="linear_dpo_loss"
+    )
     options = {k: v for k, v in kwargs.items() if k not in ("average", "loss_type")}
+    hidden = hidden.masked_fill((mask == 0).unsqueeze(-1), 0)  # as functional's: NaN padding never reaches d weight
     return reference.linear_dpo_loss(
         hidden, weight, labels, mask, average=average, loss_type=types, dtype=check.result_dtype(hidden),
         linear_logprobs=linear_logprobs, pair_loss=reference.dpo_loss, **options,

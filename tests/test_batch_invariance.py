@@ -538,3 +538,44 @@ def test_linear_policy_loss_order_padding_subset_and_packing(backend, dtype):
     assert torch.equal(one_row_grad[0], pack_padded(padded_grad, cu_seqlens))
     n_tokens = int(packed["mask"].sum())
     _assert_reordered_sum(one_row_loss, padded_loss, n_tokens, padded_loss.abs(), "packed vs padded: loss")
+
+
+def test_process_group_route_reads_the_mode():
+    """sequence_logprobs / linear_dpo_loss with a process_group run vocab_parallel's own
+    linear path; it follows batch_invariant= too: a sequence alone is bitwise its row in
+    a batch of 42 (a one-process gloo group, in process; without the mode the GEMM's
+    blocking follows N)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        B, T, H, V = 42, 7, 512, 2000  # 7 rows alone vs 294: measured apart without the mode
+        hidden, weight = torch.randn(B, T, H), torch.randn(V, H) * 0.1
+        labels, mask = torch.randint(0, V, (B, T)), torch.ones(B, T)
+        row = int(torch.randint(B, (1,)))
+
+        def seq(rows):
+            return rk.sequence_logprobs(
+                hidden[rows], weight, labels[rows], mask[rows], process_group=group, batch_invariant=True
+            )
+
+        assert torch.equal(seq(slice(row, row + 1)), seq(slice(None))[row : row + 1])
+        pairs = B // 2
+        pair = row % pairs
+
+        def dpo(pair_rows):
+            rows = torch.cat([pair_rows, pair_rows + pairs])
+            _, metrics = rk.linear_dpo_loss(
+                hidden[rows], weight, labels[rows], mask[rows], reference_free=True, process_group=group,
+                batch_invariant=True,
+            )  # fmt: skip
+            return metrics["chosen_logps"] * len(pair_rows)
+
+        alone = dpo(torch.tensor([pair]))
+        in_batch = seq(slice(None))[pair]
+        assert torch.equal(alone, in_batch)
+    finally:
+        dist.destroy_process_group()
