@@ -251,6 +251,32 @@ RLHF_VECTORIZED static void bf16_to_float(const uint16_t* x, int64_t n, float* z
   }
 }
 
+// bf16_to_float and row_max in one pass: z = x as fp32, returns max_v z[v].
+RLHF_VECTORIZED static float bf16_to_float_max(const uint16_t* x, int64_t n, float* z) {
+  typedef uint16_t Halves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+  typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+  LaneVector lanes;
+  for (int l = 0; l < kLanes; ++l) lanes[l] = -std::numeric_limits<float>::infinity();
+  int64_t v = 0;
+  for (; v + kLanes <= n; v += kLanes) {
+    Halves halves;
+    std::memcpy(&halves, x + v, sizeof(halves));
+    const Words words = __builtin_convertvector(halves, Words) << 16;
+    LaneVector values;
+    std::memcpy(&values, &words, sizeof(values));
+    std::memcpy(z + v, &values, sizeof(values));
+    lanes = values > lanes ? values : lanes;
+  }
+  float top = lanes[0];
+  for (int l = 1; l < kLanes; ++l) top = lanes[l] > top ? lanes[l] : top;
+  for (; v < n; ++v) {
+    const uint32_t bits = static_cast<uint32_t>(x[v]) << 16;
+    std::memcpy(z + v, &bits, sizeof(float));
+    top = z[v] > top ? z[v] : top;
+  }
+  return top;
+}
+
 RLHF_VECTORIZED static void float_to_bf16(const float* z, int64_t n, uint16_t* x) {
   for (int64_t v = 0; v < n; ++v) {
     uint32_t bits;
