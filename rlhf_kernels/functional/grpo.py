@@ -10,9 +10,11 @@ from typing import Optional
 
 import torch
 
+from .. import _batch_invariance
 from .. import _validation as check
 from .. import backend as _backend
 from ..ops import grpo as _grpo_ops
+from ..ops import linear_policy as _linear_policy_ops
 from ..reference import grpo as _grpo_reference
 from ..reference import grpo_advantages as _grpo_advantages
 from ..reference import grpo_correction as _grpo_correction
@@ -458,7 +460,11 @@ def linear_policy_loss(
         raise TypeError("linear_policy_loss computes logprobs and entropy itself from hidden and weight")
     if process_group is None:  # sharded: labels are global, checked across the ranks
         check.labels_in_range(
-            labels, weight.shape[0] if vocab_size is None else vocab_size, ignore_index=-100, mask=mask
+            labels,
+            weight.shape[0] if vocab_size is None else vocab_size,
+            ignore_index=-100,
+            mask=mask,
+            op="linear_policy_loss",
         )
     B, T, H = hidden.shape
     resolved = _backend.resolve("linear_policy_loss", hidden.device, backend)
@@ -466,28 +472,32 @@ def linear_policy_loss(
     # A select, not a skip: a mask-0 row still enters d weight = d logits^T hidden, where
     # its zero d logits times a NaN / inf hidden (padding) would be NaN.
     hidden = hidden.masked_fill((mask == 0).unsqueeze(-1), 0)
-    logprobs, entropy = linear_logprobs(
-        hidden.reshape(B * T, H),
-        weight,
-        tokens.reshape(B * T),
-        bias=bias,
-        temperature=temperature,
-        return_entropy=True,
-        batch_invariant=batch_invariant,
-        process_group=process_group,
-        vocab_size=vocab_size,
-        backend=resolved if process_group is None else backend,
-    )
-    entropy = entropy.reshape(B, T)
-    return policy_loss(
-        logprobs.reshape(B, T),
-        old_logprobs,
-        advantages,
-        mask,
-        ref_logprobs=ref_logprobs,
-        loss_type=loss_type,
-        entropy=entropy if entropy_coef != 0.0 else entropy.detach(),
-        entropy_coef=entropy_coef,
-        backend=resolved,
-        **policy_options,
-    )
+    inputs = dict(
+        old_logprobs=old_logprobs, advantages=advantages, mask=mask, ref_logprobs=ref_logprobs, loss_type=loss_type,
+        entropy_coef=entropy_coef, **policy_options,
+    )  # fmt: skip
+
+    def unfused(hidden, weight):
+        logprobs, entropy = linear_logprobs(
+            hidden.reshape(B * T, H), weight, tokens.reshape(B * T), bias=bias, temperature=temperature,
+            return_entropy=True, batch_invariant=batch_invariant, process_group=process_group, vocab_size=vocab_size,
+            backend=resolved if process_group is None else backend,
+        )  # fmt: skip
+        entropy = entropy.reshape(B, T)
+        return policy_loss(
+            logprobs.reshape(B, T), entropy=entropy if entropy_coef != 0.0 else entropy.detach(), backend=resolved,
+            **inputs,
+        )  # fmt: skip
+
+    if (
+        resolved == "cpu"
+        and process_group is None
+        and _linear_policy_ops.applies(hidden, weight, bias, loss_type, entropy_coef, policy_options)
+    ):
+        return _linear_policy_ops.linear_policy_loss(
+            hidden, weight, tokens, kernel=resolved, temperature=temperature,
+            batch_invariant=_batch_invariance.enabled(batch_invariant),
+            policy_loss=lambda logprobs, **kw: policy_loss(logprobs, backend=resolved, **kw),
+            recompute=lambda hidden, weight: unfused(hidden, weight)[0], **inputs,
+        )  # fmt: skip
+    return unfused(hidden, weight)

@@ -23,33 +23,36 @@ from .logprobs import _backward_kernel, _forward_kernel
 
 
 class _StoredGradients(torch.autograd.Function):
-    """loss, with d loss / d hidden and d loss / d weight computed already; under
-    create_graph=True (double backward) the gradient of recompute(hidden, weight), a
-    differentiable route to the same loss, as a graph."""
+    """loss, with d loss / d hidden and d loss / d weight computed already.
+
+    The first backward hands the stored gradients out, scaled in place unless the scale
+    is 1 (loss.backward()), and drops its own reference, so autograd's accumulation takes
+    them as .grad without a copy (saved for backward they would be cloned: one more
+    [V, H] d weight at the peak). A second backward of the same graph (retain_graph) or a
+    recorded one (create_graph=True: double backward) differentiates recompute(hidden,
+    weight), a differentiable route to the same loss."""
 
     @staticmethod
     def forward(ctx, hidden, weight, loss, grad_hidden, grad_weight, recompute):
-        ctx.save_for_backward(hidden, weight, grad_hidden, grad_weight)
+        ctx.save_for_backward(hidden, weight)
+        ctx.gradients = [grad_hidden, grad_weight]
         ctx.recompute = recompute
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, grad_hidden, grad_weight = ctx.saved_tensors
-        if recording_backward():
+        hidden, weight = ctx.saved_tensors
+        untouched = (None, None, None, None)
+        if recording_backward() or ctx.gradients is None:
             grads = vjp(ctx.recompute, [hidden, weight], ctx.needs_input_grad[:2], [grad_loss])
-            return (*grads, None, None, None, None)
-        # loss.backward() passes 1: hand the stored tensors out as they are (no copy).
-        unit = grad_loss.device.type == "cpu" and bool(grad_loss == 1)
-        scale = (lambda g: g) if unit else (lambda g: g * grad_loss.to(g.dtype))
-        return (
-            scale(grad_hidden) if ctx.needs_input_grad[0] else None,
-            scale(grad_weight) if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-            None,
-        )
+            return (*grads, *untouched)
+        grads = [g if need else None for g, need in zip(ctx.gradients, ctx.needs_input_grad[:2])]
+        ctx.gradients = None
+        if not (grad_loss.device.type == "cpu" and bool(grad_loss == 1)):
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_loss.to(g.dtype))
+        return (*grads, *untouched)
 
 
 def grouped_loss(
@@ -57,24 +60,28 @@ def grouped_loss(
     weight: torch.Tensor,
     labels: torch.Tensor,
     chunks: Sequence[torch.Tensor],
-    chunk_loss: Callable[[int, torch.Tensor], torch.Tensor],
+    chunk_loss: Callable[[int, torch.Tensor, Optional[torch.Tensor]], torch.Tensor],
     recompute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     *,
     kernel: str,
     temperature: float,
     ignore_index: int = -100,
     batch_invariant: bool = False,
+    return_entropy: bool = False,
+    batch_loss: Optional[Callable[[], torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """sum_i chunk_loss(i, logprobs of chunks[i]) with its gradient in hidden and weight.
+    """sum_i chunk_loss(i, logprobs, entropy of chunks[i]) with its gradient in hidden and weight.
 
     hidden [R, T, H], weight [V, H], labels [R, T] (ignore_index where a position does
     not count); chunks: row indices [r_i] into R that cover every row once, each holding
-    whole groups, so that chunk_loss(i, logprobs [r_i, T]) (a 0-dim fp32 tensor,
-    differentiable in logprobs) depends on that chunk's rows only; the terms are summed in
-    fp32 (fp64 for fp64 hidden states). `kernel` is the token
-    kernel ("cpu" or "triton"). recompute(hidden, weight) gives the same loss by a
-    differentiable route, for a double backward. Returns the loss (0-dim, differentiable in hidden and
-    weight; its backward scales the gradients computed here)."""
+    whole groups, so that chunk_loss(i, logprobs [r_i, T], entropy [r_i, T] or None) (a
+    0-dim tensor, differentiable in logprobs; entropy, with return_entropy, is a constant)
+    depends on that chunk's rows only; the terms are summed in fp32 (fp64 for fp64 hidden
+    states). `kernel` is the token kernel ("cpu" or "triton"). batch_loss: the value
+    returned instead of that sum, called after the chunks (the same loss from the whole
+    batch's log-probs, which chunk_loss can collect). recompute(hidden, weight) gives the
+    same loss by a differentiable route, for a double backward. Returns the loss (0-dim,
+    differentiable in hidden and weight; its backward scales the gradients computed here)."""
     R, T, H = hidden.shape
     need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
     forward, backward = _forward_kernel(kernel), _backward_kernel(kernel)
@@ -89,10 +96,10 @@ def grouped_loss(
             chunk_labels = flat_labels[rows].reshape(-1).contiguous()
             everything = slice(None)
             logits = linear_chunk(chunk_hidden, weight.detach(), None, everything, batch_invariant)
-            logprobs, entropy, lse = forward(logits, chunk_labels, temperature, None, 1.0, ignore_index, False)
+            logprobs, entropy, lse = forward(logits, chunk_labels, temperature, None, 1.0, ignore_index, return_entropy)
             with torch.enable_grad():
                 chunk_logprobs = logprobs.reshape(len(rows), T).requires_grad_()
-                term = chunk_loss(i, chunk_logprobs)
+                term = chunk_loss(i, chunk_logprobs, entropy.reshape(len(rows), T) if return_entropy else None)
                 (grad_logprobs,) = torch.autograd.grad(term, chunk_logprobs)
             total += term.detach()
             grad_z = backward(
@@ -106,7 +113,8 @@ def grouped_loss(
             )  # fmt: skip
             if need_hidden:
                 grad_hidden[rows] = chunk_grad_hidden.reshape(len(rows), T, H)
-    return _StoredGradients.apply(hidden, weight, total, grad_hidden, grad_weight.to(weight.dtype), recompute)
+        loss = total if batch_loss is None else batch_loss()
+    return _StoredGradients.apply(hidden, weight, loss, grad_hidden, grad_weight.to(weight.dtype), recompute)
 
 
 def pair_chunks(n_pairs: int, pairs_per_chunk: int, device: Optional[torch.device] = None) -> list[torch.Tensor]:

@@ -48,7 +48,7 @@ def linear_dpo_loss(
     pairs_per_chunk = max(1, chunk_rows(2 * n_pairs * T, weight.shape[0], hidden.device) // max(2 * T, 1))
     outputs = []  # per chunk: chosen and rejected sequence log-probs, chosen and rejected rewards [n]
 
-    def chunk_loss(i: int, logprobs: torch.Tensor) -> torch.Tensor:
+    def chunk_loss(i: int, logprobs: torch.Tensor, _entropy) -> torch.Tensor:
         n = logprobs.shape[0] // 2
         pairs = slice(i * pairs_per_chunk, i * pairs_per_chunk + n)
         sequence = logprobs.sum(-1)

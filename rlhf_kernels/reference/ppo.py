@@ -99,9 +99,7 @@ def ppo_policy_loss(
     agg: str = "token-mean",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    lp, old, adv = valid_only(
-        mask, logprobs.to(dtype), old_logprobs.detach().to(dtype), advantages.detach().to(dtype)
-    )
+    lp, old, adv = valid_only(mask, logprobs.to(dtype), old_logprobs.detach().to(dtype), advantages.detach().to(dtype))
     loss, (clipped_more, dual_clipped, log_ratio) = policy_token_loss(
         lp, old, adv, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp
     )
