@@ -5,6 +5,7 @@ each takes ``backend=None`` last (see rlhf_kernels.backend).
 """
 
 from ._batch_invariance import batch_invariant
+from ._index_errors import check_index_errors
 from .functional import (
     bradley_terry_loss,
     broadcast_advantages,
@@ -33,6 +34,7 @@ __all__ = [
     "batch_invariant",
     "bradley_terry_loss",
     "broadcast_advantages",
+    "check_index_errors",
     "discounted_returns",
     "dpo_loss",
     "gae",

@@ -3,8 +3,9 @@
 Each error names the argument and what was expected: TypeError for a wrong
 type or dtype, ValueError for a wrong shape, value, device or option.
 Data-dependent checks (label ranges) read tensor values: they run on CPU tensors,
-and on GPU tensors only with RLHF_KERNELS_DEBUG=1 (values_checked); the kernels
-themselves stay memory-safe without them.
+and on GPU tensors only with RLHF_KERNELS_DEBUG=1 (values_checked); elsewhere on a GPU
+they become device flags that check_index_errors() reads (_index_errors.py). The
+kernels themselves stay memory-safe without them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 from typing import Iterable, Optional, Sequence
 
 import torch
+
+from . import _index_errors
 
 # Set to 1 to run the data-dependent input checks on GPU tensors too (values_checked).
 DEBUG_ENV = "RLHF_KERNELS_DEBUG"
@@ -133,14 +136,19 @@ def values_checked(x: torch.Tensor) -> bool:
 
 
 def labels_in_range(
-    labels: torch.Tensor, vocab_size: int, ignore_index: int, mask: Optional[torch.Tensor] = None
+    labels: torch.Tensor, vocab_size: int, ignore_index: int, mask: Optional[torch.Tensor] = None, *, op: str
 ) -> None:
-    """Every label (where mask != 0, if given) is in [0, vocab_size) or equals ignore_index."""
-    if not values_checked(labels):
+    """Every label (where mask != 0, if given) is in [0, vocab_size) or equals ignore_index;
+    on a GPU without RLHF_KERNELS_DEBUG=1, a flag for check_index_errors() (_index_errors)."""
+    checked = values_checked(labels)
+    if not (checked or _index_errors.deferred(labels)):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if mask is not None:
         bad &= mask != 0
+    if not checked:
+        _index_errors.record(op, "labels", bad)
+        return
     if bool(bad.any()):
         first = labels[bad].flatten()[0].item()
         raise ValueError(
@@ -149,11 +157,16 @@ def labels_in_range(
         )
 
 
-def indices_in_range(name: str, index: torch.Tensor, size: int) -> None:
-    """Every entry of `index` is in [0, size)."""
-    if not values_checked(index):
+def indices_in_range(name: str, index: torch.Tensor, size: int, *, op: str) -> None:
+    """Every entry of `index` is in [0, size); on a GPU without RLHF_KERNELS_DEBUG=1, a
+    flag for check_index_errors() (_index_errors)."""
+    checked = values_checked(index)
+    if not (checked or _index_errors.deferred(index)):
         return
     bad = (index < 0) | (index >= size)
+    if not checked:
+        _index_errors.record(op, name, bad)
+        return
     if bool(bad.any()):
         raise ValueError(f"{name} must be in [0, {size}), got e.g. {index[bad].flatten()[0].item()}")
 

@@ -200,8 +200,9 @@ FORWARDS_KEYWORDS = {"linear_policy_loss": "policy_loss"}
 
 
 def test_every_contract_function_is_exported():
-    # batch_invariant is a mode switch (a context manager), not an op
-    assert set(CONTRACT) == set(rk.__all__) - {"batch_invariant"}
+    # batch_invariant is a mode switch (a context manager), check_index_errors reads the
+    # ops' GPU index flags: neither is an op
+    assert set(CONTRACT) == set(rk.__all__) - {"batch_invariant", "check_index_errors"}
 
 
 def test_signatures():

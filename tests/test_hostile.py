@@ -192,6 +192,7 @@ def _advantages(kw: dict, backend=None):
 NOT_OPS = {
     "batch_invariant": "a mode switch (context manager / decorator around op calls): no tensors in or out "
     "(tests/test_batch_invariance.py)",
+    "check_index_errors": "reads the index flags the ops set on GPU tensors (test_index_errors_on_gpu_tensors_are_flags)",
 }
 PUBLIC_OPS = tuple(sorted(name for name in rk.__all__ if callable(getattr(rk, name)) and name not in NOT_OPS))
 SWEPT_OPS = set(PUBLIC_OPS)
@@ -412,6 +413,41 @@ def test_cpu_kernels_check_labels_and_score_index_themselves():
     for index in ([0, 4], [-1, 0]):
         with pytest.raises(ValueError, match=r"score_index must be in \[0, 4\)"):
             ops.kl_shaped_rewards(torch.ones(2), lp, lp, torch.ones(2, 4), 0.1, "k1", None, torch.tensor(index))
+
+
+def test_index_errors_on_gpu_tensors_are_flags(monkeypatch):
+    """On a GPU the range checks would be host syncs: they become device flags instead
+    (no sync), the row is NaN, and rk.check_index_errors() raises naming the op and the
+    argument, then clears. Here CPU tensors stand in for GPU ones (values_checked off,
+    deferred on), on the reference backend: the flags are torch ops on the input."""
+    from rlhf_kernels import _index_errors, _validation
+
+    monkeypatch.setattr(_validation, "values_checked", lambda x: False)
+    monkeypatch.setattr(_index_errors, "deferred", lambda x: x.numel() > 0 and not torch.compiler.is_compiling())
+    monkeypatch.setattr(_index_errors, "_FLAGS", {})
+    V, T = 11, 4
+    logits, good = torch.randn(3, V), torch.randint(0, V, (3,))
+    rk.token_logprobs(logits, good, backend="reference")
+    rk.check_index_errors()  # in range: nothing to report
+    bad = good.clone()
+    bad[1] = V + 5
+    logprobs = rk.token_logprobs(logits, bad, backend="reference")
+    assert torch.isnan(logprobs[1]) and torch.isfinite(logprobs[[0, 2]]).all()
+    lp = torch.randn(2, T)
+    scores, index = torch.ones(2), torch.tensor([0, T])
+    rk.kl_shaped_rewards(scores, lp, lp, torch.ones(2, T), kl_coef=0.1, score_index=index, backend="reference")
+    with pytest.raises(ValueError, match=r"token_logprobs \(labels, cpu\).*kl_shaped_rewards \(score_index, cpu\)"):
+        rk.check_index_errors()
+    rk.check_index_errors()  # cleared
+    hidden, weight = torch.randn(2, T, 5), torch.randn(V, 5)
+    labels, mask = torch.randint(0, V, (2, T)), torch.ones(2, T)
+    labels[0, 1] = -3
+    rk.linear_dpo_loss(hidden, weight, labels, mask, reference_free=True, backend="reference")
+    with pytest.raises(ValueError, match="linear_dpo_loss"):
+        rk.check_index_errors()
+    mask[0, 1] = 0  # masked: that label is never read
+    rk.linear_dpo_loss(hidden, weight, labels, mask, reference_free=True, backend="reference")
+    rk.check_index_errors()
 
 
 def test_the_segfault_case_in_a_subprocess():

@@ -29,6 +29,8 @@ import warnings
 
 import torch
 
+import rlhf_kernels as rk
+
 from . import distributed
 
 MANIFEST = "checkpoint.json"
@@ -501,8 +503,11 @@ class StageRun:
                                config=self.config, state=state, fingerprints=self.fingerprints, run=self.run)  # fmt: skip
 
     def step_done(self, step: int, shown: dict, state: dict | None = None, **metrics) -> None:
-        """step: the 1-based step just finished; shown: the metrics on the bar."""
+        """step: the 1-based step just finished; shown: the metrics on the bar. Out-of-range
+        token ids met on a GPU during the step raise here (rk.check_index_errors: logging
+        the metrics syncs anyway)."""
         self.log.log(self.stage, step, **metrics)
+        rk.check_index_errors()
         self.bar.update(1)
         self.bar.set_postfix({name: f"{value:.3f}" for name, value in shown.items()})
         every = self.config.checkpoint_every

@@ -255,7 +255,7 @@ def linear_dpo_loss(
                 **options,
             )  # fmt: skip
     types, average = _check_linear_dpo(hidden, weight, labels, mask, **options)
-    check.labels_in_range(labels, weight.shape[0], ignore_index=-100, mask=mask)
+    check.labels_in_range(labels, weight.shape[0], ignore_index=-100, mask=mask, op="linear_dpo_loss")
     resolved = _backend.resolve("linear_dpo_loss", hidden.device, backend)
     # A select, not a skip: a mask-0 position still enters d weight = d logits^T hidden,
     # where its zero d logits times a NaN / inf hidden (padding) would be NaN.

@@ -76,7 +76,7 @@ def kl_shaped_rewards(
     check.optional_tensor("score_index", score_index, dtypes=check.INDEX_DTYPES, ndim=1, shape_doc="[B]")
     if score_index is not None:
         check.shape("score_index", score_index, logprobs.shape[:1], "[B]")
-        check.indices_in_range("score_index", score_index, logprobs.shape[1])
+        check.indices_in_range("score_index", score_index, logprobs.shape[1], op="kl_shaped_rewards")
     check.same_device(logprobs=logprobs, scores=scores, score_index=score_index)
     check.number("kl_coef", kl_coef)
     check.choice("estimator", estimator, ESTIMATORS)

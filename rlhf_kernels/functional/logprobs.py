@@ -84,7 +84,7 @@ def token_logprobs(
     _logit_options(temperature, ignore_index, return_entropy, softcap, logit_scale)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
-    check.labels_in_range(labels, logits.shape[-1], ignore_index)
+    check.labels_in_range(labels, logits.shape[-1], ignore_index, op="token_logprobs")
     implementation = _pick(
         "token_logprobs", logits.device, backend, reference.token_logprobs, _logprobs_ops.token_logprobs
     )
@@ -169,7 +169,7 @@ def linear_logprobs(
     check.shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
     check.same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     _logit_options(temperature, ignore_index, return_entropy, softcap, logit_scale)
-    check.labels_in_range(labels, weight.shape[0], ignore_index)
+    check.labels_in_range(labels, weight.shape[0], ignore_index, op="linear_logprobs")
     implementation = _pick(
         "linear_logprobs", hidden.device, backend, reference.linear_logprobs, _logprobs_ops.linear_logprobs
     )
@@ -252,7 +252,7 @@ def sequence_logprobs(
             )  # fmt: skip
     _check_sequences(hidden, weight, labels, mask)
     check.positive("temperature", temperature)
-    check.labels_in_range(labels, weight.shape[0], ignore_index=-100, mask=mask)
+    check.labels_in_range(labels, weight.shape[0], ignore_index=-100, mask=mask, op="sequence_logprobs")
     resolved = _backend.resolve("sequence_logprobs", hidden.device, backend)
     return reference.sequence_logprobs(
         hidden,
