@@ -80,3 +80,11 @@ def use_backend(request, monkeypatch, family: str) -> str:
     """Routes every op of `family` to the fixture's backend for one test."""
     monkeypatch.setenv("RLHF_KERNELS_BACKEND", f"{family}={request.param}")
     return request.param
+
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    """A list that gets one entry per call of module.name (which still runs)."""
+    calls = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls

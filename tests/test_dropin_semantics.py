@@ -13,17 +13,8 @@ import torch
 import rlhf_kernels as rk
 from rlhf_kernels.integrations import trl as rk_trl
 from rlhf_kernels.integrations import verl as rk_verl
-from rlhf_kernels.integrations._version import installed_version, is_supported
+from trl_support import needs_trl, trl_utils
 
-try:
-    import trl.trainer.utils as trl_utils
-except ImportError:
-    trl_utils = None
-_TRL_VERSION = installed_version("trl")
-needs_trl = pytest.mark.skipif(
-    trl_utils is None or not is_supported(_TRL_VERSION, rk_trl.SUPPORTED_VERSIONS),
-    reason=f"trl {_TRL_VERSION} is installed; the drop-ins follow trl {', '.join(rk_trl.SUPPORTED_VERSIONS)}",
-)
 HALF = [torch.float16, torch.bfloat16]
 
 

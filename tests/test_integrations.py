@@ -11,7 +11,6 @@ from conftest import random_mask
 
 from rlhf_kernels.integrations import openrlhf, verl
 from rlhf_kernels.integrations import trl as rk_trl
-from rlhf_kernels.integrations._version import installed_version, is_supported
 
 B, T, V = 4, 9, 37
 
@@ -39,16 +38,8 @@ def _logps(*shape):
 
 
 # ---------------------------------------------------------------------- TRL ------
-try:
-    import trl.trainer.utils as trl_utils
-except ImportError:
-    trl_utils = None
-_TRL_VERSION = installed_version("trl")
 # The drop-ins follow SUPPORTED_VERSIONS only (the test extra pins it; another TRL skips).
-needs_trl = pytest.mark.skipif(
-    trl_utils is None or not is_supported(_TRL_VERSION, rk_trl.SUPPORTED_VERSIONS),
-    reason=f"trl {_TRL_VERSION} is installed; the drop-ins follow trl {', '.join(rk_trl.SUPPORTED_VERSIONS)}",
-)
+from trl_support import needs_trl, trl_utils  # noqa: E402
 
 
 @needs_trl

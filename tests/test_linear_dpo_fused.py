@@ -10,7 +10,7 @@ import rlhf_kernels as rk
 from rlhf_kernels.ops import linear_dpo
 from rlhf_kernels.reference import logprobs as reference_logprobs
 
-from conftest import random_mask
+from conftest import count_calls, random_mask
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in rk.backend.available("linear_dpo_loss", "cpu"), reason="needs the C++ extension"
@@ -39,10 +39,7 @@ def _loss_and_grads(backend, hidden, weight, labels, mask, **options):
 @pytest.fixture
 def routes(monkeypatch):
     """Counts the fused route's calls."""
-    calls = []
-    original = linear_dpo.grouped_loss
-    monkeypatch.setattr(linear_dpo, "grouped_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
-    return calls
+    return count_calls(monkeypatch, linear_dpo, "grouped_loss")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rlhf_kernels as rk
-from conftest import random_mask
+from conftest import count_calls, random_mask
 from rlhf_kernels.ops import linear_policy
 from rlhf_kernels.reference import logprobs as reference_logprobs
 
@@ -33,11 +33,8 @@ def _inputs(B, T, H, V, dtype=torch.float32):
 
 @pytest.fixture
 def routes(monkeypatch):
-    """Counts the fused route's calls; fused=False turns it off (the unfused route on the same kernels)."""
-    calls = []
-    original = linear_policy.grouped_loss
-    monkeypatch.setattr(linear_policy, "grouped_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
-    return calls
+    """Counts the fused route's calls."""
+    return count_calls(monkeypatch, linear_policy, "grouped_loss")
 
 
 def _run(inputs, **options):

@@ -20,16 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_kernels.integrations import trl as rk_trl
-from rlhf_kernels.integrations._version import installed_version, is_supported
+from trl_support import skip_module_unless_supported, trl_utils
 
-trl_utils = pytest.importorskip("trl.trainer.utils")
-_VERSION = installed_version("trl")
-if not is_supported(_VERSION, rk_trl.SUPPORTED_VERSIONS):
-    pytest.skip(
-        f"trl {_VERSION} is installed; the drop-ins follow trl {', '.join(rk_trl.SUPPORTED_VERSIONS)} "
-        "(patch() refuses others)",
-        allow_module_level=True,
-    )
+skip_module_unless_supported()
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 

@@ -26,15 +26,9 @@ pytest.importorskip("rlhf_trainer")
 
 import rlhf_kernels as rk  # noqa: E402
 from rlhf_kernels.integrations import trl as rk_trl  # noqa: E402
-from rlhf_kernels.integrations._version import installed_version, is_supported  # noqa: E402
+from trl_support import skip_module_unless_supported  # noqa: E402
 
-if not is_supported(installed_version("trl"), rk_trl.SUPPORTED_VERSIONS):
-    # Another TRL (the test extra pins 1.16): patch() refuses it and these tests would fail.
-    pytest.skip(
-        f"trl {installed_version('trl')} is installed; the drop-ins follow trl "
-        f"{', '.join(rk_trl.SUPPORTED_VERSIONS)} (patch() refuses others)",
-        allow_module_level=True,
-    )
+skip_module_unless_supported()
 from rlhf_trainer.models import tiny_model  # noqa: E402
 from rlhf_trainer.tokenizer import builtin_tokenizer  # noqa: E402
 

@@ -139,18 +139,30 @@ RLHF_INLINE float tanh(float u) {
 // 0.04, and it was the larger part of the CPU forward.
 typedef float LaneVector __attribute__((vector_size(kLanes * sizeof(float))));
 
-// max_v z[v]; a NaN element is skipped here (the row's sum of exponentials is NaN).
-RLHF_VECTORIZED static float row_max(const float* z, int64_t n) {
+// Every lane -inf: the start of a running max.
+RLHF_INLINE LaneVector lowest_lanes() {
   LaneVector lanes;
   for (int l = 0; l < kLanes; ++l) lanes[l] = -std::numeric_limits<float>::infinity();
+  return lanes;
+}
+
+// The largest lane.
+RLHF_INLINE float largest_lane(LaneVector lanes) {
+  float top = lanes[0];
+  for (int l = 1; l < kLanes; ++l) top = lanes[l] > top ? lanes[l] : top;
+  return top;
+}
+
+// max_v z[v]; a NaN element is skipped here (the row's sum of exponentials is NaN).
+RLHF_VECTORIZED static float row_max(const float* z, int64_t n) {
+  LaneVector lanes = lowest_lanes();
   int64_t v = 0;
   for (; v + kLanes <= n; v += kLanes) {
     LaneVector x;
     std::memcpy(&x, z + v, sizeof(x));
     lanes = x > lanes ? x : lanes;
   }
-  float top = lanes[0];
-  for (int l = 1; l < kLanes; ++l) top = lanes[l] > top ? lanes[l] : top;
+  float top = largest_lane(lanes);
   for (; v < n; ++v) top = z[v] > top ? z[v] : top;
   return top;
 }
@@ -255,8 +267,7 @@ RLHF_VECTORIZED static void bf16_to_float(const uint16_t* x, int64_t n, float* z
 RLHF_VECTORIZED static float bf16_to_float_max(const uint16_t* x, int64_t n, float* z) {
   typedef uint16_t Halves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
   typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-  LaneVector lanes;
-  for (int l = 0; l < kLanes; ++l) lanes[l] = -std::numeric_limits<float>::infinity();
+  LaneVector lanes = lowest_lanes();
   int64_t v = 0;
   for (; v + kLanes <= n; v += kLanes) {
     Halves halves;
@@ -267,8 +278,7 @@ RLHF_VECTORIZED static float bf16_to_float_max(const uint16_t* x, int64_t n, flo
     std::memcpy(z + v, &values, sizeof(values));
     lanes = values > lanes ? values : lanes;
   }
-  float top = lanes[0];
-  for (int l = 1; l < kLanes; ++l) top = lanes[l] > top ? lanes[l] : top;
+  float top = largest_lane(lanes);
   for (; v < n; ++v) {
     const uint32_t bits = static_cast<uint32_t>(x[v]) << 16;
     std::memcpy(z + v, &bits, sizeof(float));
