@@ -30,15 +30,17 @@ struct TransformOptions {
 // fp64 logits (gradcheck), with the same formulas.
 struct FloatRows {
   using acc_t = float;
-  // Whether z = x (no softcap, scale / T = 1 in fp32, as transform_row_max computes it).
+  // Whether z = x (no softcap, scale / T = 1 in fp32, as transform_row computes it).
   static bool identity(const TransformOptions& o) {
     return o.softcap <= 0.0 && static_cast<float>(o.scale) * static_cast<float>(o.inv_temperature) == 1.0f;
   }
-  static float transform_max(float* z, int64_t n, const TransformOptions& o) {
-    return vector_math::transform_row_max(z, n, o.scale, o.softcap, o.inv_temperature);
+  static void transform(float* z, int64_t n, const TransformOptions& o) {
+    vector_math::transform_row(z, n, o.scale, o.softcap, o.inv_temperature);
   }
-  static void sum_exp(const float* z, int64_t n, float top, float& sum_exp, float* sum_exp_dz) {
-    vector_math::row_sum_exp(z, n, top, sum_exp, sum_exp_dz);
+  static float max(const float* z, int64_t n) { return vector_math::row_max(z, n); }
+  static void sum_exp(const float* z, int64_t n, float top, float& sum_exp, float* sum_exp_dz,
+                      const vector_math::NextRow& next) {
+    vector_math::row_sum_exp(z, n, top, sum_exp, sum_exp_dz, next);
   }
   static float derivative(float z, const TransformOptions& o) {
     return vector_math::transform_derivative(z, o.scale, o.softcap, o.inv_temperature);
@@ -51,16 +53,19 @@ struct FloatRows {
 struct DoubleRows {
   using acc_t = double;
   static bool identity(const TransformOptions&) { return false; }  // fp64 (gradcheck): always staged
-  static double transform_max(double* z, int64_t n, const TransformOptions& o) {
-    double top = -std::numeric_limits<double>::infinity();
+  static void transform(double* z, int64_t n, const TransformOptions& o) {
     for (int64_t v = 0; v < n; ++v) {
       const double scaled = o.scale * z[v];
       z[v] = (o.softcap > 0 ? o.softcap * std::tanh(scaled / o.softcap) : scaled) * o.inv_temperature;
-      top = std::max(top, z[v]);
     }
+  }
+  static double max(const double* z, int64_t n) {
+    double top = -std::numeric_limits<double>::infinity();
+    for (int64_t v = 0; v < n; ++v) top = std::max(top, z[v]);
     return top;
   }
-  static void sum_exp(const double* z, int64_t n, double top, double& sum_exp, double* sum_exp_dz) {
+  static void sum_exp(const double* z, int64_t n, double top, double& sum_exp, double* sum_exp_dz,
+                      const vector_math::NextRow&) {
     double total_e = 0, total_ez = 0;
     for (int64_t v = 0; v < n; ++v) {
       const double dz = z[v] - top;
@@ -87,35 +92,56 @@ struct DoubleRows {
 template <typename scalar_t>
 using RowsFor = std::conditional_t<std::is_same_v<scalar_t, double>, DoubleRows, FloatRows>;
 
-// z = transform(x) for one row of V, in the compute dtype; returns max z.
+// z = transform(x) for one row of V, in the compute dtype.
 template <typename Rows, typename scalar_t>
-typename Rows::acc_t stage_row(const scalar_t* x, int64_t V, const TransformOptions& o, typename Rows::acc_t* z) {
+void stage_row(const scalar_t* x, int64_t V, const TransformOptions& o, typename Rows::acc_t* z) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    const uint16_t* bits = reinterpret_cast<const uint16_t*>(x);
-    if (Rows::identity(o)) return vector_math::bf16_to_float_max(bits, V, z);  // one pass
-    vector_math::bf16_to_float(bits, V, z);
+    vector_math::bf16_to_float(reinterpret_cast<const uint16_t*>(x), V, z);
   } else {
     for (int64_t v = 0; v < V; ++v) z[v] = static_cast<typename Rows::acc_t>(x[v]);
   }
-  return Rows::transform_max(z, V, o);
+  Rows::transform(z, V, o);
 }
 
-// The forward's transformed row and its max: fp32 logits that need no transform are
-// read where they are (no staging copy: fp32 N = 4096, V = 32000, 2 threads, the
-// forward was 1.32x torch.compile's staged and is 1.43x read in place,
-// bench/results/logprobs-cpu-float32{,-token_logprobs_N_4096}.md), everything else is
-// staged into z.
+// One row's forward statistics, relative to its max z: sum exp(z - top), sum exp(z -
+// top) (z - top) (when asked) and z at the label.
+template <typename acc_t>
+struct RowSums {
+  acc_t top, sum_exp, sum_exp_dz, label_z;
+};
+
+// The forward of one row. fp32 and bf16 logits that need no transform are read where
+// they are, each element widened in registers (fp32 N = 4096, V = 32000, 2 threads:
+// the forward was 1.32x torch.compile's staged and 1.43x read in place,
+// bench/results/logprobs-cpu-float32{,-token_logprobs_N_4096}.md); everything else is
+// staged into z. `next` is the row after this one (vector_math::NextRow).
 template <typename Rows, typename scalar_t>
-const typename Rows::acc_t* forward_row(const scalar_t* x, int64_t V, const TransformOptions& o,
-                                        typename Rows::acc_t* z, typename Rows::acc_t& top) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
+RowSums<typename Rows::acc_t> forward_row(const scalar_t* x, int64_t V, const TransformOptions& o,
+                                          typename Rows::acc_t* z, int64_t label, bool entropy,
+                                          const vector_math::NextRow& next) {
+  using acc_t = typename Rows::acc_t;
+  RowSums<acc_t> row{};
+  acc_t* sum_exp_dz = entropy ? &row.sum_exp_dz : nullptr;
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (Rows::identity(o)) {
-      top = vector_math::row_max(x, V);
-      return x;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        row.top = vector_math::row_max(x, V);
+        vector_math::row_sum_exp(x, V, row.top, row.sum_exp, sum_exp_dz, next);
+        row.label_z = x[label];
+      } else {
+        const uint16_t* bits = reinterpret_cast<const uint16_t*>(x);
+        row.top = vector_math::bf16_row_max(bits, V);
+        vector_math::bf16_row_sum_exp(bits, V, row.top, row.sum_exp, sum_exp_dz, next);
+        row.label_z = vector_math::bf16_value(bits[label]);
+      }
+      return row;
     }
   }
-  top = stage_row<Rows>(x, V, o, z);
-  return z;
+  stage_row<Rows>(x, V, o, z);
+  row.top = Rows::max(z, V);
+  Rows::sum_exp(z, V, row.top, row.sum_exp, sum_exp_dz, next);
+  row.label_z = z[label];
+  return row;
 }
 
 // grad_row = z rounded to the logits' dtype (a no-op cast when they are the same).
@@ -174,18 +200,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
       threading::parallel_for(plan, 0, N, row_bytes, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> buffer(V);
         for (int64_t n = begin; n < end; ++n) {
-          acc_t top;
-          const acc_t* z = forward_row<Rows>(x + n * V, V, transform, buffer.data(), top);
-          acc_t sum_exp, sum_exp_dz = 0;
-          Rows::sum_exp(z, V, top, sum_exp, return_entropy ? &sum_exp_dz : nullptr);
-          const acc_t log_sum = std::log(sum_exp);
-          const acc_t log_normaliser = top + log_sum;
           const bool valid = static_cast<int64_t>(y[n]) != ignore_index;
+          const vector_math::NextRow next{reinterpret_cast<const char*>(x + (n + 1) * V),
+                                          n + 1 < end ? row_bytes : 0};
+          // An ignored row reads its logit 0 (V >= 1): its result is 0 whatever it is.
+          const RowSums<acc_t> row = forward_row<Rows>(x + n * V, V, transform, buffer.data(),
+                                                       valid ? static_cast<int64_t>(y[n]) : 0, return_entropy, next);
+          const acc_t log_sum = std::log(row.sum_exp);
+          const acc_t log_normaliser = row.top + log_sum;
           lse_out[n] = log_normaliser;
-          // The label logit is the staged value itself: read exactly, never re-derived.
-          lp_out[n] = valid ? z[y[n]] - log_normaliser : acc_t(0);
+          // The label logit is the (transformed) element itself: read exactly, never re-derived.
+          lp_out[n] = valid ? row.label_z - log_normaliser : acc_t(0);
           // Relative to the max: exact for masked vocabularies (-inf / finfo.min logits).
-          h_out[n] = valid && return_entropy ? log_sum - sum_exp_dz / sum_exp : acc_t(0);
+          h_out[n] = valid && return_entropy ? log_sum - row.sum_exp_dz / row.sum_exp : acc_t(0);
         }
       });
     });

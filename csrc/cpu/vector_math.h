@@ -153,32 +153,6 @@ RLHF_INLINE float largest_lane(LaneVector lanes) {
   return top;
 }
 
-// max_v z[v]; a NaN element is skipped here (the row's sum of exponentials is NaN).
-RLHF_VECTORIZED static float row_max(const float* z, int64_t n) {
-  LaneVector lanes = lowest_lanes();
-  int64_t v = 0;
-  for (; v + kLanes <= n; v += kLanes) {
-    LaneVector x;
-    std::memcpy(&x, z + v, sizeof(x));
-    lanes = x > lanes ? x : lanes;
-  }
-  float top = largest_lane(lanes);
-  for (; v < n; ++v) top = z[v] > top ? z[v] : top;
-  return top;
-}
-
-// In place, z[v] = scale * z[v] / T, or softcap * tanh(scale * z[v] / softcap) / T when
-// softcap > 0 (nothing to do at scale / T = 1); returns max_v z[v].
-RLHF_VECTORIZED static float transform_row_max(float* z, int64_t n, float scale, float softcap, float inv_temperature) {
-  if (softcap > 0.0f) {
-    const float inner = scale / softcap, outer = softcap * inv_temperature;
-    for (int64_t v = 0; v < n; ++v) z[v] = outer * vector_math::tanh(inner * z[v]);
-  } else if (const float factor = scale * inv_temperature; factor != 1.0f) {
-    for (int64_t v = 0; v < n; ++v) z[v] *= factor;
-  }
-  return row_max(z, n);
-}
-
 // dz with -inf raised to -FLT_MAX: its weight exp(dz) is exactly 0 there, and 0 * -FLT_MAX
 // is 0 where 0 * -inf is NaN. A clamp, which vectorises like exp's (a select on e > 0
 // did not: 5x slower entropy).
@@ -187,20 +161,88 @@ RLHF_INLINE float finite_below(float dz) {
   return dz < kLowest ? kLowest : dz;
 }
 
+// One bf16 element as the float it is exactly (the bf16 bits are the float's top half).
+RLHF_INLINE float bf16_value(uint16_t bits) {
+  const uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof(value));
+  return value;
+}
+
+// kLanes elements from z + v as a LaneVector: fp32 as they are, bf16 widened (exact).
+RLHF_INLINE LaneVector load_lanes(const float* z, int64_t v) {
+  LaneVector lanes;
+  std::memcpy(&lanes, z + v, sizeof(lanes));
+  return lanes;
+}
+RLHF_INLINE LaneVector load_lanes(const uint16_t* x, int64_t v) {
+  typedef uint16_t Halves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+  typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+  Halves halves;
+  std::memcpy(&halves, x + v, sizeof(halves));
+  const Words words = __builtin_convertvector(halves, Words) << 16;
+  LaneVector lanes;
+  std::memcpy(&lanes, &words, sizeof(lanes));
+  return lanes;
+}
+RLHF_INLINE float load_one(const float* z, int64_t v) { return z[v]; }
+RLHF_INLINE float load_one(const uint16_t* x, int64_t v) { return bf16_value(x[v]); }
+
+// The row a loop reads next, fetched into L2 while this one computes: a row of 32000
+// fp32 logits is 125 KiB, read by the max pass from memory and by the sum pass from L2;
+// without the hint the next row's memory reads start only when its max pass does, and
+// the exponentials of this row (~0.16 ns an element) do not overlap them.
+struct NextRow {
+  const char* bytes = nullptr;
+  int64_t size = 0;  // 0: nothing to fetch
+
+  // The cache line that goes with the `line`-th 64-byte step of this row's loop: each
+  // step fetches one line, so a next row no larger than this one is fetched whole.
+  inline __attribute__((always_inline)) void fetch(int64_t line) const {
+    if (line * 64 < size) __builtin_prefetch(bytes + line * 64, 0, 2);
+  }
+};
+
+// max_v x[v] over fp32 or bf16 elements (row_max, bf16_row_max).
+template <typename Element>
+RLHF_INLINE float max_body(const Element* x, int64_t n) {
+  LaneVector lanes = lowest_lanes();
+  int64_t v = 0;
+  for (; v + kLanes <= n; v += kLanes) {
+    const LaneVector values = load_lanes(x, v);
+    lanes = values > lanes ? values : lanes;
+  }
+  float top = largest_lane(lanes);
+  for (; v < n; ++v) top = load_one(x, v) > top ? load_one(x, v) : top;
+  return top;
+}
+
 // sum_v exp(z_v - top), and sum_v exp(z_v - top) (z_v - top) when sum_exp_dz is not
 // null (kept relative to the max, so a row of finfo.min logits cannot overflow it:
 // entropy = log S0 - S1 / S0). A weight of exactly 0 (a masked logit far below the max,
-// or -inf) adds nothing: never 0 * -inf.
-RLHF_VECTORIZED static void row_sum_exp(const float* z, int64_t n, float top, float& sum_exp, float* sum_exp_dz) {
+// or -inf) adds nothing: never 0 * -inf. One line of `next` is fetched every kLanes
+// elements.
+template <typename Element>
+RLHF_INLINE void sum_exp_body(const Element* z, int64_t n, float top, float& sum_exp, float* sum_exp_dz,
+                              const NextRow& next) {
   float lanes_e[kLanes] = {}, lanes_ez[kLanes] = {};
   int64_t v = 0;
   if (sum_exp_dz == nullptr) {  // separate loops: no dead multiply-add per element
-    for (; v + kLanes <= n; v += kLanes)
-      for (int l = 0; l < kLanes; ++l) lanes_e[l] += exp_nonpositive(z[v + l] - top);
+    for (; v + kLanes <= n; v += kLanes) {
+      next.fetch(v / kLanes);
+      float values[kLanes];
+      const LaneVector loaded = load_lanes(z, v);
+      std::memcpy(values, &loaded, sizeof(values));
+      for (int l = 0; l < kLanes; ++l) lanes_e[l] += exp_nonpositive(values[l] - top);
+    }
   } else {
     for (; v + kLanes <= n; v += kLanes) {
+      next.fetch(v / kLanes);
+      float values[kLanes];
+      const LaneVector loaded = load_lanes(z, v);
+      std::memcpy(values, &loaded, sizeof(values));
       for (int l = 0; l < kLanes; ++l) {
-        const float dz = z[v + l] - top;
+        const float dz = values[l] - top;
         const float e = exp_nonpositive(dz);
         lanes_e[l] += e;
         lanes_ez[l] += e * finite_below(dz);
@@ -213,13 +255,40 @@ RLHF_VECTORIZED static void row_sum_exp(const float* z, int64_t n, float top, fl
     total_ez += lanes_ez[l];
   }
   for (; v < n; ++v) {
-    const float dz = z[v] - top;
+    const float dz = load_one(z, v) - top;
     const float e = exp_nonpositive(dz);
     total_e += e;
     total_ez += e * finite_below(dz);
   }
   sum_exp = total_e;
   if (sum_exp_dz != nullptr) *sum_exp_dz = total_ez;
+}
+
+RLHF_VECTORIZED static void row_sum_exp(const float* z, int64_t n, float top, float& sum_exp, float* sum_exp_dz,
+                                        const NextRow& next = {}) {
+  sum_exp_body(z, n, top, sum_exp, sum_exp_dz, next);
+}
+
+// The same over a bf16 row read where it is (each element widened in registers, exact):
+// a bf16 row needs no fp32 copy when the logits take no transform.
+RLHF_VECTORIZED static float bf16_row_max(const uint16_t* x, int64_t n) { return max_body(x, n); }
+RLHF_VECTORIZED static void bf16_row_sum_exp(const uint16_t* x, int64_t n, float top, float& sum_exp,
+                                             float* sum_exp_dz, const NextRow& next = {}) {
+  sum_exp_body(x, n, top, sum_exp, sum_exp_dz, next);
+}
+
+// max_v z[v]; a NaN element is skipped here (the row's sum of exponentials is NaN).
+RLHF_VECTORIZED static float row_max(const float* z, int64_t n) { return max_body(z, n); }
+
+// In place, z[v] = scale * z[v] / T, or softcap * tanh(scale * z[v] / softcap) / T when
+// softcap > 0 (nothing to do at scale / T = 1).
+RLHF_VECTORIZED static void transform_row(float* z, int64_t n, float scale, float softcap, float inv_temperature) {
+  if (softcap > 0.0f) {
+    const float inner = scale / softcap, outer = softcap * inv_temperature;
+    for (int64_t v = 0; v < n; ++v) z[v] = outer * vector_math::tanh(inner * z[v]);
+  } else if (const float factor = scale * inv_temperature; factor != 1.0f) {
+    for (int64_t v = 0; v < n; ++v) z[v] *= factor;
+  }
 }
 
 // In place, z[v] becomes d x[v] = (-g p - g_H p (z - mean_z)) dz/dx with p = exp(z - lse)
@@ -261,30 +330,6 @@ RLHF_VECTORIZED static void bf16_to_float(const uint16_t* x, int64_t n, float* z
     const uint32_t bits = static_cast<uint32_t>(x[v]) << 16;
     std::memcpy(z + v, &bits, sizeof(float));
   }
-}
-
-// bf16_to_float and row_max in one pass: z = x as fp32, returns max_v z[v].
-RLHF_VECTORIZED static float bf16_to_float_max(const uint16_t* x, int64_t n, float* z) {
-  typedef uint16_t Halves __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-  typedef uint32_t Words __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-  LaneVector lanes = lowest_lanes();
-  int64_t v = 0;
-  for (; v + kLanes <= n; v += kLanes) {
-    Halves halves;
-    std::memcpy(&halves, x + v, sizeof(halves));
-    const Words words = __builtin_convertvector(halves, Words) << 16;
-    LaneVector values;
-    std::memcpy(&values, &words, sizeof(values));
-    std::memcpy(z + v, &values, sizeof(values));
-    lanes = values > lanes ? values : lanes;
-  }
-  float top = largest_lane(lanes);
-  for (; v < n; ++v) {
-    const uint32_t bits = static_cast<uint32_t>(x[v]) << 16;
-    std::memcpy(z + v, &bits, sizeof(float));
-    top = z[v] > top ? z[v] : top;
-  }
-  return top;
 }
 
 RLHF_VECTORIZED static void float_to_bf16(const float* z, int64_t n, uint16_t* x) {
