@@ -78,3 +78,70 @@ def test_a_bad_override_raises(monkeypatch):
     monkeypatch.setenv("RLHF_KERNELS_CPU_THREADING", "sometimes")
     with pytest.raises(RuntimeError, match="RLHF_KERNELS_CPU_THREADING"):
         torch.ops.rlhf_kernels.gae(torch.zeros(2, 3), torch.zeros(2, 3), None, 1.0, 0.95, "carry")
+
+
+# rlhf_kernels._calling_thread: small CPU calls run their torch code on one thread.
+
+
+def _threads_seen(monkeypatch, n_elements, busy=False):
+    """The torch thread count inside a wrapped call with an [n_elements] argument, and after it."""
+    from rlhf_kernels import _calling_thread
+
+    monkeypatch.setattr(_calling_thread, "_busy", lambda: busy)
+    seen = []
+    _calling_thread.small_calls_serial(lambda x: seen.append(torch.get_num_threads()))(torch.empty(n_elements))
+    return seen[0], torch.get_num_threads()
+
+
+def test_small_calls_run_on_one_thread_and_restore_the_count(monkeypatch):
+    from rlhf_kernels import _calling_thread
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _threads_seen(monkeypatch, _calling_thread.IDLE_SERIAL_BELOW - 1) == (1, 2)
+        assert _threads_seen(monkeypatch, _calling_thread.IDLE_SERIAL_BELOW) == (2, 2)
+        # while the kernels' back-off is on, the larger threshold
+        assert _threads_seen(monkeypatch, _calling_thread.IDLE_SERIAL_BELOW, busy=True) == (1, 2)
+        assert _threads_seen(monkeypatch, _calling_thread.BUSY_SERIAL_BELOW, busy=True) == (2, 2)
+
+        def raises(x):
+            raise ValueError("bad input")
+
+        with pytest.raises(ValueError, match="bad input"):
+            _calling_thread.small_calls_serial(raises)(torch.empty(3))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_back_off_flag_is_readable():
+    from rlhf_kernels import _C
+
+    assert isinstance(_C.cpu_busy(), bool)
+
+
+def test_public_ops_give_the_same_bits_on_one_thread_or_the_pool(monkeypatch):
+    """The public CPU ops with the calling-thread guard on (every call serial) and off."""
+    import rlhf_kernels as rk
+    from rlhf_kernels import _calling_thread
+
+    g = torch.Generator().manual_seed(1)
+    lp = (torch.randn(B, T, generator=g) - 2).requires_grad_()
+    old, adv = lp.detach() + 0.05 * torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    results = []
+    try:
+        for limit in (1 << 40, 0):
+            monkeypatch.setattr(_calling_thread, "IDLE_SERIAL_BELOW", limit)
+            monkeypatch.setattr(_calling_thread, "BUSY_SERIAL_BELOW", limit)
+            lp.grad = None
+            loss, stats = rk.ppo_policy_loss(lp, old, adv, mask, backend="cpu")
+            loss.backward()
+            results.append((loss.detach(), *stats.values(), lp.grad.clone(), rk.masked_whiten(old, mask, backend="cpu")))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

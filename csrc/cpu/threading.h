@@ -110,6 +110,9 @@ inline int64_t now_ns() {
 inline std::atomic<int64_t> busy_until_ns{0};
 inline std::atomic<int> busy_strikes{0};
 
+// Whether a busy back-off is on now.
+inline bool backed_off() { return now_ns() < busy_until_ns.load(std::memory_order_relaxed); }
+
 // Items per task so that each task moves at least kMinTaskBytes.
 inline int64_t grain_for(int64_t bytes_per_item) {
   bytes_per_item = std::max<int64_t>(bytes_per_item, 1);
@@ -146,8 +149,7 @@ inline Plan plan(int64_t bytes, const Thresholds& thresholds) {
   const bool can = at::get_num_threads() > 1 && !at::in_parallel_region();
   if (forced == Override::kAlways) return Plan{true, can, true};
   const bool large = bytes >= thresholds.idle;
-  const bool backed_off = now_ns() < busy_until_ns.load(std::memory_order_relaxed);
-  const bool parallel = can && forced == Override::kNone && large && (!backed_off || bytes >= thresholds.busy);
+  const bool parallel = can && forced == Override::kNone && large && (!backed_off() || bytes >= thresholds.busy);
   return Plan{large, parallel, false};
 }
 

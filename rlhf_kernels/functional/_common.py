@@ -9,15 +9,20 @@ import torch
 
 from .. import _validation as check
 from .. import backend as _backend
+from .._calling_thread import small_calls_serial
 
 Tensor = torch.Tensor
 
 
 def _pick(op: str, device: torch.device, backend: Optional[str], reference_fn, compiled_fn):
     """The implementation `backend` resolves to: reference_fn, or compiled_fn bound to the
-    kernel ("cpu" / "triton") that runs it."""
+    kernel ("cpu" / "triton") that runs it (on "cpu", small calls on the calling thread:
+    rlhf_kernels._calling_thread)."""
     resolved = _backend.resolve(op, device, backend)
-    return reference_fn if resolved == "reference" else partial(compiled_fn, kernel=resolved)
+    if resolved == "reference":
+        return reference_fn
+    compiled = partial(compiled_fn, kernel=resolved)
+    return small_calls_serial(compiled) if resolved == "cpu" else compiled
 
 
 def _check_token_grid(mask: Optional[Tensor], **tensors: Tensor) -> None:
