@@ -14,8 +14,9 @@ ppo_policy_loss / grpo policy_loss (vanilla) on [B, 1024] fp32, pool vs calling 
   1.24, grpo forward 1.11 vs 1.04; B = 256: 1.30 vs 1.63, 2.10 vs 2.42, 1.41 vs 1.49
   (the pool wins from ~2^17 elements on);
 - two busy background processes, B = 256: 14.7 vs 0.97, 9.6 vs 2.3, 5.6 vs 1.2;
-  B = 1024: 13.8 vs 2.2, 9.7 vs 9.8, 17.3 vs 3.0 (the calling thread wins to 2^20
-  and beyond).
+  B = 1024: 13.8 vs 2.2, 9.7 vs 9.8, 17.3 vs 3.0; B = 4096: 15.9 vs 22.8, 33.1 vs
+  40.3, 40.5 vs 26.5 (mixed); B = 16384: 89.7 vs 115, 150 vs 195, 96 vs 142 (the pool
+  wins). So busy, the calling thread up to 2^21 elements.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from . import _extension
 
 IDLE_SERIAL_BELOW = 1 << 17  # elements of the largest tensor argument
-BUSY_SERIAL_BELOW = 1 << 22
+BUSY_SERIAL_BELOW = 1 << 21
 
 
 def _largest(args, kwargs) -> int:
