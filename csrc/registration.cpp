@@ -4,20 +4,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "cpu/threading.h"
-
-// `import rlhf_kernels._C` runs the static registrations below; the module itself has
-// one function and no pybind11 (the extension-cpp pattern). cpu_busy(): whether the CPU
-// kernels' busy back-off is on (csrc/cpu/threading.h), which rlhf_kernels/_calling_thread.py
-// reads on every CPU call (a C call: ~0.1 us, a torch.ops call would be ~5).
-static PyObject* cpu_busy(PyObject*, PyObject*) { return PyBool_FromLong(rlhf_kernels::threading::backed_off()); }
-
+// `import rlhf_kernels._C` only has to run the static registrations below, so
+// the module itself is empty (the extension-cpp pattern: no pybind11 functions).
 extern "C" {
 PyObject* PyInit__C(void) {
-  static PyMethodDef methods[] = {
-      {"cpu_busy", cpu_busy, METH_NOARGS, "Whether the CPU kernels found the machine busy (their back-off is on)."},
-      {nullptr, nullptr, 0, nullptr}};
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }

@@ -83,27 +83,26 @@ def test_a_bad_override_raises(monkeypatch):
 # rlhf_kernels._calling_thread: small CPU calls run their torch code on one thread.
 
 
-def _threads_seen(monkeypatch, n_elements, busy=False):
+def _threads_seen(n_elements, device="cpu"):
     """The torch thread count inside a wrapped call with an [n_elements] argument, and after it."""
     from rlhf_kernels import _calling_thread
 
-    monkeypatch.setattr(_calling_thread, "_busy", lambda: busy)
     seen = []
-    _calling_thread.small_calls_serial(lambda x: seen.append(torch.get_num_threads()))(torch.empty(n_elements))
+    _calling_thread.small_calls_serial(lambda x: seen.append(torch.get_num_threads()))(
+        torch.empty(n_elements, device=device)
+    )
     return seen[0], torch.get_num_threads()
 
 
-def test_small_calls_run_on_one_thread_and_restore_the_count(monkeypatch):
+def test_small_calls_run_on_one_thread_and_restore_the_count():
     from rlhf_kernels import _calling_thread
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert _threads_seen(monkeypatch, _calling_thread.IDLE_SERIAL_BELOW - 1) == (1, 2)
-        assert _threads_seen(monkeypatch, _calling_thread.IDLE_SERIAL_BELOW) == (2, 2)
-        # while the kernels' back-off is on, the larger threshold
-        assert _threads_seen(monkeypatch, _calling_thread.IDLE_SERIAL_BELOW, busy=True) == (1, 2)
-        assert _threads_seen(monkeypatch, _calling_thread.BUSY_SERIAL_BELOW, busy=True) == (2, 2)
+        assert _threads_seen(_calling_thread.SERIAL_BELOW - 1) == (1, 2)
+        assert _threads_seen(_calling_thread.SERIAL_BELOW) == (2, 2)
+        assert _threads_seen(3, device="meta") == (2, 2)  # not a CPU call
 
         def raises(x):
             raise ValueError("bad input")
@@ -115,10 +114,37 @@ def test_small_calls_run_on_one_thread_and_restore_the_count(monkeypatch):
         torch.set_num_threads(threads)
 
 
-def test_the_back_off_flag_is_readable():
-    from rlhf_kernels import _C
+@torch.library.custom_op("rlhf_kernels_test::scaled", mutates_args=())
+def _scaled(x: torch.Tensor) -> torch.Tensor:
+    return 2 * x
 
-    assert isinstance(_C.cpu_busy(), bool)
+
+_BACKWARD_THREADS = []
+
+
+def _scaled_backward(ctx, grad):
+    _BACKWARD_THREADS.append(torch.get_num_threads())
+    return 2 * grad
+
+
+def test_a_small_calls_backward_runs_on_the_calling_thread_too():
+    """ops.register_autograd sizes the backward by its gradients and saved tensors."""
+    from rlhf_kernels import _calling_thread
+    from rlhf_kernels.ops import register_autograd
+
+    register_autograd("rlhf_kernels_test::scaled", _scaled_backward, setup_context=lambda ctx, inputs, output: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    _BACKWARD_THREADS.clear()
+    try:
+        for n in (64, _calling_thread.SERIAL_BELOW):
+            x = torch.randn(n, requires_grad=True)
+            _scaled(x).sum().backward()
+            assert torch.equal(x.grad, torch.full_like(x, 2.0))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert _BACKWARD_THREADS == [1, 2]
 
 
 def test_public_ops_give_the_same_bits_on_one_thread_or_the_pool(monkeypatch):
@@ -135,12 +161,13 @@ def test_public_ops_give_the_same_bits_on_one_thread_or_the_pool(monkeypatch):
     results = []
     try:
         for limit in (1 << 40, 0):
-            monkeypatch.setattr(_calling_thread, "IDLE_SERIAL_BELOW", limit)
-            monkeypatch.setattr(_calling_thread, "BUSY_SERIAL_BELOW", limit)
+            monkeypatch.setattr(_calling_thread, "SERIAL_BELOW", limit)
             lp.grad = None
             loss, stats = rk.ppo_policy_loss(lp, old, adv, mask, backend="cpu")
             loss.backward()
-            results.append((loss.detach(), *stats.values(), lp.grad.clone(), rk.masked_whiten(old, mask, backend="cpu")))
+            results.append(
+                (loss.detach(), *stats.values(), lp.grad.clone(), rk.masked_whiten(old, mask, backend="cpu"))
+            )
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):

@@ -14,15 +14,16 @@ from .._calling_thread import small_calls_serial
 Tensor = torch.Tensor
 
 
-def _pick(op: str, device: torch.device, backend: Optional[str], reference_fn, compiled_fn):
+def _pick(op: str, device: torch.device, backend: Optional[str], reference_fn, compiled_fn, *, gemm: bool = False):
     """The implementation `backend` resolves to: reference_fn, or compiled_fn bound to the
-    kernel ("cpu" / "triton") that runs it (on "cpu", small calls on the calling thread:
-    rlhf_kernels._calling_thread)."""
+    kernel ("cpu" / "triton") that runs it; on "cpu", small calls run on the calling
+    thread (rlhf_kernels._calling_thread), unless the op runs GEMMs (gemm=True), whose
+    bits depend on the thread count."""
     resolved = _backend.resolve(op, device, backend)
     if resolved == "reference":
         return reference_fn
     compiled = partial(compiled_fn, kernel=resolved)
-    return small_calls_serial(compiled) if resolved == "cpu" else compiled
+    return small_calls_serial(compiled) if resolved == "cpu" and not gemm else compiled
 
 
 def _check_token_grid(mask: Optional[Tensor], **tensors: Tensor) -> None:

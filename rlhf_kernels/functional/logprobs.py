@@ -171,7 +171,7 @@ def linear_logprobs(
     _logit_options(temperature, ignore_index, return_entropy, softcap, logit_scale)
     check.labels_in_range(labels, weight.shape[0], ignore_index, op="linear_logprobs")
     implementation = _pick(
-        "linear_logprobs", hidden.device, backend, reference.linear_logprobs, _logprobs_ops.linear_logprobs
+        "linear_logprobs", hidden.device, backend, reference.linear_logprobs, _logprobs_ops.linear_logprobs, gemm=True
     )
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         # A select, not a skip: an ignored row still enters d weight = d logits^T hidden,

@@ -20,7 +20,7 @@ import torch
 from .. import _extension
 from ..reference import dpo as reference
 from ..reference.autograd import recording_backward, vjp
-from . import needs_grad
+from . import needs_grad, register_autograd
 
 
 @torch.library.custom_op("rlhf_kernels::dpo_loss_triton", mutates_args=())
@@ -99,7 +99,7 @@ def _backward(ctx, grad_losses, _grad_rewards, _grad_grad):
 
 def _register(op: str) -> None:
     torch.library.register_fake(op, _fake)
-    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+    register_autograd(op, _backward, setup_context=_setup_context)
 
 
 _register("rlhf_kernels::dpo_loss_triton")

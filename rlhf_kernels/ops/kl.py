@@ -18,7 +18,7 @@ import torch
 from .. import _extension
 from ..reference import kl as reference
 from ..reference.autograd import recording_backward, vjp
-from . import needs_grad
+from . import needs_grad, register_autograd
 
 
 def _triton_kernels():
@@ -77,7 +77,7 @@ def _backward(ctx, grad_kl, _grad_grad):
 
 def _register(penalty_op: str, rewards_op: str) -> None:
     torch.library.register_fake(penalty_op, _kl_penalty_fake)
-    torch.library.register_autograd(penalty_op, _backward, setup_context=_setup_context)
+    register_autograd(penalty_op, _backward, setup_context=_setup_context)
     torch.library.register_fake(rewards_op, _kl_shaped_rewards_fake)
 
 

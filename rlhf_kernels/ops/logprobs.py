@@ -32,6 +32,7 @@ from ..reference.logprobs import (
     linear_logprobs_vjp,
     token_logprobs_vjp,
 )
+from . import register_autograd
 
 
 def _n_rows(logits: torch.Tensor) -> int:
@@ -180,7 +181,7 @@ def _register_token_autograd(op_name: str, backward_op, inplace_backward_op) -> 
             grad_logits = backward_op(grad_logprobs, grad_entropy, logits, labels, lse, entropy, *ctx.options)
         return (grad_logits,) + (None,) * 7
 
-    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+    register_autograd(op_name, backward, setup_context=setup_context)
 
 
 _register_token_autograd(

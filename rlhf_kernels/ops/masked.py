@@ -18,6 +18,7 @@ import torch
 from .. import _extension
 from ..reference import masked as reference
 from ..reference.autograd import recording_backward, vjp
+from . import register_autograd
 
 
 def _triton_kernels():
@@ -82,9 +83,9 @@ def _register(sums_op: str, whiten_op: str, whiten_backward) -> None:
         return grad_x, None, None, None, None, None
 
     torch.library.register_fake(sums_op, _sums_fake)
-    torch.library.register_autograd(sums_op, _sums_backward, setup_context=_sums_setup_context)
+    register_autograd(sums_op, _sums_backward, setup_context=_sums_setup_context)
     torch.library.register_fake(whiten_op, _whiten_fake)
-    torch.library.register_autograd(whiten_op, backward, setup_context=setup_context)
+    register_autograd(whiten_op, backward, setup_context=setup_context)
 
 
 torch.library.register_fake("rlhf_kernels::masked_whiten_backward_triton", _whiten_backward_fake)

@@ -19,7 +19,7 @@ import torch
 from .. import _extension
 from ..reference import rm as reference
 from ..reference.autograd import recording_backward, vjp
-from . import needs_grad
+from . import needs_grad, register_autograd
 
 
 def _triton_kernels():
@@ -84,9 +84,9 @@ def _ranking_backward(ctx, grad_row_loss, _grad_pairs, _grad_grad):
 
 def _register(bt_op: str, ranking_op: str) -> None:
     torch.library.register_fake(bt_op, _bt_fake)
-    torch.library.register_autograd(bt_op, _bt_backward, setup_context=_save_grad(1))
+    register_autograd(bt_op, _bt_backward, setup_context=_save_grad(1))
     torch.library.register_fake(ranking_op, _ranking_fake)
-    torch.library.register_autograd(ranking_op, _ranking_backward, setup_context=_save_grad(2))
+    register_autograd(ranking_op, _ranking_backward, setup_context=_save_grad(2))
 
 
 _register("rlhf_kernels::bradley_terry_loss_triton", "rlhf_kernels::ranking_loss_triton")

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ..reference.autograd import recording_backward, vjp
+from . import register_autograd
 
 
 def register(op_name: str, n_tensors: int, rows: Callable[..., torch.Tensor]) -> None:
@@ -55,4 +56,4 @@ def register(op_name: str, n_tensors: int, rows: Callable[..., torch.Tensor]) ->
             grad.mul_(scale)
         return (grad,) + untouched
 
-    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+    register_autograd(op_name, backward, setup_context=setup_context)
