@@ -111,10 +111,10 @@ struct RowSums {
 };
 
 // The forward of one row. fp32 and bf16 logits that need no transform are read where
-// they are, each element widened in registers (fp32 N = 4096, V = 32000, 2 threads:
-// the forward was 1.32x torch.compile's staged and 1.43x read in place,
-// bench/results/logprobs-cpu-float32{,-token_logprobs_N_4096}.md); everything else is
-// staged into z. `next` is the row after this one (vector_math::NextRow).
+// they are, bf16 widened in registers; everything else is staged into z. `next` is the
+// row after this one (vector_math::NextRow). fp32 N = 4096, V = 32000, 2 threads: the
+// forward was 1.32x torch.compile's staged, 1.43x read in place, 2.02x with the next
+// row fetched (bench/results/logprobs-cpu-float32-token_logprobs_N_4096.md).
 template <typename Rows, typename scalar_t>
 RowSums<typename Rows::acc_t> forward_row(const scalar_t* x, int64_t V, const TransformOptions& o,
                                           typename Rows::acc_t* z, int64_t label, bool entropy,
