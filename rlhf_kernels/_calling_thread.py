@@ -27,6 +27,8 @@ busy loss fades (mixed at 2^22).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 SERIAL_BELOW = 1 << 20  # elements of the call's largest tensor
@@ -62,6 +64,11 @@ def run_sized(tensors, fn, *args, **kwargs):
         torch.set_num_threads(threads)
 
 
+def _run_sized_by_arguments(fn, *args, **kwargs):
+    return run_sized((*args, *kwargs.values()), fn, *args, **kwargs)
+
+
 def small_calls_serial(fn):
-    """fn, run as run_sized does, sized by its own tensor arguments."""
-    return lambda *args, **kwargs: run_sized((*args, *kwargs.values()), fn, *args, **kwargs)
+    """fn, run as run_sized does, sized by its own tensor arguments (a functools.partial:
+    torch 2.8's dynamo cannot take the truth value of a lambda, `pair_loss or dpo_loss`)."""
+    return functools.partial(_run_sized_by_arguments, fn)
