@@ -1,7 +1,8 @@
 // CPU kernels for rlhf_kernels::token_logprobs and its backward: rows in
 // parallel; each row is staged once as fp32 (fp64 for fp64 logits) and the
 // transform, max, sum of exponentials and gradient run as vectorised row loops
-// (vector_math.h). Extra memory: one row buffer per thread.
+// (vector_math.h). Extra memory: one row buffer per thread (none in a forward that reads
+// its rows in place).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -110,8 +111,14 @@ struct RowSums {
   acc_t top, sum_exp, sum_exp_dz, label_z;
 };
 
-// The forward of one row. fp32 and bf16 logits that need no transform are read where
-// they are, bf16 widened in registers; everything else is staged into z. `next` is the
+// Whether forward_row reads a row where it is: fp32 and bf16 logits that need no
+// transform (bf16 widened in registers). Every other row is staged into a buffer of V.
+template <typename Rows, typename scalar_t>
+bool reads_in_place(const TransformOptions& o) {
+  return (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) && Rows::identity(o);
+}
+
+// The forward of one row: read in place (reads_in_place), or staged into z. `next` is the
 // row after this one (vector_math::NextRow). fp32 N = 4096, V = 32000, 2 threads: the
 // forward was 1.32x torch.compile's staged, 1.43x read in place, 2.02x with the next
 // row fetched (bench/results/logprobs-cpu-float32-token_logprobs_N_4096.md).
@@ -123,7 +130,7 @@ RowSums<typename Rows::acc_t> forward_row(const scalar_t* x, int64_t V, const Tr
   RowSums<acc_t> row{};
   acc_t* sum_exp_dz = entropy ? &row.sum_exp_dz : nullptr;
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (Rows::identity(o)) {
+    if (reads_in_place<Rows, scalar_t>(o)) {
       if constexpr (std::is_same_v<scalar_t, float>) {
         row.top = vector_math::row_max(x, V);
         vector_math::row_sum_exp(x, V, row.top, row.sum_exp, sum_exp_dz, next);
@@ -198,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
       const int64_t row_bytes = V * int64_t(sizeof(scalar_t));  // the row read once
       const threading::Plan plan = threading::plan(N * row_bytes, threading::kLogprobs);
       threading::parallel_for(plan, 0, N, row_bytes, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> buffer(V);
+        std::vector<acc_t> buffer(reads_in_place<Rows, scalar_t>(transform) ? 0 : V);
         for (int64_t n = begin; n < end; ++n) {
           const bool valid = static_cast<int64_t>(y[n]) != ignore_index;
           const vector_math::NextRow next{reinterpret_cast<const char*>(x + (n + 1) * V),
