@@ -34,9 +34,12 @@ import torch
 SERIAL_BELOW = 1 << 20  # elements of the call's largest tensor
 
 
-def _largest_cpu(values) -> int:
+def largest_cpu(values) -> int:
     """Elements of the largest tensor among values; a huge number when one is not on the
-    CPU (the thread count is then nobody's business)."""
+    CPU (the thread count is then nobody's business) or while torch.compile traces (its
+    sizes may be symbolic, and the compiled graph decides)."""
+    if torch.compiler.is_compiling():
+        return 1 << 62
     largest = 0
     for x in values:
         if isinstance(x, torch.Tensor):
@@ -46,22 +49,26 @@ def _largest_cpu(values) -> int:
     return largest
 
 
-def run_sized(tensors, fn, *args, **kwargs):
-    """fn(*args, **kwargs), with torch.set_num_threads(1) when `tensors` (the call's data)
-    are on the CPU and the largest has fewer than SERIAL_BELOW elements (the thread count
-    is restored after; not while torch.compile traces, where the compiled graph decides).
-    set_num_threads is process-wide: another Python thread running torch ops meanwhile
-    gets one thread too."""
-    if torch.compiler.is_compiling():
+def run_for(elements: int, fn, *args, **kwargs):
+    """fn(*args, **kwargs), with torch.set_num_threads(1) when the call's largest CPU
+    tensor (largest_cpu) has `elements` < SERIAL_BELOW (the thread count is restored
+    after; not while torch.compile traces). set_num_threads is process-wide: another
+    Python thread running torch ops meanwhile gets one thread too."""
+    if elements >= SERIAL_BELOW or torch.compiler.is_compiling():
         return fn(*args, **kwargs)
     threads = torch.get_num_threads()
-    if threads == 1 or _largest_cpu(tensors) >= SERIAL_BELOW:
+    if threads == 1:
         return fn(*args, **kwargs)
     torch.set_num_threads(1)
     try:
         return fn(*args, **kwargs)
     finally:
         torch.set_num_threads(threads)
+
+
+def run_sized(tensors, fn, *args, **kwargs):
+    """fn(*args, **kwargs), run as run_for does, sized by `tensors` (the call's data)."""
+    return run_for(largest_cpu(tensors), fn, *args, **kwargs)
 
 
 def _run_sized_by_arguments(fn, *args, **kwargs):
