@@ -87,6 +87,28 @@ def test_kl_penalty_gradients_match_the_reference(backend_name, estimator, clamp
     torch.testing.assert_close(got, (lp.grad, ref.grad), atol=1e-6, rtol=1e-5)
 
 
+def test_kl_penalty_backward_hands_out_the_slope_once(backend_name):
+    """The first backward scales the kernel's slope buffer in place and hands it out; a
+    second backward of the same graph recomputes it: retain_graph, a scaled output and
+    grads edited in place between backwards all give the reference's gradients, and
+    only the inputs that ask for a gradient get one."""
+    lp, ref = _logprobs(3, 17, dtype=torch.float64, spread=2.0)
+    g = torch.randn(3, 17, dtype=torch.float64)
+    x, y = lp.clone().requires_grad_(), ref.clone().requires_grad_()
+    want = torch.autograd.grad(rk.kl_penalty(x, y, estimator="k3", backend="reference"), [x, y], g)
+    kl = rk.kl_penalty(x, y, estimator="k3")
+    kl.backward(2 * g, retain_graph=True)
+    torch.testing.assert_close((x.grad, y.grad), (2 * want[0], 2 * want[1]))
+    x.grad.zero_()  # x.grad may share the buffer the first backward handed out
+    y.grad.zero_()
+    kl.backward(g, retain_graph=True)
+    torch.testing.assert_close((x.grad, y.grad), want)
+    torch.testing.assert_close(torch.autograd.grad(kl, [x, y], g), want)
+    only_ref = rk.kl_penalty(lp, y, estimator="k3")
+    (got,) = torch.autograd.grad(only_ref, [y], g)
+    torch.testing.assert_close(got, want[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_kl_penalty_gradient_at_the_clamp_bound(backend_name, dtype):
     # Estimates exactly on the clamp's bounds, on purpose: the clamp passes the gradient
