@@ -166,7 +166,11 @@ def test_grpo_trainer_runs_on_our_kernels(tmp_path, monkeypatch, config, kernel)
     patched = _train(make, True, ops)
     assert spy.calls == 2, spy.calls  # one _compute_loss a step
     assert (ops[POLICY_OP] == 2) == kernel, ops
-    _assert_same_training(unpatched, patched, 1e-4, 3e-3)
+    # TRL's GRPOConfig trains in bf16 autocast on the CPU too: the head's logits are bf16,
+    # rounded from GEMMs blocked differently (TRL's tiles, our chunks), so the first step's
+    # grad norm differs by what a flipped bf16 rounding moves it: measured 1.3e-4 and
+    # 1.4e-4 relative on an AVX2-only VM (under 1e-4 with AVX-512), the losses equal.
+    _assert_same_training(unpatched, patched, 1e-3, 3e-3)
 
 
 # ------------------------------------------------ GRPOTrainer._compute_loss --
