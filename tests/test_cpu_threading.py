@@ -114,6 +114,27 @@ def test_small_calls_run_on_one_thread_and_restore_the_count():
         torch.set_num_threads(threads)
 
 
+def test_the_passes_around_a_kernel_run_on_one_thread_at_any_size():
+    """one_thread: one torch thread for CPU tensors whatever their size (restored after,
+    also on an exception); other devices keep the count."""
+    from rlhf_kernels import _calling_thread
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        big = torch.empty(_calling_thread.SERIAL_BELOW)
+        assert _calling_thread.one_thread(lambda x: torch.get_num_threads(), big) == 1
+        assert _calling_thread.one_thread(lambda x: torch.get_num_threads(), big.to("meta")) == 2
+        with pytest.raises(ValueError, match="bad input"):
+            _calling_thread.one_thread(lambda x: (_ for _ in ()).throw(ValueError("bad input")), big)
+        assert torch.get_num_threads() == 2
+        mask = torch.rand(3, 5) > 0.5
+        weights, x = _calling_thread.cast_on_one_thread(torch.float32, mask, big)
+        assert weights.dtype == torch.float32 and torch.equal(weights, mask.float()) and x is big
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.library.custom_op("rlhf_kernels_test::scaled", mutates_args=())
 def _scaled(x: torch.Tensor) -> torch.Tensor:
     return 2 * x

@@ -28,6 +28,7 @@ from .. import _extension
 from ..reference import grpo as _reference
 from ..reference.masked import masked_sum
 from ..reference.ppo import valid_only
+from .._calling_thread import one_thread
 from . import needs_grad, stored_gradient
 
 N_STATS = 8
@@ -164,6 +165,22 @@ def _kl_code(options) -> int:
     return code + (_CORRECTED if options["kl_is_corrected"] else 0)
 
 
+def _kernel_inputs(dtype, agg, divisors, logprobs, old_logprobs, advantages, mask, is_weights, ref_logprobs):
+    """The kernel's tensors: contiguous, in dtype, advantages [B] broadcast to [B, T],
+    absent ones empty; the row weights of `agg` and the mask's row counts."""
+    weights = mask.to(dtype).contiguous()
+    counts = weights.sum(-1)  # the one pass over the mask outside the kernel
+    lp = logprobs.to(dtype).contiguous()
+    adv = advantages.detach().to(dtype)
+    adv = (adv[:, None].expand_as(lp) if adv.dim() == 1 else adv).contiguous()
+    empty = lp.new_empty(0)
+    is_weights = empty if is_weights is None else is_weights.detach().to(dtype).contiguous()
+    ref_logprobs = empty if ref_logprobs is None else ref_logprobs.detach().to(dtype).contiguous()
+    old = old_logprobs.detach().to(dtype).contiguous()
+    row_weight = row_weights(weights, agg, **divisors, counts=counts)
+    return lp, old, adv, weights, is_weights, ref_logprobs, row_weight, counts
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, *, kernel, **options):
     """Runs `kernel` ("cpu" or "triton"); arguments and results as functional.policy_loss."""
     loss_type, dtype = options["loss_type"], options["dtype"]
@@ -171,22 +188,19 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, kernel, **options):
         return _reference.policy_loss(logprobs, old_logprobs, advantages, mask, **options)
     agg = _reference.default_agg(loss_type) if options["agg"] is None else options["agg"]
     divisors = {k: options[k] for k in ("global_tokens", "num_sequences", "horizon")}
-    weights = mask.to(dtype).contiguous()
-    counts = weights.sum(-1)  # the one pass over the mask outside the kernel
-    lp = logprobs.to(dtype).contiguous()
-    adv = advantages.detach().to(dtype)
-    adv = (adv[:, None].expand_as(lp) if adv.dim() == 1 else adv).contiguous()
-    empty = lp.new_empty(0)
-    is_weights, ref = options["is_weights"], options["ref_logprobs"]
     kl_code = _kl_code(options)
+    ref = options["ref_logprobs"] if kl_code else None
+    lp, old, adv, weights, is_weights, ref, row_weight, counts = one_thread(
+        _kernel_inputs, dtype, agg, divisors, logprobs, old_logprobs, advantages, mask, options["is_weights"], ref
+    )
     row_stats, _ = _OPS[kernel]()(
         lp,
-        old_logprobs.detach().to(dtype).contiguous(),
+        old,
         adv,
         weights,
-        empty if is_weights is None else is_weights.detach().to(dtype).contiguous(),
-        empty if kl_code == 0 else ref.detach().to(dtype).contiguous(),
-        row_weights(weights, agg, **divisors, counts=counts),
+        is_weights,
+        ref,
+        row_weight,
         _LOSS_CODES[loss_type],
         kl_code,
         _params(options),

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _extension
+from .._calling_thread import cast_on_one_thread
 from ..reference import kl as reference
 from ..reference.autograd import recording_backward, vjp
 from . import needs_grad, register_autograd
@@ -111,8 +112,7 @@ def kl_penalty(logprobs, ref_logprobs, *, estimator, clamp, dtype, kernel):
     """Runs `kernel` ("cpu" or "triton"); arguments and result as functional.kl_penalty."""
     need_grad = needs_grad(logprobs, ref_logprobs)
     kl, _ = _PENALTY[kernel]()(
-        logprobs.to(dtype).contiguous(),
-        ref_logprobs.to(dtype).contiguous(),
+        *cast_on_one_thread(dtype, logprobs, ref_logprobs),
         estimator,
         None if clamp is None else float(clamp),
         need_grad,
@@ -123,10 +123,7 @@ def kl_penalty(logprobs, ref_logprobs, *, estimator, clamp, dtype, kernel):
 def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator, clamp, score_index, dtype, kernel):
     """Runs `kernel` ("cpu" or "triton"); arguments and results as functional.kl_shaped_rewards."""
     rewards, kl = _REWARDS[kernel]()(
-        scores.to(dtype).contiguous(),
-        logprobs.to(dtype).contiguous(),
-        ref_logprobs.to(dtype).contiguous(),
-        mask.to(dtype).contiguous(),
+        *cast_on_one_thread(dtype, scores, logprobs, ref_logprobs, mask),
         float(kl_coef),
         estimator,
         None if clamp is None else float(clamp),

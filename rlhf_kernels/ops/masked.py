@@ -16,6 +16,7 @@ from typing import Optional, Union
 import torch
 
 from .. import _extension
+from .._calling_thread import cast_on_one_thread
 from ..reference import masked as reference
 from ..reference.autograd import recording_backward, vjp
 from . import register_autograd
@@ -144,8 +145,6 @@ def masked_whiten(
     kernel: str,
 ) -> torch.Tensor:
     """Runs `kernel` ("cpu" or "triton"); arguments and result as functional.masked_whiten."""
-    dtype = _compute_dtype(x)
-    out, _ = _WHITEN[kernel]()(
-        x.to(dtype).contiguous(), mask.to(dtype).contiguous(), shift_mean, unbiased, eps, fill_masked
-    )
+    x_in, weights = cast_on_one_thread(_compute_dtype(x), x, mask)
+    out, _ = _WHITEN[kernel]()(x_in, weights, shift_mean, unbiased, eps, fill_masked)
     return out.to(x.dtype)

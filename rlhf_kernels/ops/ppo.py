@@ -19,6 +19,7 @@ import torch
 from .. import _extension
 from ..reference.masked import masked_sum
 from ..reference.ppo import policy_token_loss, valid_only, value_token_loss
+from .._calling_thread import one_thread
 from . import needs_grad, stored_gradient
 
 _POLICY_STATS = ("clipfrac", "dual_clipfrac", "approx_kl")
@@ -126,7 +127,12 @@ _OPS = {
 
 
 def _prepare(dtype: torch.dtype, mask: torch.Tensor, agg: str, *tensors: torch.Tensor):
-    """(tensors in dtype, mask weights, row weights, the number of valid positions)."""
+    """(tensors in dtype, mask weights, row weights, the number of valid positions); on
+    one thread on the CPU (rlhf_kernels._calling_thread.one_thread)."""
+    return one_thread(_prepare_passes, dtype, mask, agg, *tensors)
+
+
+def _prepare_passes(dtype: torch.dtype, mask: torch.Tensor, agg: str, *tensors: torch.Tensor):
     weights = mask.to(dtype).contiguous()
     counts = weights.sum(-1)
     return (
