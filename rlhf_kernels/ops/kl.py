@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _extension
-from .._calling_thread import cast_on_one_thread
+from .._calling_thread import cast_on_one_thread, one_thread
 from ..reference import kl as reference
 from ..reference.autograd import recording_backward, vjp
 from . import needs_grad, register_autograd
@@ -92,7 +92,7 @@ def _register(penalty_op: str, rewards_op: str) -> None:
             grad = grad_kl * op(logprobs, ref_logprobs, ctx.estimator, ctx.clamp, True)[1]
         else:
             ctx.handed_out = True
-            grad = slope.data.mul_(grad_kl)
+            grad = one_thread(slope.data.mul_, grad_kl)  # one memory pass (_calling_thread.one_thread)
         return (grad if need_lp else None), (-grad if need_ref else None), None, None, None
 
     torch.library.register_fake(penalty_op, _kl_penalty_fake)

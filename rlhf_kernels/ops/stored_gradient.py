@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ..reference.autograd import recording_backward, vjp
+from .._calling_thread import one_thread
 from . import register_autograd
 
 
@@ -53,7 +54,7 @@ def register(op_name: str, n_tensors: int, rows: Callable[..., torch.Tensor]) ->
         ctx.handed_out = True
         grad = grad.data
         if grad.device.type != "cpu" or not bool((scale == 1).all()):
-            grad.mul_(scale)
+            one_thread(grad.mul_, scale)  # one memory pass (_calling_thread.one_thread)
         return (grad,) + untouched
 
     register_autograd(op_name, backward, setup_context=setup_context)
